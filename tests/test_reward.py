@@ -1,0 +1,394 @@
+"""Tests of reward.py, the task contract (DESIGN.md sections 3 and 4).
+
+Three rules are checked, each against a table of completions graded by hand and against a naive
+regular-expression version of the official code:
+
+    format_ok(s)       re.fullmatch(r"<think>.*?</think>\\s*<answer>.*?</answer>", s, re.DOTALL)
+    reward(s, l, a)    0 unless format_ok(s); else the FIRST single-line <answer>...</answer>
+                       (no DOTALL), or the whole text when there is none, stripped, compared
+                       case-insensitively with l, "l. a" and a; 1 on equality, else 0
+    extract_answer(s)  the LAST <answer>...</answer> (DOTALL), or the text after the last
+                       "answer:" / "answer is:" / "answer is" / "is:" (first marker present wins),
+                       or the whole text; stripped, first line, the four tags removed, stripped
+
+The graded answer of evaluation is is_correct(extract_answer(s), l, a).
+"""
+
+import json
+import random
+import re
+import time
+
+import pytest
+
+from reward import (
+    RowError,
+    build_messages,
+    build_prompt_text,
+    extract_answer,
+    format_ok,
+    is_correct,
+    reward,
+    sft_target,
+)
+
+# --------------------------------------------------------------------------------------------
+# Naive reference: the official rules written directly as regular expressions.
+# Correct by inspection, but quadratic on adversarial inputs (see test_speed), so reward.py uses
+# string scans instead. These are only ever run on short strings here.
+# --------------------------------------------------------------------------------------------
+
+NAIVE_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+NAIVE_FIRST_ANSWER = re.compile(r"<answer>(.*?)</answer>")  # no DOTALL: "." stops at "\n"
+NAIVE_ALL_ANSWERS = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+NAIVE_MARKERS = ("answer:", "answer is:", "answer is", "is:")
+NAIVE_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def naive_is_correct(pred, label, answer):
+    return pred.strip().lower() in {label.lower(), f"{label}. {answer}".lower(), answer.lower()}
+
+
+def naive_format_ok(s):
+    return NAIVE_FORMAT.fullmatch(s) is not None
+
+
+def naive_reward(s, label, answer):
+    if not naive_format_ok(s):
+        return 0.0
+    match = NAIVE_FIRST_ANSWER.search(s)
+    pred = match.group(1) if match else s
+    return 1.0 if naive_is_correct(pred, label, answer) else 0.0
+
+
+def naive_extract(s):
+    blocks = NAIVE_ALL_ANSWERS.findall(s)
+    if blocks:
+        text = blocks[-1]
+    else:
+        text = s
+        for marker in NAIVE_MARKERS:
+            hits = list(re.finditer(re.escape(marker), s, re.IGNORECASE))
+            if hits:
+                text = s[hits[-1].end() :]
+                break
+    text = text.strip().split("\n")[0]
+    for tag in NAIVE_TAGS:
+        text = text.replace(tag, "")
+    return text.strip()
+
+
+# --------------------------------------------------------------------------------------------
+# The hand table. Unless a row says otherwise the question's answer is B = "Pneumonia".
+# Columns: completion, format_ok, training reward, extract_answer, evaluation is_correct.
+# --------------------------------------------------------------------------------------------
+
+L, A = "B", "Pneumonia"
+
+
+def case(id, completion, fmt, rew, extracted, graded, label=L, answer=A):
+    return pytest.param(completion, label, answer, fmt, rew, extracted, graded, id=id)
+
+
+CASES = [
+    # --- well formatted, the answer in the forms that are accepted -----------------------------
+    case("letter", "<think>x</think><answer>B</answer>", True, 1.0, "B", True),
+    case("sft-shape", "<think> reasoning </think>\n<answer> B </answer>", True, 1.0, "B", True),
+    case("ws-between", "<think>r</think>\n\n  \t<answer>B</answer>", True, 1.0, "B", True),
+    case("letter-dot-text", "<think>r</think><answer>B. Pneumonia</answer>", True, 1.0,
+         "B. Pneumonia", True),
+    case("option-text", "<think>r</think><answer>Pneumonia</answer>", True, 1.0, "Pneumonia", True),
+    case("lower-letter", "<think>r</think><answer>b</answer>", True, 1.0, "b", True),
+    case("other-case-text", "<think>r</think><answer>b. PNEUMONIA</answer>", True, 1.0,
+         "b. PNEUMONIA", True),
+    case("ws-inside-tags", "<think>r</think><answer>\t B \t</answer>", True, 1.0, "B", True),
+    case("multiline-think", "<think>\n\nlong\nreasoning\n</think>\n<answer>B</answer>", True, 1.0,
+         "B", True),
+    case("think-closed-twice", "<think>a</think>b</think><answer>B</answer>", True, 1.0, "B", True),
+    # --- well formatted, the answer in forms that are not accepted ------------------------------
+    case("wrong-letter", "<think>r</think><answer>C</answer>", True, 0.0, "C", False),
+    case("no-space-after-dot", "<think>r</think><answer>B.Pneumonia</answer>", True, 0.0,
+         "B.Pneumonia", False),
+    case("paren", "<think>r</think><answer>B) Pneumonia</answer>", True, 0.0, "B) Pneumonia",
+         False),
+    case("letter-dot", "<think>r</think><answer>B.</answer>", True, 0.0, "B.", False),
+    case("text-dot", "<think>r</think><answer>pneumonia.</answer>", True, 0.0, "pneumonia.", False),
+    # Inside a block the evaluation fallbacks are not used: the block is the prediction.
+    case("sentence-in-block", "<think>r</think><answer>The answer is B</answer>", True, 0.0,
+         "The answer is B", False),
+    # --- format failures: text outside the tags, missing or empty tags --------------------------
+    case("text-before", "Sure! <think>r</think><answer>B</answer>", False, 0.0, "B", True),
+    case("text-after", "<think>r</think><answer>B</answer> Done.", False, 0.0, "B", True),
+    case("trailing-newline", "<think>r</think><answer>B</answer>\n", False, 0.0, "B", True),
+    case("leading-space", " <think>r</think><answer>B</answer>", False, 0.0, "B", True),
+    case("text-between", "<think>r</think>x<answer>B</answer>", False, 0.0, "B", True),
+    case("no-think", "<answer>B</answer>", False, 0.0, "B", True),
+    case("no-think-close", "<think>r<answer>B</answer>", False, 0.0, "B", True),
+    # No block, no marker ("<answer>" has no ":" after it): whole text, tags removed -> "rB".
+    case("no-answer-close", "<think>r</think><answer>B", False, 0.0, "rB", False),
+    case("think-only", "<think>r</think>", False, 0.0, "r", False),
+    case("empty-string", "", False, 0.0, "", False),
+    case("only-whitespace", "   \n ", False, 0.0, "", False),
+    # Format holds, but "" equals none of the three accepted strings.
+    case("empty-tags", "<think></think><answer></answer>", True, 0.0, "", False),
+    case("blank-answer", "<think>r</think><answer>   </answer>", True, 0.0, "", False),
+    # --- two answer blocks: training takes the FIRST, evaluation the LAST ----------------------
+    case("two-blocks-B-then-C", "<think>r</think><answer>B</answer><answer>C</answer>", True, 1.0,
+         "C", False),
+    case("two-blocks-C-then-B", "<think>r</think><answer>C</answer><answer>B</answer>", True, 0.0,
+         "B", True),
+    case("block-inside-think", "<think><answer>B</answer></think><answer>C</answer>", True, 1.0,
+         "C", False),
+    # --- answers spanning lines: training does not find them (whole text -> 0) -----------------
+    case("span-lines", "<think>r</think><answer>\nB\n</answer>", True, 0.0, "B", True),
+    case("span-with-explanation", "<think>r</think><answer>B\nbecause of consolidation</answer>",
+         True, 0.0, "B", True),
+    case("span-first-line-wins", "<think>r</think><answer>\nThe answer:\nB</answer>", True, 0.0,
+         "The answer:", False),
+    # The first block spans lines, so training sees only the second one, "B".
+    case("span-then-one-line", "<think>r</think><answer>\nC\n</answer><answer>B</answer>", True,
+         1.0, "B", True),
+    # --- "\r" and unicode ------------------------------------------------------------------------
+    case("cr-in-answer", "<think>r</think><answer>B\r</answer>", True, 1.0, "B", True),
+    # "\r" is not a line break for either rule; "\r\n" is one (of the "\n"), so the block spans.
+    case("crlf-in-answer", "<think>r</think><answer>B\r\nPneumonia</answer>", True, 0.0, "B", True),
+    # U+2028 LINE SEPARATOR is a line break for str.splitlines but not for "." nor for "\n".
+    case("u2028-in-answer", "<think>r</think><answer>B\u2028x</answer>", True, 0.0, "B\u2028x",
+         False),
+    # \s in Python's re is Unicode whitespace: NO-BREAK SPACE and IDEOGRAPHIC SPACE qualify ...
+    case("nbsp-ideographic-space", "<think>r</think>\u00a0\u3000<answer>B</answer>", True, 1.0,
+         "B", True),
+    # ... ZERO WIDTH SPACE does not.
+    case("zero-width-space", "<think>r</think>\u200b<answer>B</answer>", False, 0.0, "B", True),
+    case("accents-other-case", "<think>r</think><answer>œdème PULMONAIRE</answer>", True, 1.0,
+         "œdème PULMONAIRE", True, label="C", answer="Œdème pulmonaire"),
+    case("cjk-letter-text", "<think>推理</think><answer>A. 肺炎</answer>", True, 1.0, "A. 肺炎", True,
+         label="A", answer="肺炎"),
+    case("cjk-text", "<think>推理</think>\n<answer>肺炎</answer>", True, 1.0, "肺炎", True, label="A",
+         answer="肺炎"),
+    case("fullwidth-letter", "<think>r</think><answer>Ｂ</answer>", True, 0.0, "Ｂ", False),
+    # --- leftover tags: training compares them, evaluation strips them --------------------------
+    case("double-open", "<think>r</think><answer><answer>B</answer>", True, 0.0, "B", True),
+    case("think-close-in-answer", "<think>r</think><answer>B</think></answer>", True, 0.0, "B",
+         True),
+    # --- evaluation fallbacks (no complete <answer> block) -------------------------------------
+    case("the-answer-is", "The answer is B", False, 0.0, "B", True),
+    case("answer-colon", "answer: B", False, 0.0, "B", True),
+    case("Answer-is-colon", "Answer is: B", False, 0.0, "B", True),
+    case("is-colon", "The most likely diagnosis is: B", False, 0.0, "B", True),
+    case("IS-colon-upper", "Diagnosis IS: b", False, 0.0, "b", True),
+    case("ANSWER-IS-upper", "ANSWER IS B", False, 0.0, "B", True),
+    case("last-occurrence", "answer: A, no wait, answer: B", False, 0.0, "B", True),
+    # "answer:" is tried first; its (only) occurrence wins over a later "answer is", and the
+    # text after it is cut to its first line.
+    case("answer-colon-before-answer-is", "Answer: A\nOn reflection the answer is B", False, 0.0,
+         "A", False),
+    case("answer-colon-beats-later-answer-is", "Final answer: B. Alternative answer is: C", False,
+         0.0, "B. Alternative answer is: C", False),
+    # "answer is:" is tried before "is:", even though "is:" occurs later.
+    case("answer-is-colon-beats-is-colon", "My answer is: B, the other is: C", False, 0.0,
+         "B, the other is: C", False),
+    # "answer is" (no colon) is tried before "is:", even though "is:" occurs earlier.
+    case("answer-is-beats-earlier-is-colon", "It is: A. So the answer is B", False, 0.0, "B", True),
+    case("marker-then-open-tag", "<think>r</think> answer: <answer>B", False, 0.0, "B", True),
+    case("marker-then-close-tag", "<think>r</think>\nanswer: B</answer>", False, 0.0, "B", True),
+    # "answer is" inside the thoughts, an unclosed block after it: " A</think><answer>B" -> "AB".
+    case("marker-in-think-unclosed", "<think>I think the answer is A</think><answer>B", False, 0.0,
+         "AB", False),
+    case("whole-text-first-line", "B\nbecause of consolidation", False, 0.0, "B", True),
+    case("whole-text-stripped", "\n\n  B  \nmore", False, 0.0, "B", True),
+    # "İ".lower() is two characters: a marker position found in a lowered copy of the text
+    # would point 3 characters too far here and lose the "B".
+    case("dotted-capital-I-before-marker", "İİİ Answer: B", False, 0.0, "B", True),
+]
+
+
+@pytest.mark.parametrize("completion,label,answer,fmt,rew,extracted,graded", CASES)
+def test_hand_table(completion, label, answer, fmt, rew, extracted, graded):
+    assert format_ok(completion) is fmt
+    assert reward(completion, label, answer) == rew
+    assert extract_answer(completion) == extracted
+    assert is_correct(extracted, label, answer) is graded
+
+
+@pytest.mark.parametrize("completion,label,answer,fmt,rew,extracted,graded", CASES)
+def test_hand_table_matches_naive_regex(completion, label, answer, fmt, rew, extracted, graded):
+    assert naive_format_ok(completion) is fmt
+    assert naive_reward(completion, label, answer) == rew
+    assert naive_extract(completion) == extracted
+    assert naive_is_correct(extracted, label, answer) is graded
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 40
+
+
+# --------------------------------------------------------------------------------------------
+# Random strings from a small alphabet of fragments, where the rules interact most.
+# --------------------------------------------------------------------------------------------
+
+FRAGMENTS = ["<think>", "</think>", "<answer>", "</answer>", "A", "b", " ", "\n", "answer is", ":",
+             "x"]
+# Extra fragments for a second pass: other cases, "\r", Unicode whitespace and "İ".
+UNICODE_FRAGMENTS = FRAGMENTS + ["ANSWER", "Is", "\r", "\u00a0", "\u2028", "\u200b", "İ", "B. x"]
+
+
+@pytest.mark.parametrize("fragments,n_strings,seed", [(FRAGMENTS, 4000, 0),
+                                                      (UNICODE_FRAGMENTS, 2000, 1)])
+def test_random_strings_match_naive_regex(fragments, n_strings, seed):
+    rng = random.Random(seed)
+    n_format_ok = n_rewarded = 0
+
+    def fragments_joined(most):
+        return "".join(rng.choice(fragments) for _ in range(rng.randint(0, most)))
+
+    for i in range(n_strings):
+        # Three shapes in turn: free text; free text in the <think>...</answer> frame; and the
+        # full <think>...</think> <answer>...</answer> skeleton, so that the format often holds.
+        if i % 3 == 0:
+            s = fragments_joined(14)
+        elif i % 3 == 1:
+            s = "<think>" + fragments_joined(14) + "</answer>"
+        else:
+            between = rng.choice(["", " ", "\n", " \n\t"])
+            thought, answered = fragments_joined(6), fragments_joined(4)
+            s = f"<think>{thought}</think>{between}<answer>{answered}</answer>"
+        for label, answer in (("A", "x"), ("b", "answer is")):
+            r = reward(s, label, answer)
+            assert r == naive_reward(s, label, answer), repr(s)
+            n_rewarded += r == 1.0
+        assert format_ok(s) is naive_format_ok(s), repr(s)
+        n_format_ok += format_ok(s)
+        assert extract_answer(s) == naive_extract(s), repr(s)
+    # Not vacuous: both outcomes of both training rules occur often.
+    print(f"format_ok {n_format_ok}/{n_strings}, reward 1 in {n_rewarded}/{2 * n_strings}")
+    assert n_strings / 10 < n_format_ok < n_strings * 9 / 10
+    assert n_rewarded > n_strings / 50
+
+
+# --------------------------------------------------------------------------------------------
+# Speed on 100 kB adversarial completions.
+#
+# The naive patterns backtrack quadratically. Measured with CPython 3.11 on the development
+# machine (each number one call of the naive regex on the 100 kB input):
+#   "<think>" + "</think><answer>" * 6250       fullmatch 2.3 s, findall 2.6 s, search 2.8 s
+#   "<answer>" * 12500                           findall 5.3 s, search 5.8 s
+# For every "</think><answer>" (or "<answer>") the lazy ".*?" scans on to the end of the text
+# looking for "</answer>" that is not there. That is why they are not run here; reward.py scans
+# with str.find and handles each input below in milliseconds.
+# --------------------------------------------------------------------------------------------
+
+N = 100_000
+ADVERSARIAL = {
+    "think-then-think-answer-repeated": "<think>" + "</think><answer>" * (N // 16),
+    "think-answer-repeated": "</think><answer>" * (N // 16),
+    "answer-open-repeated": "<answer>" * (N // 8),
+    "answer-open-lines": "<answer>\n" * (N // 9),
+    "think-then-spaces": "<think>" + " " * N,
+    "think-then-spaces-answer-close": "<think>" + " " * N + "</answer>",
+    "think-closes-then-long-whitespace": "<think>" + ("</think>" + " " * 992) * 100 + "</answer>",
+    "one-think-close-then-whitespace": "<think></think>" + " \n\t" * (N // 3) + "</answer>",
+    "answer-pairs-no-final-close": "<think>r</think>" + "<answer>B</answer>" * (N // 17) + "<a",
+    "markers-only": "answer is" * (N // 9),
+    "dotted-capital-I": "İ" * N + "answer: B",
+}
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_speed(name):
+    s = ADVERSARIAL[name]
+    start = time.perf_counter()
+    format_ok(s)
+    reward(s, "B", "Pneumonia")
+    extract_answer(s)
+    assert time.perf_counter() - start < 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt (DESIGN.md section 3).
+# --------------------------------------------------------------------------------------------
+
+
+def make_row(**overrides):
+    row = {
+        "images": ["<image 1>", "<image 2>"],  # only counted, never looked at
+        "question": "Which organ shows the opacity?",
+        "options": json.dumps({"A": "Liver", "B": "Lung", "C": "Œsophagus"}),
+        "answer_label": "B",
+        "answer": "Lung",
+        "reasoning": "The opacity lies in the right lower lobe.",
+        "dataset_name": "toy-vqa",
+        "dataset_index": 4242,
+    }
+    row.update(overrides)
+    return row
+
+
+# The instruction's "\n" is a backslash and an "n" (a raw string in the official code), written
+# "\\n" below; every other line break is a real newline.
+EXPECTED_TEXT = (
+    "You will solve a problem/request. You should provide your thoughts within <think> </think> "
+    "tags before providing the answer.\\nWrite your final answer within <answer> </answer> tags."
+    "\n\nQuestion: Which organ shows the opacity?"
+    "\n\nOptions:"
+    "\n\nA. Liver"
+    "\n\nB. Lung"
+    "\n\nC. Œsophagus"
+)
+
+
+def test_prompt_text_exact():
+    assert build_prompt_text(make_row()) == EXPECTED_TEXT
+    assert "\\n" in EXPECTED_TEXT and EXPECTED_TEXT.count("\\n") == 1
+
+
+def test_options_keep_their_order():
+    row = make_row(options=json.dumps({"B": "Lung", "A": "Liver"}))
+    assert build_prompt_text(row).endswith("Options:\n\nB. Lung\n\nA. Liver")
+
+
+def test_messages_images_first_then_text():
+    messages = build_messages(make_row())
+    assert messages == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "image"},
+                {"type": "text", "text": EXPECTED_TEXT},
+            ],
+        }
+    ]
+
+
+@pytest.mark.parametrize("images", [None, []])
+def test_messages_without_images(images):
+    assert build_messages(make_row(images=images)) == [
+        {"role": "user", "content": [{"type": "text", "text": EXPECTED_TEXT}]}
+    ]
+
+
+@pytest.mark.parametrize(
+    "overrides,why",
+    [
+        ({"options": "{'A': 'Liver', 'B': 'Lung'}"}, "not JSON (single quotes)"),
+        ({"options": json.dumps(["Liver", "Lung"])}, "JSON, but a list"),
+        ({"answer_label": "D"}, "label not among the letters"),
+    ],
+)
+@pytest.mark.parametrize("build", [build_prompt_text, build_messages])
+def test_bad_rows_raise_row_error_naming_the_row(build, overrides, why):
+    with pytest.raises(RowError) as err:
+        build(make_row(**overrides))
+    message = str(err.value)
+    assert "dataset_name" in message and "toy-vqa" in message, why
+    assert "dataset_index" in message and "4242" in message, why
+
+
+def test_sft_target_exact_and_rewarded():
+    target = sft_target("The opacity lies in the right lower lobe.", "B")
+    expected = "<think> The opacity lies in the right lower lobe. </think>\n<answer> B </answer>"
+    assert target == expected
+    assert format_ok(target)
+    assert reward(target, "B", "Lung") == 1.0
+    assert extract_answer(target) == "B"
