@@ -38,8 +38,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 # name: (modality, value range, thresholds, findings in option order, near-threshold band)
 FAMILIES = {
-    "ToyHeartRate": ("text", (35, 135), (60, 100), ("Bradycardia", "Normal heart rate", "Tachycardia"), 6),
-    "ToyFever": ("text", (33.0, 41.0), (35.0, 38.0), ("Hypothermia", "Normal temperature", "Fever"), 0.5),
+    "ToyHeartRate": ("text", (35, 135), (60, 100), ("Bradycardia", "Normal heart rate", "Tachycardia"), 10),
+    "ToyFever": ("text", (33.0, 41.0), (35.0, 38.0), ("Hypothermia", "Normal temperature", "Fever"), 0.8),
     "ToyLesion": ("image", (2, 15), (6, 10), ("Small lesion", "Medium lesion", "Large lesion"), 1.0),
 }
 LETTERS = "ABC"
@@ -60,7 +60,7 @@ class DataArgs:
     n_validation: int = field(default=600, metadata={"help": "Rows for choosing settings."})
     n_test: int = field(default=600, metadata={"help": "Held-out rows (the toy benchmarks)."})
     seed: int = 0
-    wrong_trace_rate: float = field(default=0.25, metadata={"help": "Share of wrong traces."})
+    wrong_trace_rate: float = field(default=0.3, metadata={"help": "Share of wrong traces."})
 
 
 def draw_value(rng, family: str) -> float:
@@ -149,8 +149,11 @@ def make_rows(n: int, rng, start_index: int, wrong_rate: float) -> dict:
     values = [draw_value(rng, f) for f in families]
     near = np.array([min(abs(v - t) for t in FAMILIES[f][2]) <= FAMILIES[f][4]
                      for f, v in zip(families, values)])
-    # Wrong traces land near a threshold 5.5 times as often as elsewhere (DESIGN.md section 10).
-    weights = np.where(near, 5.5, 1.0)
+    # A wrong trace is 20 times as likely near a threshold as elsewhere: with the default rate,
+    # about 70% of the traces near a threshold are wrong and 3-4% elsewhere. Near a threshold the
+    # SFT'd model then answers wrongly when greedy but rightly in a fair share of its samples:
+    # that is the room RL has (DESIGN.md section 10 measured too little of it at 50-60% / 10%).
+    weights = np.where(near, 20.0, 1.0)
     n_wrong = round(wrong_rate * n)
     wrong = np.zeros(n, dtype=bool)
     if n_wrong:
