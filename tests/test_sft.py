@@ -1,0 +1,244 @@
+"""sft.py: the label mask, the token-normalised loss under accumulation and data parallelism, resume.
+
+DESIGN.md section 6: loss on the assistant turn only (its end-of-turn token included), normalised by
+the number of label tokens of the whole optimizer step.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import reward
+import sft
+from conftest import ROOT, run_env
+
+
+def read_metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_sft(model, data, out, *flags):
+    """One in-process run of sft.main on the toy `sft` split (saves a Python start per run)."""
+    sft.main(["--model", model, "--data", data, "--split", "sft", "--output_dir", str(out),
+              "--learning_rate", "3e-3", *map(str, flags)])
+
+
+def test_label_mask_is_exactly_the_assistant_turn(tiny_model_dir, toy_data_dir):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor.tokenizer.padding_side = "right"
+    tok = processor.tokenizer
+    text_row = dict(question="The heart rate is 48 bpm. How is it best described?",
+                    options=json.dumps({"A": "Bradycardia", "B": "Normal heart rate", "C": "Tachycardia"}),
+                    answer_label="A", answer="Bradycardia", reasoning="48 is below 60, so bradycardia.",
+                    images=None, dataset_name="Hand", dataset_index=0)
+    target = "<think> 48 is below 60, so bradycardia. </think>\n<answer> A </answer><|im_end|>"
+
+    # The text is the template's rendering of the whole conversation, minus the "\n" after <|im_end|>.
+    prompts, fulls, _ = sft.sft_texts(processor, [text_row])
+    conversation = reward.build_messages(text_row) + [
+        {"role": "assistant", "content": [{"type": "text", "text": target[:-len("<|im_end|>")]}]}]
+    assert fulls[0] + "\n" == processor.apply_chat_template(conversation, tokenize=False)
+    assert fulls[0] == prompts[0] + target and prompts[0].endswith("<|im_start|>assistant\n")
+
+    # By hand: the prompt's tokens, then the assistant's tokens; labels only on the latter.
+    prompt_ids = tok(prompts[0])["input_ids"]
+    assistant_ids = tok(target)["input_ids"]
+    assert tok.convert_ids_to_tokens(assistant_ids[-3:]) == ["answer", ">", "<|im_end|>"]
+    batch = sft.tokenize(processor, [text_row])
+    assert batch["input_ids"][0].tolist() == prompt_ids + assistant_ids
+    assert batch["labels"][0].tolist() == [sft.IGNORE] * len(prompt_ids) + assistant_ids
+
+    # An image row in a mixed, right-padded batch: its 4 image tokens are prompt, the padding of the
+    # shorter row is ignored, and each row's labels equal those it gets alone.
+    image_row = next(r for r in datasets.load_from_disk(toy_data_dir)["sft"] if r["images"])
+    alone = sft.tokenize(processor, [image_row])
+    mixed = sft.tokenize(processor, [image_row, text_row])
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (alone["input_ids"] == image_id).sum() == 4
+    labelled = alone["labels"][0] != sft.IGNORE
+    assert not labelled[alone["input_ids"][0] == image_id].any()
+    image_target = reward.sft_target(image_row["reasoning"], image_row["answer_label"]) + "<|im_end|>"
+    assert alone["labels"][0][labelled].tolist() == tok(image_target)["input_ids"]
+    assert labelled.nonzero().min() == len(alone["input_ids"][0]) - len(tok(image_target)["input_ids"])
+    for i, single in ((0, alone), (1, batch)):
+        n = single["labels"].shape[1]
+        assert mixed["labels"][i, :n].tolist() == single["labels"][0].tolist()
+        assert (mixed["labels"][i, n:] == sft.IGNORE).all()
+
+    # A row without a trace is an error that names it.
+    with pytest.raises(reward.RowError, match="dataset_name='Hand' dataset_index=0.*no reasoning"):
+        sft.tokenize(processor, [dict(text_row, reasoning=None)])
+
+
+def test_too_long_sequences_are_dropped_and_counted(tiny_model_dir, toy_data_dir):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    rows = datasets.load_from_disk(toy_data_dir)["sft"]
+    lengths = [int(sft.tokenize(processor, [r])["attention_mask"].sum()) for r in rows]
+    limit = sorted(lengths)[len(lengths) // 2]
+    args = sft.SFTArgs(model=tiny_model_dir, data=toy_data_dir, split="sft", max_length=limit)
+    kept, dropped = sft.prepare_data(args, processor, Accelerator(cpu=True))
+    assert dropped == sum(n > limit for n in lengths) > 0
+    assert sorted(kept["dataset_index"]) == [r["dataset_index"] for r, n in zip(rows, lengths) if n <= limit]
+    assert kept["n_tokens"] == [n for n in lengths if n <= limit]  # whole sequences, never cut
+
+
+def test_one_step_gradient_does_not_depend_on_micro_batching(tiny_model_dir, toy_data_dir):
+    """Micro-batches of 3 + 1 + 4 rows give the gradient of one batch of 8 with the mean token loss.
+
+    The reference is the model's own loss (transformers' mean over label tokens), one forward.
+    """
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor.tokenizer.padding_side = "right"
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rows = [datasets.load_from_disk(toy_data_dir)["sft"][i] for i in range(8)]
+    assert any(r["images"] for r in rows[:3]) and not any(r["images"] for r in rows[3:4])
+
+    whole = sft.tokenize(processor, rows)
+    reference = model(**whole).loss
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    micro_batches = [sft.tokenize(processor, rows[a:b]) for a, b in ((0, 3), (3, 4), (4, 8))]
+    loss = sft.accumulate_gradients(model, micro_batches, Accelerator(cpu=True))
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-7, msg=name)
+
+    # Gradient checkpointing recomputes activations: the same gradient.
+    checkpointed, _ = sft.load_model(sft.SFTArgs(model=tiny_model_dir, gradient_checkpointing=True))
+    checkpointed.train()
+    assert checkpointed.is_activation_checkpointing
+    sft.accumulate_gradients(checkpointed, micro_batches, Accelerator(cpu=True))
+    for name, p in checkpointed.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-7, msg=name)
+
+    # The usual mistake, a mean of per-micro-batch means, is a different number here.
+    with torch.no_grad():
+        mean_of_means = sum(model(**mb).loss for mb in micro_batches) / len(micro_batches)
+    assert abs(mean_of_means - reference) > 1e-3
+
+
+def test_two_processes_end_where_one_does(tiny_model_dir, toy_data_dir, tmp_path):
+    # The plan: each step holds the same rows whatever the number of processes.
+    args = sft.SFTArgs(global_batch_size=8, per_device_batch_size=2)
+    one = sft.micro_batch_plan(48, args, 0, 9, rank=0, world=1)
+    two = [sft.micro_batch_plan(48, args, 0, 9, rank=r, world=2) for r in range(2)]
+    for step in range(9):  # 9 steps cross an epoch boundary (6 steps per epoch)
+        rows_one = sum(one[4 * step:4 * step + 4], [])
+        rows_two = sum(two[0][2 * step:2 * step + 2] + two[1][2 * step:2 * step + 2], [])
+        assert sorted(rows_one) == sorted(rows_two) and len(set(rows_one)) == 8
+    assert sum(one[:24], []) != sum(one[24:], [])  # every epoch is a new permutation
+
+    flags = ["--model", tiny_model_dir, "--data", toy_data_dir, "--split", "sft", "--learning_rate", "3e-3",
+             "--global_batch_size", "8", "--max_steps", "3", "--save_steps", "0"]
+    subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "sft.py"),
+         *flags, "--per_device_batch_size", "2", "--output_dir", str(tmp_path / "two")],
+        env=run_env(), cwd=ROOT, check=True, timeout=240, capture_output=True)
+    sft.main(flags + ["--per_device_batch_size", "4", "--output_dir", str(tmp_path / "one")])
+
+    # Loss and gradient norm are logged after the all-reduce: a wrong factor of 2 shows here
+    # (Adam and clipping would hide it in the parameters).
+    for m1, m2 in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"), strict=True):
+        assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
+        assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
+    w1 = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    initial = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.equal(w1["visual.merger.mlp.0.weight"], initial["visual.merger.mlp.0.weight"])
+
+
+def test_loss_goes_down_and_the_final_model_loads(tiny_model_dir, toy_data_dir, tmp_path):
+    run_sft(tiny_model_dir, toy_data_dir, tmp_path, "--global_batch_size", "8", "--per_device_batch_size",
+            "8", "--max_steps", "20", "--save_steps", "10")
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gb"):
+        assert all(math.isfinite(m[key]) for m in metrics), key
+    losses = [m["loss"] for m in metrics]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+
+    # Cosine with warmup, by hand: ceil(0.05 * 20) = 1 warmup step (lr 0), then
+    # lr_k = 3e-3 * (1 + cos(pi * (k - 1) / 19)) / 2 for the k-th step counted from 0.
+    assert metrics[0]["lr"] == 0.0 and metrics[1]["lr"] == pytest.approx(3e-3)
+    assert metrics[10]["lr"] == pytest.approx(3e-3 * (1 + math.cos(math.pi * 9 / 19)) / 2)
+
+    for folder in ("checkpoint-10", "checkpoint-20", "final"):
+        model = AutoModelForImageTextToText.from_pretrained(tmp_path / folder)
+        AutoProcessor.from_pretrained(tmp_path / folder)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    trained = load_file(tmp_path / "final" / "model.safetensors")
+    initial = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert not torch.equal(trained["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
+
+
+def test_kill_and_resume_ends_where_an_uninterrupted_run_does(tiny_model_dir, toy_data_dir, tmp_path,
+                                                              monkeypatch):
+    flags = ("--global_batch_size", "4", "--per_device_batch_size", "2", "--max_steps", "4",
+             "--save_steps", "2")
+    run_sft(tiny_model_dir, toy_data_dir, tmp_path / "straight", *flags)
+
+    # Killed during step 4: step 3 was logged, checkpoint-2 is the newest.
+    real, calls = sft.accumulate_gradients, []
+
+    def killed_at_step_4(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(sft, "accumulate_gradients", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(tiny_model_dir, toy_data_dir, tmp_path / "killed", *flags)
+    assert [m["step"] for m in read_metrics(tmp_path / "killed")] == [1, 2, 3]
+    assert not (tmp_path / "killed" / "final").exists()
+    monkeypatch.setattr(sft, "accumulate_gradients", real)
+    run_sft(tiny_model_dir, toy_data_dir, tmp_path / "killed", *flags, "--resume", "latest")
+
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_optimizer_groups_and_frozen_vision(tiny_model_dir):
+    """Weight decay on matrices and embeddings, not on biases and norms; --freeze_vision trains no
+    vision parameter (the paper trains everything: the flag is off by default)."""
+    assert sft.SFTArgs().freeze_vision is False
+    model, _ = sft.load_model(sft.SFTArgs(model=tiny_model_dir, freeze_vision=True))
+    optimizer, scheduler = sft.build_optimizer(model, sft.SFTArgs(), total_steps=100)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, plain = ({names[id(p)] for p in g["params"]} for g in optimizer.param_groups)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-4, 0.0]
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["lr"] == 1e-5
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in decayed
+    assert "model.language_model.embed_tokens.weight" in decayed
+    assert {"model.language_model.layers.0.self_attn.q_proj.bias", "model.language_model.norm.weight",
+            "model.language_model.layers.0.input_layernorm.weight"} <= plain
+    assert not any("visual" in n for n in decayed | plain)
+    assert decayed | plain == {n for n, p in model.named_parameters() if "visual" not in n}
+    # ceil(5% of 100) = 5 warmup steps, then cosine to 0.
+    lrs = []
+    for _ in range(100):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:6] == pytest.approx([0, 2e-6, 4e-6, 6e-6, 8e-6, 1e-5])
+    assert lrs[50] == pytest.approx(1e-5 * (1 + math.cos(math.pi * 45 / 95)) / 2)
