@@ -9,6 +9,7 @@ row K times and grade each answer", so this one script does them (DESIGN.md sect
     python evaluate.py --model M --data D --split train --n 16 --temperature 1.0 --out DIR
     accelerate launch evaluate.py --model M --data D --out DIR                      # rows split
     python evaluate.py --regrade DIR/predictions.jsonl --out DIR2                   # no model
+    python evaluate.py --compare base=DIR1 grpo=DIR2 --out DIR3                     # one table
 
 DIR receives `predictions.jsonl` (one line per row: the K responses, extracted answers, 0/1
 grades and answer-reasoning agreement) and `results.json` (per benchmark accuracy, maj@K, pass@K,
@@ -74,6 +75,13 @@ class EvalArgs:
         "help": "A predictions.jsonl to grade again (no model); its lines need dataset_name, "
                 "answer_label, answer, responses."})
     dtype: str = field(default="auto", metadata={"help": "auto = bfloat16 on CUDA, float32 on CPU."})
+    compare: list[str] = field(default_factory=list, metadata={
+        "help": "NAME=DIR ... of finished evaluations (no model): one table, one row per model, "
+                "written with DIR/summary.json as {NAME: {benchmarks, average}}."})
+    paper: list[str] = field(default_factory=list, metadata={
+        "help": "With --compare: NAME=AVG rows of the paper to print beside ours."})
+    curves: list[str] = field(default_factory=list, metadata={
+        "help": "With --compare: LABEL=metrics.jsonl:KEY ... one panel each in DIR/curves.png."})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,8 +511,82 @@ def evaluate(args: EvalArgs):
     return results
 
 
+def named(items: list[str], flag: str) -> list[tuple[str, str]]:
+    pairs = [item.split("=", 1) for item in items]
+    for item, pair in zip(items, pairs):
+        if len(pair) != 2 or not all(pair):
+            raise SystemExit(f"{flag} {item!r}: expected NAME=VALUE")
+    return [tuple(pair) for pair in pairs]
+
+
+def compare(args: EvalArgs):
+    """One row per model, benchmarks as columns and Avg last, like the paper's tables.
+
+    A paper row has only its average (DESIGN.md section 8 lists the paper's averages).
+    """
+    summary = {}
+    for name, folder in named(args.compare, "--compare"):
+        path = Path(folder) / "results.json"
+        if not path.exists():
+            raise SystemExit(f"--compare {name}: {path} does not exist (run the evaluation first)")
+        results = json.loads(path.read_text())
+        summary[name] = {"benchmarks": results["benchmarks"], "average": results["average"]}
+    names = list(dict.fromkeys(b for r in summary.values() for b in r["benchmarks"]))
+    cell = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
+    table = ["| model | " + " | ".join(names) + " | Avg |", "|---" * (len(names) + 2) + "|"]
+    for metric in ("accuracy", "consistency"):
+        if metric == "consistency":  # answers that agree with their own reasoning (DESIGN.md 10)
+            table += ["", "Answer agrees with the reasoning (consistency, %):", "", *table[:2]]
+        for name, result in summary.items():
+            values = [result["benchmarks"].get(b, {}).get(metric) for b in names]
+            known = [v for v in values if v is not None]
+            avg = result["average"] if metric == "accuracy" else (sum(known) / len(known) if known else None)
+            table.append(f"| {name} | " + " | ".join(map(cell, values)) + f" | {cell(avg)} |")
+        if metric == "accuracy":
+            for name, average in named(args.paper, "--paper"):
+                table.append(f"| {name} (paper) | " + " | ".join("-" for _ in names) + f" | {float(average):.2f} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "summary.json", summary)
+    (out / "summary.md").write_text("\n".join(table) + "\n", encoding="utf-8")
+    print("\n".join(table))
+    if args.curves:
+        plot_curves(args.curves, out / "curves.png")
+    return summary
+
+
+def plot_curves(curves: list[str], path: Path):
+    """Training curves, one panel per LABEL=metrics.jsonl:KEY (steps without KEY are left out).
+
+    matplotlib is the project's one dependency beyond the paper's stack, for this picture only.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+
+    panels = named(curves, "--curves")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (label, spec) in zip(axes[0], panels):
+        file, _, key = spec.rpartition(":")
+        if not file:
+            raise SystemExit(f"--curves {label}={spec}: expected LABEL=metrics.jsonl:KEY")
+        steps = [line for line in read_lines(Path(file)) if line.get(key) is not None]
+        if not steps:
+            raise SystemExit(f"--curves {label}: no step of {file} has {key!r}")
+        ax.plot([line.get("step", i + 1) for i, line in enumerate(steps)], [line[key] for line in steps])
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"curves: {path}")
+
+
 def main(argv=None):
     (args,) = HfArgumentParser(EvalArgs).parse_args_into_dataclasses(argv)
+    if args.compare:
+        return compare(args)
     if args.regrade:
         if args.model or args.data:
             raise SystemExit("--regrade grades saved responses: give no --model or --data")

@@ -256,3 +256,29 @@ def test_arguments_are_checked():
         evaluate.main(["--model", "m", "--data", "d", "--out", "o", "--n", "4"])
     with pytest.raises(SystemExit, match="no --model"):
         evaluate.main(["--regrade", "f", "--model", "m", "--out", "o"])
+
+
+def test_compare_builds_one_table_summary_and_curves(tmp_path):
+    """--compare: hand-written results of two models give the summary, the table and the picture."""
+    for name, (a, b) in {"base": (10.0, 30.0), "grpo": (50.0, 70.0)}.items():
+        (tmp_path / name).mkdir()
+        results = {"benchmarks": {"X": {"accuracy": a, "n": 4, "consistency": 100.0},
+                                  "Y": {"accuracy": b, "n": 2, "consistency": None}},
+                   "average": (a + b) / 2}
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / s}) + "\n"
+                                                    for s in (1, 2, 3)))
+    summary = evaluate.main(["--out", str(tmp_path / "all"), "--compare", f"base={tmp_path / 'base'}",
+                             f"grpo={tmp_path / 'grpo'}", "--paper", "Paper model=53.19",
+                             "--curves", f"SFT loss={tmp_path / 'metrics.jsonl'}:loss"])
+    assert summary == json.loads((tmp_path / "all" / "summary.json").read_text())
+    assert summary["grpo"]["average"] == 60.0 and summary["base"]["benchmarks"]["Y"]["accuracy"] == 30.0
+    table = (tmp_path / "all" / "summary.md").read_text().splitlines()
+    assert table[0] == "| model | X | Y | Avg |"
+    assert "| base | 10.00 | 30.00 | 20.00 |" in table
+    assert "| grpo | 50.00 | 70.00 | 60.00 |" in table
+    assert "| Paper model (paper) | - | - | 53.19 |" in table
+    assert "| grpo | 100.00 | - | 100.00 |" in table  # consistency: the known benchmarks' mean
+    assert (tmp_path / "all" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="does not exist"):
+        evaluate.main(["--out", str(tmp_path / "x"), "--compare", f"m={tmp_path / 'nothing'}"])
