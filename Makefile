@@ -1,9 +1,53 @@
 # MedVLThinker reference: set-up, tests, the toy demo and the paper's recipes.
+#
+#   make test            the test suite (CPU)
+#   make demo            the paper's pipeline in miniature on a CPU (toy world, no hub)
+#   make reproduce-3b    the paper's RL(m23k) row for Qwen2.5-VL-3B on 8 GPUs
+#   make -n reproduce-3b the exact command lines, without running them
+#
+# Every recipe is the same parameterised pipeline (the `rl` and `sft` targets below) called with
+# other arguments. Each stage writes its own folder under $(RUN) and is skipped when its output
+# exists, so a stopped recipe resumes where it stopped (evaluate.py and grpo.py also resume inside
+# a stage).
+
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test
+# ---------------------------------------------------------------------------------------------
+# The recipe's knobs (override any of them: make rl RUN=... MODEL=...)
+# ---------------------------------------------------------------------------------------------
+RUN ?= runs/recipe
+MODEL ?= Qwen/Qwen2.5-VL-3B-Instruct
+# Pass counts come from the 3B model for every model size (DESIGN.md section 7).
+PASS_MODEL ?= $(MODEL)
+TRAIN_DATA ?= UCSC-VLAA/MedVLThinker-m23k-tokenized
+TRAIN_SPLIT ?= train
+EVAL_DATA ?= UCSC-VLAA/MedVLThinker-Eval
+EVAL_SPLIT ?= test
+# Difficulty filter: 16 samples at T 1.0, up to 4096 new tokens; keep pass counts 1..7.
+PASS_ARGS ?= --n 16 --temperature 1.0 --max_new_tokens 4096 --batch_size 16
+MIN_PASS ?= 1
+MAX_PASS ?= 7
+# FILTER=0 trains on TRAIN_DATA as it is (MedSynVQA is curated already): no pass counts.
+FILTER ?= 1
+# grpo.py's defaults are the paper's settings; scale knobs go here (--max_steps, --rollout_batch_size, ...).
+GRPO_ARGS ?= --eval_every 25 --eval_data $(EVAL_DATA) --eval_split $(EVAL_SPLIT) --eval_limit 400
+# sft.py's defaults are the paper's settings.
+SFT_ARGS ?=
+EVAL_ARGS ?= --max_new_tokens 4096 --batch_size 32
+# Paper row printed beside ours: NAME=AVG.
+PAPER ?=
+# GPUs: the accelerate config sets the machine; NUM_GPUS overrides its process count.
+# Multi-node: add --num_machines N --machine_rank R --main_process_ip HOST --main_process_port PORT
+# to LAUNCH on every node (README, "Several nodes").
+ACCELERATE_CONFIG ?= configs/ddp.yaml
+NUM_GPUS ?= 8
+LAUNCH ?= $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NUM_GPUS)
+
+.PHONY: install test demo rl sft eval compare eval-3b reproduce-3b reproduce-7b reproduce-3b-pmc \
+        reproduce-3b-sft reproduce-synther-3b clean-demo
+
 install: $(VENV)/.installed
 
 # Re-installs only when requirements.txt changes (the stamp is newer otherwise).
@@ -15,3 +59,100 @@ $(VENV)/.installed: requirements.txt
 
 test: install
 	$(PY) -m pytest -q tests
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline: pass counts -> filter -> GRPO -> evaluation (rl), or SFT -> evaluation (sft)
+# ---------------------------------------------------------------------------------------------
+rl: install $(RUN)/eval-grpo/results.json
+	$(PY) evaluate.py --out $(RUN) --compare grpo=$(RUN)/eval-grpo \
+	  $(if $(wildcard $(RUN)/eval-base/results.json),base=$(RUN)/eval-base) \
+	  $(if $(PAPER),--paper "$(PAPER)")
+
+$(RUN)/passcounts/results.json:
+	@echo "== [rl 1/4] pass counts: $(PASS_MODEL) on $(TRAIN_DATA):$(TRAIN_SPLIT)"
+	$(LAUNCH) evaluate.py --model $(PASS_MODEL) --data $(TRAIN_DATA) --split $(TRAIN_SPLIT) \
+	  --out $(RUN)/passcounts $(PASS_ARGS)
+
+$(RUN)/filtered/curate_stats.json: $(RUN)/passcounts/results.json
+	@echo "== [rl 2/4] difficulty filter: keep pass counts $(MIN_PASS)..$(MAX_PASS)"
+	$(PY) curate.py filter --data $(TRAIN_DATA) --split $(TRAIN_SPLIT) \
+	  --predictions $(RUN)/passcounts/predictions.jsonl --min_pass $(MIN_PASS) --max_pass $(MAX_PASS) \
+	  --out $(RUN)/filtered
+
+ifeq ($(FILTER),0)
+GRPO_DATA := --data $(TRAIN_DATA) --split $(TRAIN_SPLIT)
+GRPO_DEPS :=
+else
+GRPO_DATA := --data $(RUN)/filtered
+GRPO_DEPS := $(RUN)/filtered/curate_stats.json
+endif
+
+$(RUN)/grpo/final/config.json: $(GRPO_DEPS)
+	@echo "== [rl 3/4] GRPO from $(MODEL)"
+	$(LAUNCH) grpo.py --model $(MODEL) $(GRPO_DATA) --output_dir $(RUN)/grpo $(GRPO_ARGS) \
+	  $(if $(wildcard $(RUN)/grpo/checkpoint-*),--resume latest)
+
+$(RUN)/eval-grpo/results.json: $(RUN)/grpo/final/config.json
+	@echo "== [rl 4/4] evaluation of the GRPO model on $(EVAL_DATA):$(EVAL_SPLIT)"
+	$(LAUNCH) evaluate.py --model $(RUN)/grpo/final --data $(EVAL_DATA) --split $(EVAL_SPLIT) \
+	  --out $(RUN)/eval-grpo $(EVAL_ARGS)
+
+sft: install $(RUN)/eval-sft/results.json
+	$(PY) evaluate.py --out $(RUN) --compare sft=$(RUN)/eval-sft $(if $(PAPER),--paper "$(PAPER)")
+
+$(RUN)/sft/final/config.json:
+	@echo "== [sft 1/2] SFT of $(MODEL) on $(TRAIN_DATA):$(TRAIN_SPLIT)"
+	$(LAUNCH) sft.py --model $(MODEL) --data $(TRAIN_DATA) --split $(TRAIN_SPLIT) \
+	  --output_dir $(RUN)/sft $(SFT_ARGS) $(if $(wildcard $(RUN)/sft/checkpoint-*),--resume latest)
+
+$(RUN)/eval-sft/results.json: $(RUN)/sft/final/config.json
+	@echo "== [sft 2/2] evaluation of the SFT model on $(EVAL_DATA):$(EVAL_SPLIT)"
+	$(LAUNCH) evaluate.py --model $(RUN)/sft/final --data $(EVAL_DATA) --split $(EVAL_SPLIT) \
+	  --out $(RUN)/eval-sft $(EVAL_ARGS)
+
+# Evaluation of $(MODEL) as it is (the paper's base rows).
+eval: install $(RUN)/eval-base/results.json
+	$(PY) evaluate.py --out $(RUN) --compare base=$(RUN)/eval-base $(if $(PAPER),--paper "$(PAPER)")
+
+$(RUN)/eval-base/results.json:
+	@echo "== evaluation of $(MODEL) on $(EVAL_DATA):$(EVAL_SPLIT)"
+	$(LAUNCH) evaluate.py --model $(MODEL) --data $(EVAL_DATA) --split $(EVAL_SPLIT) \
+	  --out $(RUN)/eval-base $(EVAL_ARGS)
+
+# ---------------------------------------------------------------------------------------------
+# The paper's rows (DESIGN.md sections 5-8). GPUs and the hub needed.
+# ---------------------------------------------------------------------------------------------
+eval-3b:
+	$(MAKE) eval RUN=runs/eval-3b MODEL=Qwen/Qwen2.5-VL-3B-Instruct PAPER="Qwen2.5-VL-3B=49.14"
+
+# RL(m23k): 5 epochs over the filtered m23k (about 16.5k rows: 320 steps of 256 prompts).
+reproduce-3b:
+	$(MAKE) rl RUN=runs/reproduce-3b MODEL=Qwen/Qwen2.5-VL-3B-Instruct \
+	  TRAIN_DATA=UCSC-VLAA/MedVLThinker-m23k-tokenized PAPER="3B RL(m23k)=53.19"
+
+reproduce-7b:
+	$(MAKE) rl RUN=runs/reproduce-7b MODEL=Qwen/Qwen2.5-VL-7B-Instruct PASS_MODEL=Qwen/Qwen2.5-VL-3B-Instruct \
+	  TRAIN_DATA=UCSC-VLAA/MedVLThinker-m23k-tokenized PAPER="7B RL(m23k)=54.88"
+
+# RL(PMC): 1 epoch over the filtered PMC-VQA (about 115.5k rows: 451 steps).
+reproduce-3b-pmc:
+	$(MAKE) rl RUN=runs/reproduce-3b-pmc MODEL=Qwen/Qwen2.5-VL-3B-Instruct \
+	  TRAIN_DATA=UCSC-VLAA/MedVLThinker-pmc_vqa GRPO_ARGS="$(GRPO_ARGS) --epochs 1" PAPER="3B RL(PMC)=52.28"
+
+# SFT(PMC) on the GPT-4o traces: FSDP, global batch 16, released checkpoint from epoch 3.
+reproduce-3b-sft:
+	$(MAKE) sft RUN=runs/reproduce-3b-sft MODEL=Qwen/Qwen2.5-VL-3B-Instruct \
+	  TRAIN_DATA=UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized ACCELERATE_CONFIG=configs/fsdp.yaml \
+	  SFT_ARGS="--num_epochs 3" PAPER="3B SFT(PMC)=50.16"
+
+# MedVLSynther-3B: the same GRPO on MedSynVQA-5K, batch 64 prompts, mini-batch 32, 1 epoch.
+reproduce-synther-3b:
+	$(MAKE) rl RUN=runs/reproduce-synther-3b MODEL=Qwen/Qwen2.5-VL-3B-Instruct \
+	  TRAIN_DATA=MedVLSynther/MedSynVQA-5K FILTER=0 \
+	  GRPO_ARGS="$(GRPO_ARGS) --epochs 1 --rollout_batch_size 64 --mini_batch_size 32" \
+	  PAPER="MedVLSynther-3B=55.85"
+
+# ---------------------------------------------------------------------------------------------
+# The demo: the same pipeline on the toy world, on a CPU
+# ---------------------------------------------------------------------------------------------
+@@DEMO@@
