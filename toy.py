@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 # ---------------------------------------------------------------------------------------------
 # The synthetic questions
@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw, ImageFilter
 FAMILIES = {
     "ToyHeartRate": ("text", (35, 135), (60, 100), ("Bradycardia", "Normal heart rate", "Tachycardia"), 10),
     "ToyFever": ("text", (33.0, 41.0), (35.0, 38.0), ("Hypothermia", "Normal temperature", "Fever"), 0.8),
-    "ToyLesion": ("image", (2, 15), (6, 10), ("Small lesion", "Medium lesion", "Large lesion"), 1.0),
+    "ToyLesion": ("image", (2.0, 15.0), (6.0, 10.0), ("Small lesion", "Medium lesion", "Large lesion"), 1.0),
 }
 LETTERS = "ABC"
 IMAGE_SIZE = 56  # 56 x 56 px = 4 x 4 patches of 14 px = 4 image tokens after the 2 x 2 merge
@@ -60,14 +60,14 @@ class DataArgs:
     n_validation: int = field(default=600, metadata={"help": "Rows for choosing settings."})
     n_test: int = field(default=600, metadata={"help": "Held-out rows (the toy benchmarks)."})
     seed: int = 0
-    wrong_trace_rate: float = field(default=0.3, metadata={"help": "Share of wrong traces."})
+    wrong_trace_rate: float = field(default=0.35, metadata={"help": "Share of wrong traces."})
 
 
 def draw_value(rng, family: str) -> float:
     lo, hi = FAMILIES[family][1]
-    if family == "ToyFever":
-        return round(float(rng.uniform(lo, hi)), 1)
-    return int(rng.integers(lo, hi + 1))  # heart rate in bpm, lesion radius in px
+    if family == "ToyHeartRate":
+        return int(rng.integers(lo, hi + 1))  # bpm
+    return round(float(rng.uniform(lo, hi)), 1)  # degrees C, or the lesion's radius in px
 
 
 def classify(value: float, thresholds) -> int:
@@ -77,19 +77,24 @@ def classify(value: float, thresholds) -> int:
 
 
 def radiograph(radius: float, rng) -> Image.Image:
-    """A 56 x 56 grey chest film: two lung fields, ribs, noise, and one round opacity."""
-    img = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 40)
+    """A 56 x 56 grey chest film: two lung fields, ribs, faint noise, and one round opacity.
+
+    Drawn at 4x and averaged down, so the opacity's area (what a patch embedding sums) follows its
+    radius to a tenth of a pixel; its shade is fixed, so brightness does not blur the size cue.
+    """
+    scale = 4
+    img = Image.new("L", (IMAGE_SIZE * scale, IMAGE_SIZE * scale), 40)
     draw = ImageDraw.Draw(img)
-    draw.ellipse((4, 6, 26, 52), fill=18)
-    draw.ellipse((30, 6, 52, 52), fill=18)
+    draw.ellipse((4 * scale, 6 * scale, 26 * scale, 52 * scale), fill=18)
+    draw.ellipse((30 * scale, 6 * scale, 52 * scale, 52 * scale), fill=18)
     for y in range(10, 50, 8):
-        draw.arc((2, y - 6, 54, y + 10), 200, 340, fill=55)
-    cx = float(rng.uniform(4 + radius, IMAGE_SIZE - 4 - radius))
-    cy = float(rng.uniform(6 + radius, IMAGE_SIZE - 6 - radius))
-    shade = int(rng.integers(175, 235))
-    draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=shade)
-    img = img.filter(ImageFilter.GaussianBlur(0.8))
-    noise = rng.normal(0, 6, (IMAGE_SIZE, IMAGE_SIZE))
+        draw.arc((2 * scale, (y - 6) * scale, 54 * scale, (y + 10) * scale), 200, 340, fill=55, width=scale)
+    cx = float(rng.uniform(4 + radius, IMAGE_SIZE - 4 - radius)) * scale
+    cy = float(rng.uniform(6 + radius, IMAGE_SIZE - 6 - radius)) * scale
+    r = radius * scale
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=220)
+    img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
+    noise = rng.normal(0, 3, (IMAGE_SIZE, IMAGE_SIZE))
     pixels = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels).convert("RGB")
 
@@ -133,12 +138,12 @@ def wrong_thresholds(family: str, value: float, rng):
     nearest = min(range(2), key=lambda k: abs(value - thresholds[k]))
     limit = thresholds[nearest]
     step = band * float(rng.uniform(0.2, 1.0))
-    step = max(1, round(step)) if family != "ToyFever" else max(0.1, round(step, 1))
+    step = max(1, round(step)) if family == "ToyHeartRate" else max(0.1, round(step, 1))
     # classify() puts the low limit in the middle class and the high limit in the middle class too.
     below = value < limit if nearest == 0 else value <= limit
     shifted = list(thresholds)
     moved = value - step if below else value + step
-    shifted[nearest] = round(moved, 1) if family == "ToyFever" else int(moved)
+    shifted[nearest] = int(moved) if family == "ToyHeartRate" else round(moved, 1)
     assert classify(value, shifted) != classify(value, thresholds)
     return tuple(shifted)
 
