@@ -10,7 +10,9 @@ Nothing can be downloaded on a laptop without the hub, so every stage is built a
 Three families, two modalities (DESIGN.md section 10 says what a model this small can learn):
 - `ToyHeartRate` (text): a vignette with a heart rate -> bradycardia / normal / tachycardia;
 - `ToyFever` (text): a vignette with a body temperature -> hypothermia / normal / fever;
-- `ToyLesion` (image): a synthetic chest radiograph with one opacity -> small / medium / large.
+- `ToyLesion` (image): a synthetic chest radiograph with one opacity -> small / large. Two options,
+  like the closed questions of PathVQA, SLAKE and VQA-RAD: with three, the hard cases are mostly the
+  middle class, and RL on them squeezed every size estimate towards "medium" (measured; README).
 Options keep one order per family: a model this small does not learn to look up a shuffled letter
 in minutes. Values are drawn across the thresholds, so some questions sit right next to them.
 
@@ -40,7 +42,7 @@ from PIL import Image, ImageDraw
 FAMILIES = {
     "ToyHeartRate": ("text", (35, 135), (60, 100), ("Bradycardia", "Normal heart rate", "Tachycardia"), 10),
     "ToyFever": ("text", (33.0, 41.0), (35.0, 38.0), ("Hypothermia", "Normal temperature", "Fever"), 0.8),
-    "ToyLesion": ("image", (2.0, 15.0), (6.0, 10.0), ("Small lesion", "Medium lesion", "Large lesion"), 1.0),
+    "ToyLesion": ("image", (2.0, 15.0), (8.5,), ("Small lesion", "Large lesion"), 2.0),
 }
 LETTERS = "ABC"
 IMAGE_SIZE = 56  # 56 x 56 px = 4 x 4 patches of 14 px = 4 image tokens after the 2 x 2 merge
@@ -71,9 +73,10 @@ def draw_value(rng, family: str) -> float:
 
 
 def classify(value: float, thresholds) -> int:
-    """Index of the finding: below the first threshold, between, or at/above the second."""
-    low, high = thresholds
-    return 0 if value < low else (1 if value <= high else 2)
+    """Index of the finding: 0 below the first limit, 1 from it on (up to and including the
+    second limit, when there is one), 2 above the second."""
+    index = int(value >= thresholds[0])
+    return index + int(len(thresholds) > 1 and value > thresholds[1])
 
 
 def radiograph(radius: float, rng) -> Image.Image:
@@ -114,17 +117,19 @@ def question_text(family: str, value: float, rng) -> str:
 
 def trace_text(family: str, value: float, thresholds) -> str:
     """A reasoning trace that follows from the reference range it states (right or wrong)."""
-    low, high = thresholds
     finding = FAMILIES[family][3][classify(value, thresholds)].lower()
+    if family == "ToyLesion":
+        (limit,) = thresholds
+        compare = f"{value} is below {limit}" if value < limit else f"{value} is at least {limit}"
+        return (f"The opacity has a radius of about {value} px. Large is {limit} px or more. "
+                f"{compare}, so this is a {finding}.")
+    low, high = thresholds
     if value < low:
         compare = f"{value} is below {low}"
     elif value <= high:
         compare = f"{value} is between {low} and {high}"
     else:
         compare = f"{value} is above {high}"
-    if family == "ToyLesion":
-        return (f"The opacity has a radius of about {value} px. Medium is {low} to {high} px. "
-                f"{compare}, so this is a {finding}.")
     unit = "bpm" if family == "ToyHeartRate" else "C"
     return f"The normal range is {low} to {high} {unit}. {compare}, so this is {finding}."
 
@@ -135,7 +140,7 @@ def wrong_thresholds(family: str, value: float, rng):
     The finding then flips to the neighbouring class, and the trace stays true to the range it states.
     """
     thresholds, band = FAMILIES[family][2], FAMILIES[family][4]
-    nearest = min(range(2), key=lambda k: abs(value - thresholds[k]))
+    nearest = min(range(len(thresholds)), key=lambda k: abs(value - thresholds[k]))
     limit = thresholds[nearest]
     step = band * float(rng.uniform(0.2, 1.0))
     step = max(1, round(step)) if family == "ToyHeartRate" else max(0.1, round(step, 1))

@@ -93,6 +93,7 @@ def test_same_seed_gives_byte_identical_data(tmp_path):
 def test_classify_thresholds_by_hand():
     assert [toy.classify(v, (60, 100)) for v in (59, 60, 100, 101)] == [0, 1, 1, 2]
     assert [toy.classify(v, (35.0, 38.0)) for v in (34.9, 35.0, 38.0, 38.1)] == [0, 1, 1, 2]
+    assert [toy.classify(v, (8.5,)) for v in (8.4, 8.5, 15.0)] == [0, 1, 1]
 
 
 def test_wrong_traces_share_placement_and_consistency():
