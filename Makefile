@@ -120,35 +120,44 @@ $(RUN)/eval-base/results.json:
 	  --out $(RUN)/eval-base $(EVAL_ARGS)
 
 # ---------------------------------------------------------------------------------------------
-# The paper's rows (DESIGN.md sections 5-8). GPUs and the hub needed.
+# The paper's rows (DESIGN.md sections 5-8). GPUs and the hub needed. The hub ids are variables so
+# that tests/test_recipes.py can run a recipe end to end on the toy world.
 # ---------------------------------------------------------------------------------------------
+RUNS ?= runs
+QWEN_3B ?= Qwen/Qwen2.5-VL-3B-Instruct
+QWEN_7B ?= Qwen/Qwen2.5-VL-7B-Instruct
+M23K ?= UCSC-VLAA/MedVLThinker-m23k-tokenized
+PMC_VQA ?= UCSC-VLAA/MedVLThinker-pmc_vqa
+PMC_TRACES ?= UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized
+MEDSYNVQA_5K ?= MedVLSynther/MedSynVQA-5K
+
 eval-3b:
-	$(MAKE) eval RUN=runs/eval-3b MODEL=Qwen/Qwen2.5-VL-3B-Instruct PAPER="Qwen2.5-VL-3B=49.14"
+	$(MAKE) eval RUN=$(RUNS)/eval-3b MODEL=$(QWEN_3B) PAPER="Qwen2.5-VL-3B=49.14"
 
 # RL(m23k): 5 epochs over the filtered m23k (about 16.5k rows: 320 steps of 256 prompts).
 reproduce-3b:
-	$(MAKE) rl RUN=runs/reproduce-3b MODEL=Qwen/Qwen2.5-VL-3B-Instruct \
-	  TRAIN_DATA=UCSC-VLAA/MedVLThinker-m23k-tokenized PAPER="3B RL(m23k)=53.19"
+	$(MAKE) rl RUN=$(RUNS)/reproduce-3b MODEL=$(QWEN_3B) \
+	  TRAIN_DATA=$(M23K) PAPER="3B RL(m23k)=53.19"
 
 reproduce-7b:
-	$(MAKE) rl RUN=runs/reproduce-7b MODEL=Qwen/Qwen2.5-VL-7B-Instruct PASS_MODEL=Qwen/Qwen2.5-VL-3B-Instruct \
-	  TRAIN_DATA=UCSC-VLAA/MedVLThinker-m23k-tokenized PAPER="7B RL(m23k)=54.88"
+	$(MAKE) rl RUN=$(RUNS)/reproduce-7b MODEL=$(QWEN_7B) PASS_MODEL=$(QWEN_3B) \
+	  TRAIN_DATA=$(M23K) PAPER="7B RL(m23k)=54.88"
 
 # RL(PMC): 1 epoch over the filtered PMC-VQA (about 115.5k rows: 451 steps).
 reproduce-3b-pmc:
-	$(MAKE) rl RUN=runs/reproduce-3b-pmc MODEL=Qwen/Qwen2.5-VL-3B-Instruct \
-	  TRAIN_DATA=UCSC-VLAA/MedVLThinker-pmc_vqa GRPO_ARGS="$(GRPO_ARGS) --epochs 1" PAPER="3B RL(PMC)=52.28"
+	$(MAKE) rl RUN=$(RUNS)/reproduce-3b-pmc MODEL=$(QWEN_3B) \
+	  TRAIN_DATA=$(PMC_VQA) GRPO_ARGS="$(GRPO_ARGS) --epochs 1" PAPER="3B RL(PMC)=52.28"
 
 # SFT(PMC) on the GPT-4o traces: FSDP, global batch 16, released checkpoint from epoch 3.
 reproduce-3b-sft:
-	$(MAKE) sft RUN=runs/reproduce-3b-sft MODEL=Qwen/Qwen2.5-VL-3B-Instruct \
-	  TRAIN_DATA=UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized ACCELERATE_CONFIG=configs/fsdp.yaml \
+	$(MAKE) sft RUN=$(RUNS)/reproduce-3b-sft MODEL=$(QWEN_3B) \
+	  TRAIN_DATA=$(PMC_TRACES) ACCELERATE_CONFIG=configs/fsdp.yaml \
 	  SFT_ARGS="--num_epochs 3" PAPER="3B SFT(PMC)=50.16"
 
 # MedVLSynther-3B: the same GRPO on MedSynVQA-5K, batch 64 prompts, mini-batch 32, 1 epoch.
 reproduce-synther-3b:
-	$(MAKE) rl RUN=runs/reproduce-synther-3b MODEL=Qwen/Qwen2.5-VL-3B-Instruct \
-	  TRAIN_DATA=MedVLSynther/MedSynVQA-5K FILTER=0 \
+	$(MAKE) rl RUN=$(RUNS)/reproduce-synther-3b MODEL=$(QWEN_3B) \
+	  TRAIN_DATA=$(MEDSYNVQA_5K) FILTER=0 \
 	  GRPO_ARGS="$(GRPO_ARGS) --epochs 1 --rollout_batch_size 64 --mini_batch_size 32" \
 	  PAPER="MedVLSynther-3B=55.85"
 
