@@ -122,9 +122,11 @@ def test_one_step_gradient_does_not_depend_on_micro_batching(tiny_model_dir, toy
     for name, p in checkpointed.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-7, msg=name)
 
-    # The usual mistake, a mean of per-micro-batch means, is a different number here.
+    # The usual mistake, a mean of per-micro-batch means, is a different number here (one short
+    # micro-batch of a single row weighs as much as seven rows).
+    uneven = [sft.tokenize(processor, rows[a:b]) for a, b in ((0, 1), (1, 8))]
     with torch.no_grad():
-        mean_of_means = sum(model(**mb).loss for mb in micro_batches) / len(micro_batches)
+        mean_of_means = sum(model(**mb).loss for mb in uneven) / len(uneven)
     assert abs(mean_of_means - reference) > 1e-3
 
 
