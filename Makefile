@@ -100,10 +100,11 @@ $(RUN)/eval-grpo/results.json: $(RUN)/grpo/final/config.json
 sft: install $(RUN)/eval-sft/results.json
 	$(PY) evaluate.py --out $(RUN) --compare sft=$(RUN)/eval-sft $(if $(PAPER),--paper "$(PAPER)")
 
+# sft.py's "--resume latest" starts afresh when there is no checkpoint yet.
 $(RUN)/sft/final/config.json:
 	@echo "== [sft 1/2] SFT of $(MODEL) on $(TRAIN_DATA):$(TRAIN_SPLIT)"
 	$(LAUNCH) sft.py --model $(MODEL) --data $(TRAIN_DATA) --split $(TRAIN_SPLIT) \
-	  --output_dir $(RUN)/sft $(SFT_ARGS) $(if $(wildcard $(RUN)/sft/checkpoint-*),--resume latest)
+	  --output_dir $(RUN)/sft $(SFT_ARGS) --resume latest
 
 $(RUN)/eval-sft/results.json: $(RUN)/sft/final/config.json
 	@echo "== [sft 2/2] evaluation of the SFT model on $(EVAL_DATA):$(EVAL_SPLIT)"
