@@ -193,13 +193,12 @@ def generation_kwargs(args: EvalArgs, tokenizer) -> dict:
     do_sample=True transformers would also apply top_k=50. The paper's sampler (vLLM with explicit
     SamplingParams) used none of these: temperature T, top_p, no top_k, no repetition penalty.
     """
-    vocab = tokenizer.get_vocab()
     kwargs = dict(
         max_new_tokens=args.max_new_tokens, repetition_penalty=1.0,
         # A vision special in a completion makes the next forward pass fail ("Image features and
         # image tokens do not match") and <|im_start|> would open a new turn: never generate them.
         # GRPO masks the same ids, so sampling here and there draws from the same distribution.
-        suppress_tokens=[vocab[t] for t in reward.NEVER_GENERATE if t in vocab],
+        suppress_tokens=reward.never_generate_ids(tokenizer),
     )
     if args.temperature > 0:
         return dict(kwargs, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)

@@ -195,11 +195,6 @@ class Sample:
     ref_logp: torch.Tensor | None = None  # [C]
 
 
-def token_ids(processor, tokens) -> list[int]:
-    ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in tokens]
-    return [i for i in ids if i is not None and i != processor.tokenizer.unk_token_id]
-
-
 def sampling_kwargs(args: Arguments, never_ids: list[int]) -> dict:
     """Every sampling setting explicit (DESIGN.md section 9): otherwise generate uses top_k=50 and
     the checkpoint's own defaults (Qwen ships near-greedy ones and a repetition penalty), and the
@@ -609,7 +604,7 @@ def main(argv: list[str] | None = None):
     accelerator.register_for_checkpointing(scheduler)
 
     pad_id = processor.tokenizer.pad_token_id
-    never_ids = token_ids(processor, reward.NEVER_GENERATE)
+    never_ids = reward.never_generate_ids(processor.tokenizer)
     eos_ids = accelerator.unwrap_model(model).generation_config.eos_token_id
     eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
     if any(i is None for i in eos_ids) or not eos_ids:

@@ -38,6 +38,13 @@ NEVER_GENERATE = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|ima
                   "<|video_pad|>", "<|im_start|>")
 
 
+def never_generate_ids(tokenizer) -> list[int]:
+    """The ids of NEVER_GENERATE that this tokenizer has: one list for the sampler's suppression
+    (evaluate.py, grpo.py) and the training log-softmax's mask (grpo.py), so the two always agree."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[token] for token in NEVER_GENERATE if token in vocab]
+
+
 class RowError(ValueError):
     """A schema row that cannot become a prompt; the message names the row."""
 

@@ -175,7 +175,7 @@ def load(model_dir):
 
 
 def ids_of(processor):
-    return grpo.token_ids(processor, reward.NEVER_GENERATE), [
+    return reward.never_generate_ids(processor.tokenizer), [
         processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
 

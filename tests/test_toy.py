@@ -32,6 +32,9 @@ def test_tiny_model_loads_like_a_hub_checkpoint_and_generates_mixed_batches(tiny
         assert len(tok(special)["input_ids"]) == 1
     assert model.generation_config.eos_token_id == [tok.convert_tokens_to_ids("<|im_end|>"),
                                                     tok.convert_tokens_to_ids("<|endoftext|>")]
+    # Never-generated ids: every one of reward.NEVER_GENERATE, as the tokenizer numbers it.
+    assert reward.never_generate_ids(tok) == [tok.convert_tokens_to_ids(t) for t in reward.NEVER_GENERATE]
+    assert len(set(reward.never_generate_ids(tok))) == len(reward.NEVER_GENERATE) == 6
     # Qwen2's pre-tokenizer splits numbers into single digits.
     assert tok.convert_ids_to_tokens(tok("137")["input_ids"]) == ["1", "3", "7"]
 
