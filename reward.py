@@ -1,39 +1,45 @@
-"""The task contract shared by every stage: prompt, answer extraction, grading, reward.
+"""The task contract shared by every stage: prompt, row check, answer extraction, grading, reward.
 
 MedVLThinker (arXiv 2508.02669) poses every question as multiple choice and trains with a
-verifiable, binary reward on the answer letter. This module is the single definition of that
-task. It imports no torch, so curation and regrading stay light. DESIGN.md sections 3-4.
+verifiable, binary reward on the answer letter. This module is the single definition of that task.
+It imports no torch, so curation and regrading stay light. docs/method.md sections 2-4.
 
-The regular expressions of the official code are written here as plain string scans with the same
-results: the naive patterns backtrack quadratically on long adversarial completions (100 kB of
-repeated tags takes seconds), and a reward is computed for every sample of every RL step.
-tests/test_reward.py checks each function against the naive regex on a table of hand cases.
+The official code grades with three different rules, each in its own file, and all three matter:
+    reward(s, l, a)        training reward          train/my_reward.py
+    extract_answer(s)      evaluation (the tables)  analysis/regrade_eval_results.py
+    pass_correct(s, l, a)  pass counts, traces      eval/run_offline_inference.py
+They share one equality test, is_correct. Each function below returns exactly what the official one
+does (tests/test_reward.py checks them on a table of hand-worked cases and on random strings). The
+patterns that can backtrack quadratically on long adversarial completions (100 kB of unclosed
+tags takes seconds, and a reward is computed for every sample of every RL step) are written as
+string scans with the same results; the others are the official patterns themselves.
 """
 
+import io
 import json
 import os
 import re
 
 # The official instruction, character for character. It was a Python raw string in the official
 # code, so "\n" below is a backslash followed by "n", not a newline. The released checkpoints were
-# trained on exactly these characters, so we keep them (DESIGN.md section 3).
+# trained on exactly these characters, so we keep them (docs/method.md section 3).
 INSTRUCTION = (
     r"You will solve a problem/request. You should provide your thoughts within <think> </think> "
     r"tags before providing the answer.\nWrite your final answer within <answer> </answer> tags."
 )
 
-# Markers of the evaluation fallback, tried in this order (DESIGN.md section 4). They are matched
-# case-insensitively in the completion itself: str.lower() can change the length of a text
-# ("İ" becomes two characters), so a position found in a lowered copy is not one in the original.
-ANSWER_MARKERS = ("answer:", "answer is:", "answer is", "is:")
-_MARKER_PATTERNS = tuple(re.compile(re.escape(marker), re.IGNORECASE) for marker in ANSWER_MARKERS)
+# The evaluation fallbacks of regrade_eval_results.py, tried in this order; the first pattern with
+# any match wins, and its LAST match is taken. No DOTALL: "(.*)" stops at "\n" (not at "\r"), so
+# "answer: A answer: B" gives "A answer: B". Each is linear: a match never backtracks.
+ANSWER_MARKERS = tuple(re.compile(p, re.IGNORECASE) for p in (
+    r"answer:\s*(.*)\s*", r"answer is:\s*(.*)\s*", r"answer is\s*(.*)\s*", r"is:\s*(.*)\s*"))
+_FIRST_LINE = re.compile(r"\s*([^\n\r]+)")  # "\r" ends a line here, unlike in the markers above
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _WHITESPACE = re.compile(r"\s*")
 
-
 # Tokens a policy must never sample: a vision special in a completion breaks the next forward pass
 # ("Image features and image tokens do not match"), and a new turn is not an answer. Generation
-# suppresses them and the training log-softmax masks the same ids (DESIGN.md section 9).
+# suppresses them and the training log-softmax masks the same ids (docs/method.md section 9).
 NEVER_GENERATE = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
                   "<|video_pad|>", "<|im_start|>")
 
@@ -43,6 +49,16 @@ def never_generate_ids(tokenizer) -> list[int]:
     (evaluate.py, grpo.py) and the training log-softmax's mask (grpo.py), so the two always agree."""
     vocab = tokenizer.get_vocab()
     return [vocab[token] for token in NEVER_GENERATE if token in vocab]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Rows: the schema, checked once before any model work (docs/method.md section 2)
+# ---------------------------------------------------------------------------------------------
+
+# Columns every stage reads; `images` and `reasoning` may be absent (text-only set, no traces).
+SCHEMA_COLUMNS = ("question", "options", "answer_label", "answer", "dataset_name", "dataset_index")
+# Qwen2.5-VL's image processor refuses an aspect ratio over 200 (its smart_resize raises).
+MAX_ASPECT_RATIO = 200
 
 
 class RowError(ValueError):
@@ -72,8 +88,117 @@ def parse_options(row) -> dict:
     return options
 
 
+def open_image(item, base_dir: str = ""):
+    """A schema image as a fully decoded RGB PIL image.
+
+    An image may be a PIL image, the {"bytes", "path"} dict of datasets' Image feature, or a file
+    path; a relative path is read relative to `base_dir` (the data file's folder), then to the
+    working directory. Decoding every pixel here makes a truncated file fail now, not mid-run.
+    """
+    from PIL import Image
+
+    if item is None:
+        raise ValueError("an image is missing (None)")
+    if isinstance(item, dict):
+        item = io.BytesIO(item["bytes"]) if item.get("bytes") else item.get("path")
+    if isinstance(item, str):
+        candidates = [item] if os.path.isabs(item) else [os.path.join(base_dir, item), item]
+        found = next((path for path in candidates if os.path.isfile(path)), None)
+        if found is None:
+            raise ValueError(f"image file not found: {item!r} (looked in {base_dir or '.'!r} and .)")
+        item = found
+    try:
+        image = item if isinstance(item, Image.Image) else Image.open(item)
+        image = image.convert("RGB")
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... name them all alike
+        raise ValueError(f"image cannot be decoded ({type(err).__name__}: {err})") from None
+    width, height = image.size
+    if min(width, height) < 1 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise ValueError(f"image of {width}x{height} px: aspect ratio over {MAX_ASPECT_RATIO}, "
+                         f"which Qwen2.5-VL's image processor refuses")
+    return image
+
+
+def check_row(row, base_dir: str = "") -> dict:
+    """The row with its images decoded, or a RowError naming the row and what is wrong.
+
+    The rules: `question` a non-empty string; `options` a JSON object letter -> text holding
+    `answer_label`; `answer` the text of the labelled option (after stripping both: a mismatch
+    makes the grader accept the wrong option's text and reject the right one); every image
+    decodable, with an aspect ratio the processor accepts. Returns a copy: `images` becomes a list
+    of RGB images, or None for a text-only row.
+    """
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise RowError(f"{row_name(row)}: question must be a non-empty string, got {question!r}")
+    options = parse_options(row)
+    answer = row.get("answer")
+    label = row["answer_label"]
+    if not isinstance(answer, str) or answer.strip() != options[label].strip():
+        raise RowError(f"{row_name(row)}: answer {answer!r} is not the text of option {label} "
+                       f"({options[label]!r})")
+    try:
+        images = [open_image(item, base_dir) for item in row.get("images") or []]
+    except ValueError as err:
+        raise RowError(f"{row_name(row)}: {err}") from None
+    return dict(row, images=images or None)
+
+
+def check_rows(dataset, on_bad_row: str = "error", base_dir: str = "", progress=None):
+    """Check every row once (check_row), before any model work: a long run never dies on row 40,000.
+
+    Returns (positions of the good rows, the bad rows as {"position", "dataset_name",
+    "dataset_index", "reason"}). With on_bad_row="error" any bad row raises one RowError that
+    lists them. Duplicate (dataset_name, dataset_index) keys are bad rows too: they join
+    predictions, rollouts and pass counts. Images are read undecoded (datasets would raise its own
+    error, naming no row) and decoded by open_image, then dropped: only the verdict is kept.
+    """
+    import datasets
+
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"--on_bad_row must be error or skip, got {on_bad_row!r}")
+    feature = dataset.features.get("images")
+    if isinstance(feature, (datasets.Sequence, datasets.List)) and isinstance(
+            getattr(feature, "feature", None), datasets.Image):
+        dataset = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    good, bad, seen = [], [], set()
+    positions = range(len(dataset))
+    for i in progress(positions) if progress else positions:
+        row = dataset[i]
+        try:
+            check_row(row, base_dir)
+            key = (row["dataset_name"], row["dataset_index"])
+            if key in seen:
+                raise RowError(f"{row_name(row)}: occurs twice; (dataset_name, dataset_index) must "
+                               f"be unique")
+            seen.add(key)
+            good.append(i)
+        except RowError as err:
+            bad.append({"position": i, "dataset_name": row.get("dataset_name"),
+                        "dataset_index": row.get("dataset_index"), "reason": str(err)})
+    if bad and on_bad_row == "error":
+        listed = "\n".join(b["reason"] for b in bad[:20])
+        more = f"\n... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise RowError(f"{len(bad)} bad row(s) of {len(dataset)}; fix them, or pass --on_bad_row skip "
+                       f"to skip them (they are then listed in bad_rows.jsonl):\n{listed}{more}")
+    return good, bad
+
+
+def write_bad_rows(bad: list[dict], output_dir: str) -> None:
+    """The skipped rows, one JSON line each, in the stage's output folder."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "bad_rows.jsonl"), "w", encoding="utf-8") as f:
+        for item in bad:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The prompt and the SFT target (docs/method.md section 3)
+# ---------------------------------------------------------------------------------------------
+
+
 def build_prompt_text(row) -> str:
-    """User text of DESIGN.md section 3: instruction, question, then one option per paragraph."""
+    """User text: instruction, question, then one option per paragraph."""
     options = parse_options(row)
     text = f"{INSTRUCTION}\n\nQuestion: {row['question']}\n\nOptions:"
     for letter, option in options.items():
@@ -94,8 +219,22 @@ def build_messages(row) -> list[dict]:
 
 
 def sft_target(reasoning: str, answer_label: str) -> str:
-    """The assistant turn the model is fine-tuned on (DESIGN.md section 3)."""
-    return f"<think> {reasoning} </think>\n<answer> {answer_label} </answer>"
+    """The assistant turn of SFT; both parts stripped, as convert_trl_format_for_vlm.py does."""
+    return f"<think> {reasoning.strip()} </think>\n<answer> {answer_label.strip()} </answer>"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Grading: one equality test, three ways to find the answer (docs/method.md section 4)
+# ---------------------------------------------------------------------------------------------
+
+
+def is_correct(pred: str, answer_label: str, answer: str) -> bool:
+    """grade_answer of the official code: case-insensitive equality, after stripping, with
+    "{label}. {answer}" (built from the unstripped parts, then stripped), the label, or the text."""
+    pred = pred.strip().lower()
+    return (pred == f"{answer_label}. {answer}".strip().lower()
+            or pred == answer_label.strip().lower()
+            or pred == answer.strip().lower())
 
 
 def format_ok(completion: str) -> bool:
@@ -119,39 +258,27 @@ def format_ok(completion: str) -> bool:
     return False
 
 
+def _first_block(text: str, open_tag: str, close_tag: str) -> str | None:
+    """`re.search(open_tag + "(.*?)" + close_tag, text, re.DOTALL).group(1)`, or None: the first
+    opening tag that has a closing tag after it is the first one (if it has none, none has)."""
+    open_at = text.find(open_tag)
+    if open_at < 0:
+        return None
+    close_at = text.find(close_tag, open_at + len(open_tag))
+    return None if close_at < 0 else text[open_at + len(open_tag) : close_at]
+
+
 def _first_answer_one_line(text: str) -> str | None:
     """`re.search(r"<answer>(.*?)</answer>", text)` without DOTALL: `.` stops only at "\\n"."""
     for line in text.split("\n"):
-        open_at = line.find("<answer>")
-        if open_at >= 0:
-            close_at = line.find("</answer>", open_at + len("<answer>"))
-            if close_at >= 0:
-                return line[open_at + len("<answer>") : close_at]
+        found = _first_block(line, "<answer>", "</answer>")
+        if found is not None:
+            return found
     return None
 
 
-def is_correct(pred: str, answer_label: str, answer: str) -> bool:
-    """Case-insensitive equality with the letter, "{letter}. {answer}" or the answer text."""
-    pred = pred.strip().lower()
-    label, answer = answer_label.strip(), answer.strip()
-    return pred in {label.lower(), f"{label}. {answer}".lower(), answer.lower()}
-
-
-def reward(completion: str, answer_label: str, answer: str) -> float:
-    """Training reward r in {0, 1} (DESIGN.md section 4): format, then the first answer block.
-
-    An answer block spanning lines is not found (the official pattern has no DOTALL); the whole
-    stripped completion is then compared, which fails for any well-formatted completion.
-    """
-    if not format_ok(completion):
-        return 0.0
-    found = _first_answer_one_line(completion)
-    pred = found if found is not None else completion
-    return 1.0 if is_correct(pred, answer_label, answer) else 0.0
-
-
 def _last_answer_block(text: str) -> str | None:
-    """Last match of `re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)`."""
+    """Last match of `re.finditer(r"<answer>(.*?)</answer>", text, re.DOTALL)`."""
     last, pos = None, 0
     while True:
         open_at = text.find("<answer>", pos)
@@ -164,38 +291,76 @@ def _last_answer_block(text: str) -> str | None:
         pos = close_at + len("</answer>")
 
 
-def extract_answer(completion: str) -> str:
-    """The evaluation rule behind the paper's tables (DESIGN.md section 4).
+def reward(completion: str, answer_label: str, answer: str) -> float:
+    """Training reward r in {0, 1} (train/my_reward.py): format, then the first answer block.
 
-    1. the last <answer>...</answer> block (it may span lines), stripped, then its first line;
-    2. else the text after the last "answer:", "answer is:", "answer is", "is:" (case-insensitive,
-       first marker found wins), first line;
-    3. else the whole text; leftover tags are then removed and the result stripped.
+    An answer block spanning lines is not found (the official pattern has no DOTALL); the whole
+    stripped completion is then compared, which fails for any well-formatted completion.
+    """
+    if not format_ok(completion):
+        return 0.0
+    found = _first_answer_one_line(completion)
+    pred = found if found is not None else completion
+    return 1.0 if is_correct(pred, answer_label, answer) else 0.0
+
+
+def extract_answer(completion: str) -> str:
+    """The evaluation rule behind the paper's tables (analysis/regrade_eval_results.py).
+
+    1. the last <answer>...</answer> block (it may span lines), stripped, then its first line
+       ("\\n" or "\\r" ends it);
+    2. else the first of ANSWER_MARKERS that matches anywhere: the group of its last match (the
+       rest of that line), stripped;
+    3. else the whole text, stripped.
+    Then the four tags are removed and the result stripped.
     """
     found = _last_answer_block(completion)
-    if found is None:
-        for pattern in _MARKER_PATTERNS:
+    if found is not None:
+        found = found.strip()
+        line = _FIRST_LINE.search(found)
+        found = line.group(1).strip() if line else found
+    else:
+        for pattern in ANSWER_MARKERS:
             last = None
-            for last in pattern.finditer(completion):  # no marker overlaps itself: last = rightmost
+            for last in pattern.finditer(completion):
                 pass
             if last is not None:
-                found = completion[last.end() :]
+                found = last.group(1).strip()
                 break
-    if found is None:
-        found = completion
-    found = found.strip().split("\n")[0]
+        else:
+            found = completion.strip()
     for tag in TAGS:
         found = found.replace(tag, "")
     return found.strip()
 
 
+def pass_correct(completion: str, answer_label: str, answer: str) -> bool:
+    """The grade of the pass counts and of trace selection (eval/run_offline_inference.py): the
+    first <answer>...</answer> block (DOTALL), stripped, else the whole stripped text; is_correct.
+    No format check: a correct answer without a think block counts."""
+    text = completion.strip()
+    found = _first_block(text, "<answer>", "</answer>")
+    return is_correct(found.strip() if found is not None else text, answer_label, answer)
+
+
+def think_text(completion: str) -> str | None:
+    """The reasoning of a completion: its first <think>...</think> block (DOTALL), stripped, or
+    None without one (merge_pmc_vqa_cot.py's rule for distilled traces)."""
+    found = _first_block(completion, "<think>", "</think>")
+    return None if found is None else found.strip()
+
+
 # ---------------------------------------------------------------------------------------------
-# Plumbing every stage needs in the same way: reading a schema dataset, turning rows into prompts.
+# 4. Plumbing every stage needs in the same way: reading a split, prompts, the run folder.
 # ---------------------------------------------------------------------------------------------
 
 
-def load_split(data: str, split: str):
-    """A schema dataset from a `save_to_disk` folder, parquet/jsonl file(s), or a hub id."""
+def load_split(data: str, split: str, columns=SCHEMA_COLUMNS):
+    """A schema dataset from a `save_to_disk` folder, parquet/jsonl file(s), or a hub id.
+
+    Refuses, naming the data, an empty set or one without a column a stage needs: better now than
+    after the first batch.
+    """
     import datasets
 
     if os.path.isdir(data) and any(os.path.exists(os.path.join(data, f))
@@ -204,12 +369,32 @@ def load_split(data: str, split: str):
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise ValueError(f"{data}: no split {split!r} (it has {list(loaded)})")
-            return loaded[split]
-        return loaded
-    if data.endswith((".parquet", ".jsonl", ".json")):
+            loaded = loaded[split]
+    elif data.endswith((".parquet", ".jsonl", ".json")):
+        if not os.path.isfile(data):
+            raise FileNotFoundError(f"{data}: no such file")
         kind = "parquet" if data.endswith(".parquet") else "json"
-        return datasets.load_dataset(kind, data_files=data, split="train")
-    return datasets.load_dataset(data, split=split)
+        try:
+            loaded = datasets.load_dataset(kind, data_files=data, split="train")
+        except datasets.exceptions.DatasetGenerationError:
+            if os.path.getsize(data) == 0:
+                raise ValueError(f"{data}: the file is empty (no rows)") from None
+            raise
+    else:
+        loaded = datasets.load_dataset(data, split=split)
+    where = f"{data}" + (f" (split {split})" if split else "")
+    if len(loaded) == 0:
+        raise ValueError(f"{where}: the dataset is empty (no rows)")
+    missing = [c for c in columns if c not in loaded.column_names]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {missing}; the schema needs {list(columns)} "
+                         f"(it has {loaded.column_names})")
+    return loaded
+
+
+def data_dir(data: str) -> str:
+    """Where relative image paths of a data set are read from: a data file's folder, or the folder."""
+    return data if os.path.isdir(data) else os.path.dirname(os.path.abspath(data))
 
 
 def chat_prompts(processor, rows) -> tuple[list[str], list]:
@@ -221,3 +406,48 @@ def chat_prompts(processor, rows) -> tuple[list[str], list]:
                                            tokenize=False) for row in rows]
     images = [image for row in rows for image in (row.get("images") or [])]
     return texts, images
+
+
+RUN_FILE = "run.json"
+
+
+def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool) -> None:
+    """Make `output_dir` this run's folder, or refuse, saying how to go on.
+
+    `fingerprint` names what makes a run this run (the stage, the settings that change its results,
+    the input data's fingerprint). It is written to run.json in a new or empty folder. A folder of
+    another run (different fingerprint, or files but no run.json) is never written into; a folder of
+    this very run is continued only with `resume` (evaluate.py always resumes: its predictions are
+    reused). Nothing already computed is ever overwritten or silently mixed.
+    """
+    path = os.path.join(output_dir, RUN_FILE)
+    fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))  # as stored
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous != fingerprint:
+            changed = sorted(k for k in set(previous) | set(fingerprint)
+                             if previous.get(k) != fingerprint.get(k))
+            settings = fingerprint.get("settings", {}), previous.get("settings", {})
+            detail = sorted(k for k in set(settings[0]) | set(settings[1])
+                            if settings[0].get(k) != settings[1].get(k))
+            raise SystemExit(
+                f"{output_dir} holds another run ({', '.join(changed)} differ"
+                + (f": {', '.join(detail)}" if detail else "") + "). Choose another --output_dir, "
+                f"or delete {output_dir} to start over.")
+        if not resume:
+            raise SystemExit(f"{output_dir} holds this run already. Pass --resume latest to continue "
+                             f"it, or delete {output_dir} to start over.")
+        return
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise SystemExit(f"{output_dir} is not empty and is not a run folder of this project (no "
+                         f"{RUN_FILE}). Choose another --output_dir, or empty it.")
+    os.makedirs(output_dir, exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(fingerprint, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def data_fingerprint(dataset) -> str:
+    """datasets' fingerprint of the loaded split: it changes when the files behind it change."""
+    return dataset._fingerprint
