@@ -3,6 +3,7 @@
 #   make test            the test suite (CPU)
 #   make demo            the paper's pipeline in miniature on a CPU (toy world, no hub)
 #   make reproduce-3b    the paper's RL(m23k) row for Qwen2.5-VL-3B on 8 GPUs
+#   make synther-3b-5k   a MedVLSynther model (one target per released model: docs/recipes.md)
 #   make -n reproduce-3b the exact command lines, without running them
 #
 # Every recipe is the same parameterised pipeline (the `rl` and `sft` targets below) called with
@@ -87,10 +88,13 @@ GRPO_DATA := --data $(RUN)/filtered
 GRPO_DEPS := $(RUN)/filtered/curate_stats.json
 endif
 
+# Always "--resume latest", as the sft stage: grpo.py starts afresh when there is no complete
+# checkpoint. A wildcard test here (checkpoint-*) also matched the checkpoint-N.tmp that a kill
+# during a save leaves, and then asked grpo.py to resume from nothing (issue 11).
 $(RUN)/grpo/final/config.json: $(GRPO_DEPS)
 	@echo "== [rl 3/4] GRPO from $(MODEL)"
 	$(LAUNCH) grpo.py --model $(MODEL) $(GRPO_DATA) --output_dir $(RUN)/grpo $(GRPO_ARGS) \
-	  $(if $(wildcard $(RUN)/grpo/checkpoint-*),--resume latest)
+	  --resume latest
 
 $(RUN)/eval-grpo/results.json: $(RUN)/grpo/final/config.json
 	@echo "== [rl 4/4] evaluation of the GRPO model on $(EVAL_DATA):$(EVAL_SPLIT)"
@@ -130,7 +134,6 @@ QWEN_7B ?= Qwen/Qwen2.5-VL-7B-Instruct
 M23K ?= UCSC-VLAA/MedVLThinker-m23k-tokenized
 PMC_VQA ?= UCSC-VLAA/MedVLThinker-pmc_vqa
 PMC_TRACES ?= UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized
-MEDSYNVQA_5K ?= MedVLSynther/MedSynVQA-5K
 
 eval-3b:
 	$(MAKE) eval RUN=$(RUNS)/eval-3b MODEL=$(QWEN_3B) PAPER="Qwen2.5-VL-3B=49.14"
@@ -155,12 +158,75 @@ reproduce-3b-sft:
 	  TRAIN_DATA=$(PMC_TRACES) ACCELERATE_CONFIG=configs/fsdp.yaml \
 	  SFT_ARGS="--num_epochs 3" PAPER="3B SFT(PMC)=50.16"
 
-# MedVLSynther-3B: the same GRPO on MedSynVQA-5K, batch 64 prompts, mini-batch 32, 1 epoch.
-reproduce-synther-3b:
-	$(MAKE) rl RUN=$(RUNS)/reproduce-synther-3b MODEL=$(QWEN_3B) \
-	  TRAIN_DATA=$(MEDSYNVQA_5K) FILTER=0 \
-	  GRPO_ARGS="$(GRPO_ARGS) --epochs 1 --rollout_batch_size 64 --mini_batch_size 32" \
-	  PAPER="MedVLSynther-3B=55.85"
+# ---------------------------------------------------------------------------------------------
+# MedVLSynther (arXiv 2510.25867): one target per released RL model, e.g. make synther-7b-13k.
+# The numbers are from the official scripts, github.com/UCSC-VLAA/MedVLSynther, train/*.sh (cited
+# above each line; docs/recipes.md has the table). All of them: verl GRPO on the MedSynVQA set as it
+# is (FILTER=0: no pass counts), 8 samples per prompt, lr 1e-6, KL loss (k3) 0.01, responses up to
+# 4096 tokens, prompts never dropped (max_prompt_length 80000, no overlong filter), 1 epoch, 1 node.
+# They differ in prompts per step (train_batch_size), mini-batch (ppo_mini_batch_size) and GPUs.
+# NUM_GPUS defaults to the script's GPU count; NUM_GPUS=N on the command line still overrides it.
+# ---------------------------------------------------------------------------------------------
+MEDSYNVQA ?= MedVLSynther/MedSynVQA
+SYNTHER_GRPO_ARGS = --epochs 1 --group_size 8 --learning_rate 1e-6 --beta 0.01 --max_new_tokens 4096 \
+  --max_prompt_length 80000
+
+# $(call synther,TARGET,SIZE,DATA SUFFIX,PROMPTS PER STEP,MINI-BATCH,GPUS,PAPER AVG)
+define synther
+.PHONY: $(1)
+$(1):
+	$$(MAKE) rl RUN=$$(RUNS)/$(1) MODEL=$$(QWEN_$(2)) TRAIN_DATA=$$(MEDSYNVQA)-$(3) FILTER=0 \
+	  NUM_GPUS=$$(if $$(filter command line environment,$$(origin NUM_GPUS)),$$(NUM_GPUS),$(6)) \
+	  GRPO_ARGS="$$(GRPO_ARGS) $$(SYNTHER_GRPO_ARGS) --rollout_batch_size $(4) --mini_batch_size $(5)" \
+	  PAPER="$(2) RL(MedSynVQA-$(3))=$(7)"
+endef
+
+# train/3b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset1k_grpo_4a100.sh
+$(eval $(call synther,synther-3b-1k,3B,1K,32,16,4,52.64))
+# train/3b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset2k_grpo_4a100.sh
+$(eval $(call synther,synther-3b-2k,3B,2K,32,16,4,54.87))
+# train/3b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_8a100.sh
+$(eval $(call synther,synther-3b-5k,3B,5K,48,24,8,55.85))
+# train/3b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset10k_grpo_4a100.sh
+$(eval $(call synther,synther-3b-10k,3B,10K,32,16,4,55.03))
+# train/3b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_grpo_8a100.sh
+$(eval $(call synther,synther-3b-13k,3B,13K,64,32,8,55.17))
+# train/3b_biomedica_webdataset_glm_generated_glm_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_4a100.sh
+$(eval $(call synther,synther-3b-5k-glm-glm,3B,5K-glm-glm,32,16,4,54.59))
+# train/3b_biomedica_webdataset_qwen_generated_glm_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_4a100.sh
+$(eval $(call synther,synther-3b-5k-qwen-glm,3B,5K-qwen-glm,32,16,4,53.93))
+# train/3b_biomedica_webdataset_internvl_generated_glm_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_4a100.sh
+$(eval $(call synther,synther-3b-5k-internvl-glm,3B,5K-internvl-glm,32,16,4,55.20))
+# train/3b_biomedica_webdataset_glm_generated_glm_verified_VQA_parquet_25k_without_verifier_subset5k_grpo_4a100.sh
+$(eval $(call synther,synther-3b-5k-no-verify,3B,5K-no-verify,32,16,4,54.72))
+# train/3b_biomedica_webdataset_glm_generated_pmc_VQA_parquet_25k_subset5k_grpo_4a100.sh
+$(eval $(call synther,synther-3b-5k-pmc-style,3B,5K-PMC-style,32,16,4,54.80))
+
+# train/7b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset1k_grpo_8a100.sh
+$(eval $(call synther,synther-7b-1k,7B,1K,48,24,8,54.96))
+# train/7b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset2k_grpo_8a100.sh
+$(eval $(call synther,synther-7b-2k,7B,2K,48,24,8,56.96))
+# train/7b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_8a100.sh
+$(eval $(call synther,synther-7b-5k,7B,5K,48,24,8,57.56))
+# train/7b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset10k_grpo_8a100.sh
+$(eval $(call synther,synther-7b-10k,7B,10K,48,24,8,57.48))
+# train/7b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_grpo_8a100.sh
+$(eval $(call synther,synther-7b-13k,7B,13K,64,32,8,58.15))
+# train/7b_biomedica_webdataset_glm_generated_glm_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_8a100.sh
+# sets no ppo_mini_batch_size and no use_kl_loss (verl's defaults, 256 and false, do not fit its
+# 48 prompts per step): mini-batch 24 and KL 0.01 as in the other 7B scripts.
+$(eval $(call synther,synther-7b-5k-glm-glm,7B,5K-glm-glm,48,24,8,58.08))
+# train/7b_biomedica_webdataset_qwen_generated_glm_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_8a100.sh
+$(eval $(call synther,synther-7b-5k-qwen-glm,7B,5K-qwen-glm,48,24,8,56.42))
+# train/7b_biomedica_webdataset_internvl_generated_glm_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_8a100.sh
+$(eval $(call synther,synther-7b-5k-internvl-glm,7B,5K-internvl-glm,48,24,8,57.78))
+# train/7b_biomedica_webdataset_glm_generated_glm_verified_VQA_parquet_25k_without_verifier_subset5k_grpo_8a100.sh
+$(eval $(call synther,synther-7b-5k-no-verify,7B,5K-no-verify,48,24,8,57.33))
+# train/7b_biomedica_webdataset_glm_generated_pmc_VQA_parquet_25k_subset5k_grpo_8a100.sh
+$(eval $(call synther,synther-7b-5k-pmc-style,7B,5K-PMC-style,48,24,8,55.15))
+
+# MedVLSynther-3B, the paper's headline 3B model (55.85), is the 5K one.
+reproduce-synther-3b: synther-3b-5k
 
 # ---------------------------------------------------------------------------------------------
 # The demo: the same pipeline on the toy world, on a CPU
