@@ -373,12 +373,14 @@ def load_split(data: str, split: str, columns=SCHEMA_COLUMNS):
     elif data.endswith((".parquet", ".jsonl", ".json")):
         if not os.path.isfile(data):
             raise FileNotFoundError(f"{data}: no such file")
+        if os.path.getsize(data) == 0:  # datasets' json reader raises a bare StopIteration
+            raise ValueError(f"{data}: the file is empty (no rows)")
         kind = "parquet" if data.endswith(".parquet") else "json"
         try:
             loaded = datasets.load_dataset(kind, data_files=data, split="train")
-        except datasets.exceptions.DatasetGenerationError:
-            if os.path.getsize(data) == 0:
-                raise ValueError(f"{data}: the file is empty (no rows)") from None
+        except ValueError as err:  # an empty parquet file: 'Instruction "train" corresponds to no data'
+            if "corresponds to no data" in str(err):
+                raise ValueError(f"{data}: the file holds no rows") from None
             raise
     else:
         loaded = datasets.load_dataset(data, split=split)

@@ -1,35 +1,50 @@
-"""Tests of reward.py, the task contract (DESIGN.md sections 3 and 4).
+"""Tests of reward.py, the task contract (docs/method.md sections 2-4).
 
-Three rules are checked, each against a table of completions graded by hand and against a naive
-regular-expression version of the official code:
+Four rules are checked, each against a table of completions graded by hand from the official source
+(UCSC-VLAA/MedVLThinker a3163b1) and against a naive regular-expression statement of it:
 
-    format_ok(s)       re.fullmatch(r"<think>.*?</think>\\s*<answer>.*?</answer>", s, re.DOTALL)
-    reward(s, l, a)    0 unless format_ok(s); else the FIRST single-line <answer>...</answer>
-                       (no DOTALL), or the whole text when there is none, stripped, compared
-                       case-insensitively with l, "l. a" and a; 1 on equality, else 0
-    extract_answer(s)  the LAST <answer>...</answer> (DOTALL), or the text after the last
-                       "answer:" / "answer is:" / "answer is" / "is:" (first marker present wins),
-                       or the whole text; stripped, first line, the four tags removed, stripped
+    format_ok(s)        re.fullmatch(r"<think>.*?</think>\\s*<answer>.*?</answer>", s, re.DOTALL)
+    reward(s, l, a)     train/my_reward.py: 0 unless format_ok(s); else the FIRST single-line
+                        <answer>...</answer> (no DOTALL), or the whole text, stripped, graded
+    extract_answer(s)   analysis/regrade_eval_results.py: the LAST <answer>...</answer> (DOTALL),
+                        stripped, its first line ("\\n" or "\\r" ends it); else the group of the LAST
+                        match of the first of "answer:\\s*(.*)\\s*", "answer is:...", "answer is...",
+                        "is:..." (case-insensitive) that matches at all; else the whole stripped
+                        text; then the four tags removed, stripped
+    pass_correct(s,l,a) eval/run_offline_inference.py: the FIRST <answer>...</answer> (DOTALL) of the
+                        stripped text, stripped, else the whole stripped text, graded; no format check
+    graded = is_correct(pred, l, a): pred.strip().lower() equals f"{l}. {a}".strip().lower(),
+                        l.strip().lower() or a.strip().lower()
 
 The graded answer of evaluation is is_correct(extract_answer(s), l, a).
 """
 
+import io
 import json
+import os
 import random
 import re
 import time
 
 import pytest
+from PIL import Image
 
 from reward import (
     RowError,
+    check_row,
+    check_rows,
+    claim_output_dir,
+    load_split,
+    write_bad_rows,
     build_messages,
     build_prompt_text,
     extract_answer,
     format_ok,
     is_correct,
+    pass_correct,
     reward,
     sft_target,
+    think_text,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -40,13 +55,16 @@ from reward import (
 
 NAIVE_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 NAIVE_FIRST_ANSWER = re.compile(r"<answer>(.*?)</answer>")  # no DOTALL: "." stops at "\n"
-NAIVE_ALL_ANSWERS = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-NAIVE_MARKERS = ("answer:", "answer is:", "answer is", "is:")
+NAIVE_ANSWER_DOTALL = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+NAIVE_MARKERS = (r"answer:\s*(.*)\s*", r"answer is:\s*(.*)\s*", r"answer is\s*(.*)\s*",
+                 r"is:\s*(.*)\s*")
 NAIVE_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
 def naive_is_correct(pred, label, answer):
-    return pred.strip().lower() in {label.lower(), f"{label}. {answer}".lower(), answer.lower()}
+    # The "letter. text" string is built from the unstripped parts, then stripped as a whole.
+    accepted = {f"{label}. {answer}".strip().lower(), label.strip().lower(), answer.strip().lower()}
+    return pred.strip().lower() in accepted
 
 
 def naive_format_ok(s):
@@ -57,25 +75,37 @@ def naive_reward(s, label, answer):
     if not naive_format_ok(s):
         return 0.0
     match = NAIVE_FIRST_ANSWER.search(s)
-    pred = match.group(1) if match else s
+    pred = match.group(1).strip() if match else s.strip()
     return 1.0 if naive_is_correct(pred, label, answer) else 0.0
 
 
 def naive_extract(s):
-    blocks = NAIVE_ALL_ANSWERS.findall(s)
+    blocks = list(NAIVE_ANSWER_DOTALL.finditer(s))
     if blocks:
-        text = blocks[-1]
+        text = blocks[-1].group(1).strip()
+        line = re.search(r"\s*([^\n\r]+)", text)
+        text = line.group(1).strip() if line else text
     else:
-        text = s
+        text = s.strip()
         for marker in NAIVE_MARKERS:
-            hits = list(re.finditer(re.escape(marker), s, re.IGNORECASE))
+            hits = list(re.finditer(marker, s, re.IGNORECASE))
             if hits:
-                text = s[hits[-1].end() :]
+                text = hits[-1].group(1).strip()
                 break
-    text = text.strip().split("\n")[0]
     for tag in NAIVE_TAGS:
         text = text.replace(tag, "")
     return text.strip()
+
+
+def naive_pass_correct(s, label, answer):
+    s = s.strip()
+    match = NAIVE_ANSWER_DOTALL.search(s)
+    return naive_is_correct(match.group(1).strip() if match else s, label, answer)
+
+
+def naive_think(s):
+    match = re.search(r"<think>(.*?)</think>", s, re.DOTALL)
+    return match.group(1).strip() if match else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,6 +182,9 @@ CASES = [
     case("cr-in-answer", "<think>r</think><answer>B\r</answer>", True, 1.0, "B", True),
     # "\r" is not a line break for either rule; "\r\n" is one (of the "\n"), so the block spans.
     case("crlf-in-answer", "<think>r</think><answer>B\r\nPneumonia</answer>", True, 0.0, "B", True),
+    # In a block, "\r" ends the first line for evaluation; training's "." crosses it.
+    case("cr-splits-block-line", "<think>r</think><answer>B\rPneumonia</answer>", True, 0.0, "B",
+         True),
     # U+2028 LINE SEPARATOR is a line break for str.splitlines but not for "." nor for "\n".
     case("u2028-in-answer", "<think>r</think><answer>B\u2028x</answer>", True, 0.0, "B\u2028x",
          False),
@@ -178,7 +211,15 @@ CASES = [
     case("is-colon", "The most likely diagnosis is: B", False, 0.0, "B", True),
     case("IS-colon-upper", "Diagnosis IS: b", False, 0.0, "b", True),
     case("ANSWER-IS-upper", "ANSWER IS B", False, 0.0, "B", True),
-    case("last-occurrence", "answer: A, no wait, answer: B", False, 0.0, "B", True),
+    # A marker's match swallows the rest of its line ("(.*)" without DOTALL), so a second
+    # "answer:" on the same line is part of the first match's group, not a match of its own.
+    case("two-markers-one-line", "answer: A, no wait, answer: B", False, 0.0,
+         "A, no wait, answer: B", False),
+    case("two-markers-two-lines", "answer: A, no wait\nanswer: B", False, 0.0, "B", True),
+    # "\s*" after the marker crosses lines; "(.*)" then takes the next non-blank line.
+    case("marker-then-blank-lines", "Final answer:\n\n  B\nbecause", False, 0.0, "B", True),
+    # "(.*)" stops at "\n" only: a "\r" stays in the group and is stripped only at its ends.
+    case("marker-cr-inside", "answer: B\rmore", False, 0.0, "B\rmore", False),
     # "answer:" is tried first; its (only) occurrence wins over a later "answer is", and the
     # text after it is cut to its first line.
     case("answer-colon-before-answer-is", "Answer: A\nOn reflection the answer is B", False, 0.0,
@@ -195,11 +236,28 @@ CASES = [
     # "answer is" inside the thoughts, an unclosed block after it: " A</think><answer>B" -> "AB".
     case("marker-in-think-unclosed", "<think>I think the answer is A</think><answer>B", False, 0.0,
          "AB", False),
-    case("whole-text-first-line", "B\nbecause of consolidation", False, 0.0, "B", True),
-    case("whole-text-stripped", "\n\n  B  \nmore", False, 0.0, "B", True),
+    # No block, no marker: the WHOLE stripped text is the prediction, not its first line.
+    case("whole-text-not-first-line", "B\nbecause of consolidation", False, 0.0,
+         "B\nbecause of consolidation", False),
+    case("whole-text-stripped", "\n\n  B  \n", False, 0.0, "B", True),
+    case("whole-text-two-lines", "\n\n  B  \nmore", False, 0.0, "B  \nmore", False),
     # "İ".lower() is two characters: a marker position found in a lowered copy of the text
     # would point 3 characters too far here and lose the "B".
     case("dotted-capital-I-before-marker", "İİİ Answer: B", False, 0.0, "B", True),
+    # --- labels and texts with surrounding whitespace: "l. a" is built, then stripped ----------
+    # f"{'B '}. {'Pneumonia'}" is "B . Pneumonia": "B. Pneumonia" matches neither it nor "B"/text.
+    case("label-trailing-space", "<think>r</think><answer>B. Pneumonia</answer>", True, 0.0,
+         "B. Pneumonia", False, label="B ", answer="Pneumonia"),
+    case("label-trailing-space-letter", "<think>r</think><answer>B</answer>", True, 1.0, "B", True,
+         label="B ", answer="Pneumonia"),
+    # f"B. {' Pneumonia'}" has two spaces after the dot; the outer strip keeps them.
+    case("answer-leading-space", "<think>r</think><answer>B. Pneumonia</answer>", True, 0.0,
+         "B. Pneumonia", False, label="B", answer=" Pneumonia"),
+    case("answer-leading-space-two", "<think>r</think><answer>B.  Pneumonia</answer>", True, 1.0,
+         "B.  Pneumonia", True, label="B", answer=" Pneumonia"),
+    # A leading space of the label is stripped away with the whole string.
+    case("label-leading-space", "<think>r</think><answer>B. Pneumonia</answer>", True, 1.0,
+         "B. Pneumonia", True, label=" B", answer="Pneumonia"),
 ]
 
 
@@ -220,7 +278,43 @@ def test_hand_table_matches_naive_regex(completion, label, answer, fmt, rew, ext
 
 
 def test_table_is_large_enough():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 60
+
+
+# --------------------------------------------------------------------------------------------
+# The pass-count grade and the think text (pass counts, trace selection). Answer B = "Pneumonia".
+# --------------------------------------------------------------------------------------------
+
+PASS_CASES = [
+    # completion, pass_correct, think_text
+    ("<think>r</think><answer>B</answer>", True, "r"),
+    # No format check: text around the tags, or no think block at all, still counts.
+    ("Sure. <answer>B</answer> Done.", True, None),
+    ("<answer> b. pneumonia </answer>", True, None),
+    # The FIRST block (evaluation takes the last).
+    ("<answer>B</answer><answer>C</answer>", True, None),
+    ("<answer>C</answer><answer>B</answer>", False, None),
+    # DOTALL: a block spanning lines is found, and it is not cut to a line.
+    ("<think>\nlong\n</think>\n<answer>\nB\n</answer>", True, "long"),
+    ("<answer>B\nbecause</answer>", False, None),
+    # No block: the whole stripped text.
+    ("  B \n", True, None),
+    ("B\nbecause", False, None),
+    ("The answer is B", False, None),
+    ("<answer>B", False, None),
+    # The first opening tag that has a closing tag after it.
+    ("<answer><answer>B</answer>", False, None),
+    ("<think> a <think> b </think> c </think>", False, "a <think> b"),
+    ("</think><think>x</think>", False, "x"),
+    ("<think>unclosed", False, None),
+]
+
+
+@pytest.mark.parametrize("completion,passed,think", PASS_CASES)
+def test_pass_grade_and_think_text(completion, passed, think):
+    assert pass_correct(completion, "B", "Pneumonia") is passed
+    assert naive_pass_correct(completion, "B", "Pneumonia") is passed
+    assert think_text(completion) == think == naive_think(completion)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,8 +323,10 @@ def test_table_is_large_enough():
 
 FRAGMENTS = ["<think>", "</think>", "<answer>", "</answer>", "A", "b", " ", "\n", "answer is", ":",
              "x"]
-# Extra fragments for a second pass: other cases, "\r", Unicode whitespace and "İ".
-UNICODE_FRAGMENTS = FRAGMENTS + ["ANSWER", "Is", "\r", "\u00a0", "\u2028", "\u200b", "İ", "B. x"]
+# Extra fragments for a second pass: other cases, "\r", Unicode whitespace and letters that case-
+# fold onto ASCII ones ("ſ" matches "s" and "K" (Kelvin) "k" under re.IGNORECASE), "İ".
+UNICODE_FRAGMENTS = FRAGMENTS + ["ANSWER", "Is", "\r", "\u00a0", "\u2028", "\x85", "\u200b", "İ",
+                                 "B. x", "anſwer:", "is: ", "A.  x"]
 
 
 @pytest.mark.parametrize("fragments,n_strings,seed", [(FRAGMENTS, 4000, 0),
@@ -253,17 +349,20 @@ def test_random_strings_match_naive_regex(fragments, n_strings, seed):
             between = rng.choice(["", " ", "\n", " \n\t"])
             thought, answered = fragments_joined(6), fragments_joined(4)
             s = f"<think>{thought}</think>{between}<answer>{answered}</answer>"
-        for label, answer in (("A", "x"), ("b", "answer is")):
+        for label, answer in (("A", "x"), ("b", "answer is"), ("A ", "x"), ("A", " x")):
             r = reward(s, label, answer)
             assert r == naive_reward(s, label, answer), repr(s)
+            assert pass_correct(s, label, answer) is naive_pass_correct(s, label, answer), repr(s)
+            assert is_correct(s, label, answer) is naive_is_correct(s, label, answer), repr(s)
             n_rewarded += r == 1.0
         assert format_ok(s) is naive_format_ok(s), repr(s)
         n_format_ok += format_ok(s)
         assert extract_answer(s) == naive_extract(s), repr(s)
+        assert think_text(s) == naive_think(s), repr(s)
     # Not vacuous: both outcomes of both training rules occur often.
     print(f"format_ok {n_format_ok}/{n_strings}, reward 1 in {n_rewarded}/{2 * n_strings}")
     assert n_strings / 10 < n_format_ok < n_strings * 9 / 10
-    assert n_rewarded > n_strings / 50
+    assert n_rewarded > n_strings / 25
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +389,8 @@ ADVERSARIAL = {
     "one-think-close-then-whitespace": "<think></think>" + " \n\t" * (N // 3) + "</answer>",
     "answer-pairs-no-final-close": "<think>r</think>" + "<answer>B</answer>" * (N // 17) + "<a",
     "markers-only": "answer is" * (N // 9),
+    "marker-colons-one-line": "answer: " * (N // 8),
+    "think-open-repeated": "<think>" * (N // 7),
     "dotted-capital-I": "İ" * N + "answer: B",
 }
 
@@ -301,11 +402,13 @@ def test_speed(name):
     format_ok(s)
     reward(s, "B", "Pneumonia")
     extract_answer(s)
+    pass_correct(s, "B", "Pneumonia")
+    think_text(s)
     assert time.perf_counter() - start < 0.5
 
 
 # --------------------------------------------------------------------------------------------
-# Prompt (DESIGN.md section 3).
+# Prompt (docs/method.md section 3).
 # --------------------------------------------------------------------------------------------
 
 
@@ -392,3 +495,135 @@ def test_sft_target_exact_and_rewarded():
     assert format_ok(target)
     assert reward(target, "B", "Lung") == 1.0
     assert extract_answer(target) == "B"
+
+
+def test_sft_target_strips_reasoning_and_label():
+    # convert_trl_format_for_vlm.py strips both before framing them.
+    assert sft_target("\n  r1\nr2 \n", " B ") == "<think> r1\nr2 </think>\n<answer> B </answer>"
+
+
+# --------------------------------------------------------------------------------------------
+# The row check (docs/method.md section 10): every fault named, with the row.
+# --------------------------------------------------------------------------------------------
+
+
+def png_bytes(width, height, truncate=False):
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 30, 60)).save(buffer, format="JPEG" if truncate else "PNG")
+    data = buffer.getvalue()
+    return data[: len(data) // 2] if truncate else data
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"question": None}, "question must be a non-empty string"),
+    ({"question": "   "}, "question must be a non-empty string"),
+    ({"options": "not json"}, "options is not valid JSON"),
+    ({"options": json.dumps({})}, "non-empty JSON object"),
+    ({"answer_label": "D"}, "answer_label 'D' is not one of the option letters"),
+    ({"answer": "Liver"}, "answer 'Liver' is not the text of option B ('Lung')"),
+    ({"answer": None}, "answer None is not the text of option B"),
+    ({"images": [None]}, "an image is missing"),
+    ({"images": [{"bytes": png_bytes(56, 56, truncate=True), "path": None}]}, "cannot be decoded"),
+    ({"images": [{"bytes": png_bytes(1, 500), "path": None}]}, "1x500 px: aspect ratio over 200"),
+    ({"images": ["no/such/file.png"]}, "image file not found: 'no/such/file.png'"),
+])
+def test_check_row_names_row_and_fault(overrides, expected):
+    with pytest.raises(RowError) as err:
+        check_row(make_row(**overrides))
+    assert "dataset_name='toy-vqa' dataset_index=4242" in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_check_row_accepts_and_decodes(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(png_bytes(60, 40))
+    # The answer text is compared after stripping both sides; images: bytes dict, PIL, path.
+    row = make_row(answer=" Lung ", images=[{"bytes": png_bytes(30, 20), "path": None},
+                                            Image.new("L", (5, 7)), "img/a.png"])
+    checked = check_row(row, base_dir=str(tmp_path))
+    assert [image.size for image in checked["images"]] == [(30, 20), (5, 7), (60, 40)]
+    assert all(image.mode == "RGB" for image in checked["images"])
+    assert row["images"][2] == "img/a.png"  # the input row is not modified
+    assert check_row(make_row(images=[]))["images"] is None
+
+
+def test_check_rows_error_lists_rows_and_skip_counts(tmp_path):
+    import datasets
+
+    rows = [make_row(dataset_index=i, images=None) for i in range(5)]
+    rows[1]["answer_label"] = "Z"
+    rows[3]["question"] = ""
+    rows[4]["dataset_index"] = 0  # a duplicate key
+    ds = datasets.Dataset.from_list(rows)
+    with pytest.raises(RowError) as err:
+        check_rows(ds, "error")
+    message = str(err.value)
+    assert message.startswith("3 bad row(s) of 5") and "--on_bad_row skip" in message
+    assert "dataset_index=1" in message and "dataset_index=3" in message and "occurs twice" in message
+    good, bad = check_rows(ds, "skip")
+    assert good == [0, 2]
+    assert [b["position"] for b in bad] == [1, 3, 4]
+    write_bad_rows(bad, str(tmp_path / "out"))
+    lines = (tmp_path / "out" / "bad_rows.jsonl").read_text(encoding="utf-8").split("\n")
+    assert len(lines) == 4 and lines[-1] == "" and json.loads(lines[0])["dataset_index"] == 1
+
+
+def test_check_rows_names_an_undecodable_image_feature():
+    import datasets
+
+    features = datasets.Features({"images": datasets.List(datasets.Image()),
+                                  **{k: datasets.Value("string") for k in
+                                     ("question", "options", "answer_label", "answer", "dataset_name")},
+                                  "dataset_index": datasets.Value("int64")})
+    rows = [make_row(dataset_index=i, images=[{"bytes": png_bytes(56, 56, truncate=i == 1),
+                                                "path": None}]) for i in range(2)]
+    for row in rows:
+        del row["reasoning"]
+    ds = datasets.Dataset.from_list(rows, features=features)
+    good, bad = check_rows(ds, "skip")
+    assert good == [0] and "dataset_index=1: image cannot be decoded" in bad[0]["reason"]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "disk"])
+def test_load_split_refuses_empty_and_missing_columns(tmp_path, kind):
+    import datasets
+
+    def save(rows, name):
+        ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
+            {k: [] for k in make_row()})
+        path = str(tmp_path / f"{name}.{kind}")
+        if kind == "jsonl":
+            ds.to_json(path)
+        elif kind == "parquet":
+            ds.to_parquet(path)
+        else:
+            ds.save_to_disk(path)
+        return path
+
+    with pytest.raises(ValueError, match="empty|holds no rows"):
+        load_split(save([], "empty"), "train")
+    row = make_row(images=None)
+    del row["answer"]
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['answer'\]"):
+        load_split(save([row], "no-answer"), "train")
+    assert len(load_split(save([make_row(images=None)], "ok"), "train")) == 1
+
+
+def test_claim_output_dir(tmp_path):
+    out = str(tmp_path / "run")
+    fingerprint = {"stage": "grpo", "settings": {"lr": 1e-6, "steps": (1, 2)}, "data": "abc"}
+    claim_output_dir(out, fingerprint, resume=False)  # a new folder: claimed
+    with pytest.raises(SystemExit, match="holds this run already. Pass --resume latest"):
+        claim_output_dir(out, fingerprint, resume=False)
+    claim_output_dir(out, fingerprint, resume=True)  # the same run, resumed (tuples stored as lists)
+    other = dict(fingerprint, settings={"lr": 1e-5, "steps": (1, 2)})
+    with pytest.raises(SystemExit, match="holds another run \\(settings differ: lr\\)"):
+        claim_output_dir(out, other, resume=True)
+    with pytest.raises(SystemExit, match="holds another run \\(data differ\\)"):
+        claim_output_dir(out, dict(fingerprint, data="xyz"), resume=True)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not a run folder of this project"):
+        claim_output_dir(str(foreign), fingerprint, resume=True)
+    assert sorted(os.listdir(foreign)) == ["notes.txt"]
