@@ -365,7 +365,10 @@ def load_split(data: str, split: str, columns=SCHEMA_COLUMNS):
 
     if os.path.isdir(data) and any(os.path.exists(os.path.join(data, f))
                                    for f in ("dataset_dict.json", "state.json")):
-        loaded = datasets.load_from_disk(data)
+        try:
+            loaded = datasets.load_from_disk(data)
+        except IndexError:  # datasets 5.2 fails so on a saved split of zero rows
+            raise ValueError(f"{data}: a split saved with no rows (the dataset is empty)") from None
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise ValueError(f"{data}: no split {split!r} (it has {list(loaded)})")
