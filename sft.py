@@ -2,14 +2,18 @@
 
 The paper's first training paradigm: the model is fine-tuned to reproduce distilled reasoning traces
 (R1 traces for m23k, GPT-4o traces for PMC-VQA), written as `<think> ... </think>` then
-`<answer> X </answer>` (DESIGN.md section 3). In the toy world it is also the warm start that turns
-the random model into an "instruct" model for RL.
+`<answer> X </answer>` (docs/method.md sections 3 and 6). In the toy world it is also the warm start
+that turns the random model into an "instruct" model for RL.
 
     python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct \
         --data UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized --output_dir out/sft
     accelerate launch --multi_gpu --num_processes 8 sft.py ...   # the paper: 8 GPUs, FSDP
 
 The story, top to bottom:
+0. every row is checked once, before any model work (docs/method.md section 10): the schema rules of
+   `reward.check_rows` plus SFT's own, a non-empty trace; a bad row is a named error, or with
+   `--on_bad_row skip` a counted skip listed in `bad_rows.jsonl`. The output folder is then claimed
+   for this run (`run.json`): another run's folder is never written into;
 1. every row becomes one sequence: the chat prompt of `reward.build_messages` (generation prompt
    included) + the SFT target + the end-of-turn token; labels are the assistant tokens only;
 2. one pass over the data measures every sequence (images expand to their real number of tokens)
@@ -17,7 +21,8 @@ The story, top to bottom:
 3. each optimizer step sees `--global_batch_size` sequences, split over processes and micro-batches;
    its loss is the sum of the token losses over the whole step divided by the number of label tokens
    of the whole step (every micro-batch, every process), so splitting never changes the gradient;
-4. AdamW, cosine schedule with warmup, gradient clipping, checkpoints that resume exactly.
+4. AdamW, cosine schedule with warmup, gradient clipping, checkpoints that resume exactly
+   (`checkpoint-{step}/`, the contract of docs/method.md section 10, shared with grpo.py).
 
 A plain PyTorch loop with accelerate, no Trainer: every number above is visible below.
 """
@@ -25,21 +30,25 @@ A plain PyTorch loop with accelerate, no Trainer: every number above is visible 
 import json
 import math
 import os
+import re
 import resource
+import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
+import datasets
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (AutoModelForImageTextToText, AutoProcessor, HfArgumentParser,
                           get_cosine_schedule_with_warmup)
 from transformers.trainer_pt_utils import get_parameter_names
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 import reward
 
@@ -48,11 +57,21 @@ END_OF_TURN = "<|im_end|>"
 IGNORE = -100  # label of a position that carries no loss (prompt, padding); F.cross_entropy's default
 # Parameter names without weight decay: transformers' Trainer rule (Trainer.get_decay_parameter_names).
 NO_DECAY_NAMES = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+# Columns SFT reads: the schema's and the trace (docs/method.md section 2).
+COLUMNS = reward.SCHEMA_COLUMNS + ("reasoning",)
+# The checkpoint contract (docs/method.md section 10): what a complete checkpoint-{step}/ holds.
+STATE_FILE = "trainer_state.json"
+TRAINING_STATE = "training_state"  # accelerator.save_state: optimizer, schedule, RNG, fp32 weights
+# SFTArgs fields that never change what is trained, so they stay out of the run's fingerprint: where
+# things are, how often and how they are saved or logged, and how a step is split into micro-batches
+# (the loss is exact under any split, section 3 below). Every other field is a setting of the run.
+NOT_SETTINGS = ("model", "data", "output_dir", "resume", "save_steps", "save_total_limit", "report_to",
+                "dataloader_num_workers", "per_device_batch_size", "gradient_checkpointing", "on_bad_row")
 
 
 @dataclass
 class SFTArgs:
-    """Defaults are the paper's SFT settings (DESIGN.md section 6) unless a comment says otherwise."""
+    """Defaults are the paper's SFT settings (docs/method.md section 6) unless a comment says otherwise."""
 
     model: str = field(default="Qwen/Qwen2.5-VL-3B-Instruct",
                        metadata={"help": "Hub id or save_pretrained folder (model + processor)."})
@@ -72,7 +91,7 @@ class SFTArgs:
     per_device_batch_size: int = field(default=2, metadata={
         "help": "Sequences per forward pass; gradient accumulation steps = global / (this x processes). "
                 "2 = the paper's 16 over 8 GPUs without accumulation."})
-    num_epochs: int = 5  # the released checkpoints are from epoch 3 (DESIGN.md section 6)
+    num_epochs: int = 5  # the released checkpoints are from epoch 3 (docs/method.md section 6)
     max_steps: int = field(default=-1, metadata={"help": "If > 0, train this many steps, not epochs."})
     max_length: int = field(default=8192, metadata={
         "help": "Longer sequences are dropped and counted, never cut. Not stated in the paper: ours."})
@@ -84,39 +103,93 @@ class SFTArgs:
         "help": "bf16 autocast on GPU (the paper); CPU runs always stay in fp32."})
     seed: int = 42
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps (0: only final/)."})
+    save_total_limit: int | None = field(default=None, metadata={
+        "help": "Keep only the newest N checkpoint-{step} folders (default: all, as transformers does)."})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb."})
     resume: str = field(default="", metadata={
-        "help": "A checkpoint-N folder, or 'latest' (the newest complete one in --output_dir)."})
+        "help": "A checkpoint-{step} folder, or 'latest' (the newest complete one in --output_dir; "
+                "the run starts afresh when there is none)."})
+    on_bad_row: str = field(default="error", metadata={
+        "help": "error: stop, naming every bad row. skip: train without them, listed in bad_rows.jsonl."})
     dataloader_num_workers: int = field(default=0, metadata={
         "help": "Processes that run the processor (image resizing) ahead of the GPU."})
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Rows -> sequences with labels on the assistant turn only (DESIGN.md sections 3 and 6)
+# 1. Rows: checked once, then sequences with labels on the assistant turn only (method.md 3, 6, 10)
 # ---------------------------------------------------------------------------------------------
 
 
-def sft_texts(processor, rows) -> tuple[list[str], list[str], list]:
+@contextmanager
+def nothing_written_next_to_the_data():
+    """Within it, datasets' transforms write no cache-*.arrow next to a load_from_disk set's files
+    (they go to a temporary folder removed at exit): a stage never writes into its input
+    (docs/method.md section 10). reward.check_rows casts the image column, a full datasets.map."""
+    was_enabled = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_caching()
+
+
+def usable_rows(data, args: SFTArgs, accelerator):
+    """The rows SFT can train on, and the bad ones as reward.check_rows lists them.
+
+    A row is bad when it breaks a schema rule of `reward.check_rows` (question, options, label,
+    answer text, decodable images with a sane aspect ratio, unique key) or has no reasoning trace to
+    fine-tune on (None or blank; the official conversion would crash on it). The check runs once,
+    before any model work, so a long run never dies on row 40,000; every process checks every row
+    (same verdict everywhere, no communication). With --on_bad_row error all bad rows are named in
+    one RowError; with skip the good rows are kept (a `select`: an index list in memory).
+    """
+    progress = partial(tqdm, desc="checking rows", disable=not accelerator.is_main_process)
+    with nothing_written_next_to_the_data():
+        good, bad = reward.check_rows(data, "skip", reward.data_dir(args.data), progress=progress)
+    traces = data.select_columns(["reasoning", "dataset_name", "dataset_index"])
+    without_trace = [i for i in good if not (isinstance(traces[i]["reasoning"], str)
+                                             and traces[i]["reasoning"].strip())]
+    bad += [{"position": i, "dataset_name": traces[i]["dataset_name"],
+             "dataset_index": traces[i]["dataset_index"],
+             "reason": f"{reward.row_name(traces[i])}: no reasoning trace to fine-tune on "
+                       f"(reasoning is {traces[i]['reasoning']!r})"} for i in without_trace]
+    bad.sort(key=lambda item: item["position"])
+    if bad and args.on_bad_row == "error":  # the same message as reward.check_rows
+        listed = "\n".join(item["reason"] for item in bad[:20])
+        more = f"\n... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise reward.RowError(f"{len(bad)} bad row(s) of {len(data)}; fix them, or pass --on_bad_row "
+                              f"skip to skip them (they are then listed in bad_rows.jsonl):\n{listed}{more}")
+    skipped = {item["position"] for item in bad}
+    return data.select([i for i in range(len(data)) if i not in skipped]), bad
+
+
+def sft_texts(processor, rows, base_dir: str = "") -> tuple[list[str], list[str], list]:
     """Prompt texts, full texts (prompt + target + end-of-turn) and the flat list of images.
 
     full = chat_template(user turn, generation prompt) + "<think> r </think>\\n<answer> X </answer>"
            + "<|im_end|>"
+    with r the stripped trace (reward.sft_target, as the official conversion script writes it).
     The template writes "\\n" after every "<|im_end|>" to separate turns. Generation stops at
     "<|im_end|>", so the model never produces that newline: the sequence ends at "<|im_end|>", and
     the newline is neither an input nor a label (tests/test_sft.py checks that the text is the
-    template's rendering of the whole conversation minus that newline).
+    template's rendering of the whole conversation minus that newline). Images become RGB PIL
+    images through reward.open_image, whatever the row holds (PIL, datasets' {"bytes", "path"},
+    or a file path, relative to `base_dir`, the data file's folder).
     """
     for row in rows:
         if not row.get("reasoning"):
             raise reward.RowError(f"{reward.row_name(row)}: no reasoning trace to fine-tune on "
                                   f"(SFT needs the `reasoning` column; drop such rows first)")
+    rows = [dict(row, images=[reward.open_image(item, base_dir) for item in row.get("images") or []])
+            for row in rows]
     prompts, images = reward.chat_prompts(processor, rows)
     fulls = [prompt + reward.sft_target(row["reasoning"], row["answer_label"]) + END_OF_TURN
              for prompt, row in zip(prompts, rows)]
     return prompts, fulls, images
 
 
-def tokenize(processor, rows) -> dict:
+def tokenize(processor, rows, base_dir: str = "") -> dict:
     """Token ids, attention mask, image inputs and labels for a batch of rows (right padded).
 
     Image placeholders expand to as many tokens as the image has patches, so prompt and full text
@@ -127,7 +200,7 @@ def tokenize(processor, rows) -> dict:
     across the boundary; if a tokenizer ever did, the prefix check fails and names the row rather
     than shifting the labels by a token.
     """
-    prompts, fulls, images = sft_texts(processor, rows)
+    prompts, fulls, images = sft_texts(processor, rows, base_dir)
     prompt_batch = processor(text=prompts, images=images or None, return_tensors="pt", padding=True)
     batch = processor(text=fulls, images=images or None, return_tensors="pt", padding=True)
     n_prompt = prompt_batch["attention_mask"].sum(1)
@@ -142,41 +215,42 @@ def tokenize(processor, rows) -> dict:
     return dict(batch, labels=labels)
 
 
-def measure(rows: dict, processor) -> dict:
-    """datasets.map function: the length of every sequence and of its assistant part, in tokens.
-
-    Only lengths are stored, not tensors: a real image becomes up to ~1.3k patches x 1176 floats, too
-    big to keep for 100k rows, so `collate` runs the processor again on each batch.
-    """
-    rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
-    batch = tokenize(processor, rows)
-    return {"n_tokens": batch["attention_mask"].sum(1).tolist(),
-            "n_label_tokens": (batch["labels"] != IGNORE).sum(1).tolist()}
-
-
-def collate(rows: list[dict], processor) -> dict:
-    """One micro-batch of tensors; its lengths must be the ones measured up front."""
-    batch = tokenize(processor, rows)
-    measured = [row["n_tokens"] for row in rows]
-    assert batch["attention_mask"].sum(1).tolist() == measured, "tokenization changed since measuring"
+def collate(positions: list[int], data, lengths: list[int], processor, base_dir: str) -> dict:
+    """One micro-batch of tensors for rows `positions` of `data`; their lengths must be the ones
+    measured up front (a change would break the plan's token accounting silently)."""
+    batch = tokenize(processor, [data[i] for i in positions], base_dir)
+    assert batch["attention_mask"].sum(1).tolist() == [lengths[i] for i in positions], \
+        "tokenization changed since measuring"
     return batch
 
 
-def prepare_data(args: SFTArgs, processor, accelerator):
-    """The split, measured, with sequences longer than --max_length dropped (and counted).
+def prepare_data(args: SFTArgs, data, processor, accelerator):
+    """The checked rows, measured, with sequences longer than --max_length dropped (and counted).
 
-    Dropping a whole sequence is the only safe cut: truncation could split an image's tokens from
-    its pixels ("Image features and image tokens do not match", DESIGN.md section 9).
+    Returns (kept rows, their lengths in tokens, number dropped). One pass runs the processor on
+    every row (images expand to their real number of tokens); only the lengths are kept, not the
+    tensors: a real image becomes up to ~1.3k patches x 1176 floats, too big to keep for 100k rows,
+    so `collate` runs the processor again on each batch. Each process measures its share of the
+    rows and gather_object joins the shares in order. Dropping a whole sequence is the only safe
+    cut: truncation could split an image's tokens from its pixels ("Image features and image tokens
+    do not match", docs/method.md section 9).
+
+    Nothing is written next to the input (docs/method.md section 10): datasets' map/filter on a
+    load_from_disk set would write cache-*.arrow files into its folder; plain lists and `select`
+    (an index list in memory) do not.
     """
-    data = reward.load_split(args.data, args.split)
-    # Rank 0 writes the map's cache first; the others then read it instead of racing to write it.
-    with accelerator.main_process_first():
-        data = data.map(measure, batched=True, batch_size=16, fn_kwargs={"processor": processor},
-                        desc="measuring sequences")
-    kept = data.filter(lambda n: n <= args.max_length, input_columns="n_tokens")
+    base_dir = reward.data_dir(args.data)
+    with accelerator.split_between_processes(list(range(len(data)))) as mine:
+        lengths = []
+        for start in tqdm(range(0, len(mine), 16), desc="measuring sequences",
+                          disable=not accelerator.is_main_process):
+            batch = tokenize(processor, [data[i] for i in mine[start:start + 16]], base_dir)
+            lengths += batch["attention_mask"].sum(1).tolist()
+    lengths = gather_object(lengths)
+    kept = [i for i, n in enumerate(lengths) if n <= args.max_length]
     accelerator.print(f"{len(kept)} of {len(data)} sequences kept; {len(data) - len(kept)} dropped "
                       f"as longer than --max_length {args.max_length}")
-    return kept, len(data) - len(kept)
+    return data.select(kept), [lengths[i] for i in kept], len(data) - len(kept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +294,7 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
 
     Logits are cast to fp32 before the log-softmax: bf16 rounding of a 150k-way softmax is visible.
     """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}  # mm_token_type_ids included (DESIGN 9)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}  # mm_token_type_ids included (method.md 9)
     logits = model(**inputs).logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
@@ -254,7 +328,7 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> torch
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Model, optimizer, schedule, checkpoints
+# 4. Model, optimizer, schedule; the run folder and its checkpoints (method.md 10)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -287,64 +361,104 @@ def build_optimizer(model, args: SFTArgs, total_steps: int):
     return optimizer, scheduler
 
 
+def fingerprint(args: SFTArgs, data) -> dict:
+    """What makes a run this run (reward.claim_output_dir): the stage, every setting that changes
+    what is trained (all SFTArgs fields but NOT_SETTINGS), the input data and the model."""
+    settings = {k: v for k, v in asdict(args).items() if k not in NOT_SETTINGS}
+    return {"stage": "sft", "settings": settings, "data": reward.data_fingerprint(data),
+            "model": args.model}
+
+
 def save_checkpoint(accelerator, model, processor, folder: str, step: int | None, plan_info: dict):
     """save_pretrained folder (loads like a hub id) + accelerate state (optimizer, schedule, RNG).
 
-    `sft_state.json` is written last: a folder without it is an interrupted save and never resumed.
-    The accelerate state repeats the weights (fp32): the price of restoring them bit for bit.
+    Everything is written into `folder.tmp`, `trainer_state.json` last, and the folder is then
+    renamed with os.replace: the rename is the completeness marker (docs/method.md section 10), so
+    a run killed while saving leaves only a .tmp folder, which resuming ignores and removes. The
+    accelerate state repeats the weights (fp32): the price of restoring them bit for bit. `step`
+    None saves the model alone (final/).
     """
+    tmp = folder + ".tmp"
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.unwrap_model(model).save_pretrained(
-        folder, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+        tmp, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
         state_dict=accelerator.get_state_dict(model))
     if accelerator.is_main_process:
-        processor.save_pretrained(folder)
+        processor.save_pretrained(tmp)
     if step is not None:
-        accelerator.save_state(os.path.join(folder, "training_state"))
+        accelerator.save_state(os.path.join(tmp, TRAINING_STATE))
         if accelerator.is_main_process:
-            with open(os.path.join(folder, "sft_state.json"), "w") as f:
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump({"step": step, **plan_info}, f)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(folder):  # this step saved before by this run (resumed from an older one)
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
     accelerator.wait_for_everyone()
 
 
-def find_checkpoint(args: SFTArgs) -> str | None:
-    """The folder to resume from: --resume itself, or the newest complete checkpoint-N."""
+def remove_stale_tmp(output_dir: str) -> None:
+    """Delete the .tmp folders of saves a killed run never finished (checkpoint-N.tmp, final.tmp)."""
+    for name in os.listdir(output_dir):
+        if re.fullmatch(r"(checkpoint-\d+|final)\.tmp", name):
+            shutil.rmtree(os.path.join(output_dir, name))
+
+
+def find_checkpoint(args: SFTArgs, accelerator) -> str | None:
+    """The folder to resume from: --resume itself, or with 'latest' the newest checkpoint-{step} of
+    --output_dir (transformers' get_last_checkpoint: `checkpoint-\\d+` only, so never a .tmp), or
+    None: start afresh, so that `--resume latest` is always safe to pass."""
     if not args.resume:
         return None
     if args.resume != "latest":
-        if not os.path.exists(os.path.join(args.resume, "sft_state.json")):
-            raise FileNotFoundError(f"--resume {args.resume}: no sft_state.json (not a complete checkpoint)")
+        if not os.path.isfile(os.path.join(args.resume, STATE_FILE)):
+            raise FileNotFoundError(f"--resume {args.resume}: no {STATE_FILE} there, so not a complete "
+                                    f"checkpoint; pass a checkpoint-{{step}} folder or 'latest'")
         return args.resume
-    found = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")
-             and os.path.exists(os.path.join(args.output_dir, d, "sft_state.json"))] \
-        if os.path.isdir(args.output_dir) else []
-    if not found:
-        return None  # nothing to resume: start from scratch, so "--resume latest" is always safe
-    return os.path.join(args.output_dir, max(found, key=lambda d: int(d.split("-")[1])))
+    found = get_last_checkpoint(args.output_dir)
+    if found is None:
+        accelerator.print(f"--resume latest: no checkpoint in {args.output_dir}; the run starts afresh")
+    return found
 
 
-def resume_from(args: SFTArgs, accelerator, plan_info: dict, metrics_path: str) -> int:
-    """Restores model, optimizer, schedule and RNG; returns the step to continue after (0: none).
+def keep_metrics_until(metrics_path: str, step: int) -> None:
+    """Keep the metrics.jsonl lines of steps up to `step`: the ones a stopped run logged after its
+    last checkpoint are computed again, and a line torn by a kill mid-write (not a JSON object) is
+    dropped. Rewritten via a .tmp file and os.replace, so a kill now loses nothing."""
+    if not os.path.exists(metrics_path):
+        return
+    kept = []
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                metrics = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(metrics, dict) and metrics.get("step", math.inf) <= step:
+                kept.append(json.dumps(metrics) + "\n")
+    with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(metrics_path + ".tmp", metrics_path)
 
-    Metrics the stopped run logged after its last checkpoint are removed: they are computed again.
-    """
-    if not args.resume:
-        return 0
-    folder, step = find_checkpoint(args), 0
-    if folder is not None:
-        with open(os.path.join(folder, "sft_state.json")) as f:
+
+def resume_from(checkpoint: str | None, accelerator, plan_info: dict, metrics_path: str) -> int:
+    """Restores model, optimizer, schedule and RNG; returns the step to continue after (0: none)."""
+    step = 0
+    if checkpoint is not None:
+        with open(os.path.join(checkpoint, STATE_FILE)) as f:
             state = json.load(f)
         for key, value in plan_info.items():
             if state[key] != value:
-                raise ValueError(f"{folder}: saved with {key}={state[key]}, this run has {value}; "
+                raise ValueError(f"{checkpoint}: saved with {key}={state[key]}, this run has {value}; "
                                  f"resume with the same data and batch settings")
-        accelerator.load_state(os.path.join(folder, "training_state"))
+        accelerator.load_state(os.path.join(checkpoint, TRAINING_STATE))
         step = state["step"]
-    if accelerator.is_main_process and os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(metrics_path, "w") as f:
-            f.writelines(lines)
+        accelerator.print(f"resumed from {checkpoint} after step {step}")
+    if accelerator.is_main_process:
+        keep_metrics_until(metrics_path, step)
     accelerator.wait_for_everyone()  # no rank appends before the file is rewritten
     return step
 
@@ -365,10 +479,12 @@ def main(argv=None):
     (args,) = HfArgumentParser(SFTArgs).parse_args_into_dataclasses(args=argv)
     if args.report_to not in ("none", "tensorboard", "wandb"):
         raise ValueError(f"--report_to must be none, tensorboard or wandb, got {args.report_to!r}")
+    if args.on_bad_row not in ("error", "skip"):
+        raise ValueError(f"--on_bad_row must be error or skip, got {args.on_bad_row!r}")
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision if torch.cuda.is_available() else "no",
         log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir,
-        # A rank whose micro-batches hold no image leaves the vision tower unused (DESIGN.md section 9).
+        # A rank whose micro-batches hold no image leaves the vision tower unused (method.md section 9).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.global_batch_size % (args.per_device_batch_size * world):
@@ -376,14 +492,34 @@ def main(argv=None):
                          f"--per_device_batch_size {args.per_device_batch_size} x {world} processes")
     accumulation = args.global_batch_size // (args.per_device_batch_size * world)
     set_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
+
+    # The data and the run folder, before any model work (docs/method.md section 10).
+    data = reward.load_split(args.data, args.split, columns=COLUMNS)
+    run = fingerprint(args, data)
+    final = os.path.join(args.output_dir, "final")
+    if args.resume and os.path.isdir(final):
+        if accelerator.is_main_process:
+            # Only a check here: this run's folder has run.json; another run's folder is refused.
+            reward.claim_output_dir(args.output_dir, run, resume=True)
+        accelerator.print(f"{args.output_dir} is a finished run ({final} exists): nothing to do")
+        return
+    data, bad = usable_rows(data, args, accelerator)
+    if accelerator.is_main_process:
+        reward.claim_output_dir(args.output_dir, run, resume=bool(args.resume))
+    accelerator.wait_for_everyone()
+    checkpoint = find_checkpoint(args, accelerator)  # a wrong --resume path fails before any change
+    if accelerator.is_main_process:
+        remove_stale_tmp(args.output_dir)
+        if args.on_bad_row == "skip":
+            reward.write_bad_rows(bad, args.output_dir)
+    accelerator.wait_for_everyone()
+    if bad:
+        accelerator.print(f"{len(bad)} bad row(s) skipped, listed in "
+                          f"{os.path.join(args.output_dir, 'bad_rows.jsonl')}")
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if not args.resume and os.path.exists(metrics_path):  # a finished or stopped run is never overwritten
-        raise FileExistsError(f"{args.output_dir} holds a previous run (metrics.jsonl); continue it with "
-                              f"--resume latest or choose another --output_dir")
 
     model, processor = load_model(args)
-    data, n_dropped = prepare_data(args, processor, accelerator)
+    data, lengths, n_dropped = prepare_data(args, data, processor, accelerator)
     steps_per_epoch = len(data) // args.global_batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{args.data} [{args.split}]: {len(data)} usable rows, fewer than one global "
@@ -397,13 +533,15 @@ def main(argv=None):
     # at each optimizer step. Registering it still saves and restores it with the state.
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    start_step = resume_from(args, accelerator, plan_info, metrics_path)
+    start_step = resume_from(checkpoint, accelerator, plan_info, metrics_path)
     if args.report_to != "none":
         accelerator.init_trackers("sft", config=asdict(args))
 
     plan = micro_batch_plan(len(data), args, start_step, total_steps, rank, world)
-    loader = DataLoader(data, batch_sampler=plan, collate_fn=partial(collate, processor=processor),
-                        num_workers=args.dataloader_num_workers)
+    # The loader yields positions; collate turns them into rows and tensors.
+    loader = DataLoader(range(len(data)), batch_sampler=plan, num_workers=args.dataloader_num_workers,
+                        collate_fn=partial(collate, data=data, lengths=lengths, processor=processor,
+                                           base_dir=reward.data_dir(args.data)))
     batches = iter(loader)
     accelerator.print(f"{total_steps} steps ({steps_per_epoch} per epoch) of {args.global_batch_size} "
                       f"sequences = {world} processes x {accumulation} micro-batches x "
@@ -435,10 +573,15 @@ def main(argv=None):
         if args.save_steps > 0 and step % args.save_steps == 0:
             folder = os.path.join(args.output_dir, f"checkpoint-{step}")
             save_checkpoint(accelerator, model, processor, folder, step, plan_info)
+            if accelerator.is_main_process:
+                # transformers' own rotation (oldest first, the newest always kept). accelerate's
+                # ProjectConfiguration(total_limit=...) only counts the folders it names itself
+                # (checkpoints/checkpoint_{i}), not the checkpoint-{step} layout resuming reads.
+                rotate_checkpoints(args.output_dir, args.save_total_limit)
     progress.close()
-    save_checkpoint(accelerator, model, processor, os.path.join(args.output_dir, "final"), None, plan_info)
+    save_checkpoint(accelerator, model, processor, final, None, plan_info)
     accelerator.end_training()
-    accelerator.print(f"saved {os.path.join(args.output_dir, 'final')}")
+    accelerator.print(f"saved {final}")
 
 
 if __name__ == "__main__":

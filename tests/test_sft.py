@@ -1,11 +1,17 @@
 """sft.py: the label mask, the token-normalised loss under accumulation and data parallelism, resume.
 
-DESIGN.md section 6: loss on the assistant turn only (its end-of-turn token included), normalised by
-the number of label tokens of the whole optimizer step.
+docs/method.md section 6: loss on the assistant turn only (its end-of-turn token included),
+normalised by the number of label tokens of the whole optimizer step. Section 10: every bad row a
+named error or a counted skip, before any model work; the checkpoint contract; nothing written into
+the input or into another run's folder.
 """
 
+import io
 import json
 import math
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +20,7 @@ import datasets
 import pytest
 import torch
 from accelerate import Accelerator
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -32,14 +39,60 @@ def run_sft(model, data, out, *flags):
               "--learning_rate", "3e-3", *map(str, flags)])
 
 
+def snapshot(folder) -> dict:
+    """Every file under `folder` with its size and modification time: equal snapshots, untouched."""
+    return {os.path.relpath(os.path.join(d, f), folder): (os.stat(os.path.join(d, f)).st_size,
+                                                          os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def toy_rows(toy_data_dir, n: int) -> tuple[list[dict], datasets.Features]:
+    """The first n rows of the toy `sft` split as plain dicts (images as {"bytes", "path"})."""
+    split = datasets.load_from_disk(toy_data_dir)["sft"]
+    return split.select(range(n)).to_list(), split.features
+
+
+def with_image_files(rows: list[dict], folder: Path) -> list[dict]:
+    """The rows with every image written to folder/images/ and given as a path relative to folder,
+    as a jsonl or parquet file in `folder` holds them."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    out = []
+    for row in rows:
+        paths = []
+        for k, image in enumerate(row["images"] or []):
+            paths.append(f"images/{row['dataset_index']}-{k}.png")
+            (folder / paths[-1]).write_bytes(image["bytes"])
+        out.append(dict(row, images=paths or None))
+    return out
+
+
+def write_rows(rows: list[dict], path: Path, features=None) -> str:
+    """rows as a save_to_disk folder (with the toy features), a .jsonl or a .parquet file."""
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return str(path)
+    # from_dict, not from_list: an empty from_list has no columns at all, not zero rows of them.
+    dataset = datasets.Dataset.from_dict({k: [row[k] for row in rows] for k in features or rows[0]},
+                                         features=features)
+    dataset.to_parquet(str(path)) if path.suffix == ".parquet" else dataset.save_to_disk(str(path))
+    return str(path)
+
+
+def image_bytes(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
 def test_label_mask_is_exactly_the_assistant_turn(tiny_model_dir, toy_data_dir):
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     processor.tokenizer.padding_side = "right"
     tok = processor.tokenizer
     text_row = dict(question="The heart rate is 48 bpm. How is it best described?",
                     options=json.dumps({"A": "Bradycardia", "B": "Normal heart rate", "C": "Tachycardia"}),
-                    answer_label="A", answer="Bradycardia", reasoning="48 is below 60, so bradycardia.",
+                    answer_label="A", answer="Bradycardia", reasoning="\n 48 is below 60, so bradycardia.\n",
                     images=None, dataset_name="Hand", dataset_index=0)
+    # The trace is stripped, as the official conversion script does (reward.sft_target).
     target = "<think> 48 is below 60, so bradycardia. </think>\n<answer> A </answer><|im_end|>"
 
     # The text is the template's rendering of the whole conversation, minus the "\n" after <|im_end|>.
@@ -85,10 +138,10 @@ def test_too_long_sequences_are_dropped_and_counted(tiny_model_dir, toy_data_dir
     lengths = [int(sft.tokenize(processor, [r])["attention_mask"].sum()) for r in rows]
     limit = sorted(lengths)[len(lengths) // 2]
     args = sft.SFTArgs(model=tiny_model_dir, data=toy_data_dir, split="sft", max_length=limit)
-    kept, dropped = sft.prepare_data(args, processor, Accelerator(cpu=True))
+    kept, kept_lengths, dropped = sft.prepare_data(args, rows, processor, Accelerator(cpu=True))
     assert dropped == sum(n > limit for n in lengths) > 0
     assert sorted(kept["dataset_index"]) == [r["dataset_index"] for r, n in zip(rows, lengths) if n <= limit]
-    assert kept["n_tokens"] == [n for n in lengths if n <= limit]  # whole sequences, never cut
+    assert kept_lengths == [n for n in lengths if n <= limit]  # whole sequences, never cut
 
 
 def test_one_step_gradient_does_not_depend_on_micro_batching(tiny_model_dir, toy_data_dir):
@@ -165,8 +218,17 @@ def test_two_processes_end_where_one_does(tiny_model_dir, toy_data_dir, tmp_path
 
 
 def test_loss_goes_down_and_the_final_model_loads(tiny_model_dir, toy_data_dir, tmp_path):
-    run_sft(tiny_model_dir, toy_data_dir, tmp_path, "--global_batch_size", "8", "--per_device_batch_size",
+    # A fresh copy of the data: a cache file left by an earlier test would be reused, not written.
+    data = str(shutil.copytree(toy_data_dir, tmp_path.parent / f"{tmp_path.name}-data",
+                               ignore=shutil.ignore_patterns("cache-*")))
+    before = snapshot(data)
+    run_sft(tiny_model_dir, data, tmp_path, "--global_batch_size", "8", "--per_device_batch_size",
             "8", "--max_steps", "20", "--save_steps", "10")
+    # Nothing written next to the input (datasets' map/filter/cast would leave cache-*.arrow there).
+    assert snapshot(data) == before
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["stage"] == "sft" and run["model"] == tiny_model_dir
+    assert run["settings"]["learning_rate"] == 3e-3 and "per_device_batch_size" not in run["settings"]
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == list(range(1, 21))
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gb"):
@@ -182,6 +244,9 @@ def test_loss_goes_down_and_the_final_model_loads(tiny_model_dir, toy_data_dir, 
     for folder in ("checkpoint-10", "checkpoint-20", "final"):
         model = AutoModelForImageTextToText.from_pretrained(tmp_path / folder)
         AutoProcessor.from_pretrained(tmp_path / folder)
+    assert json.loads((tmp_path / "checkpoint-20" / "trainer_state.json").read_text())["step"] == 20
+    assert (tmp_path / "checkpoint-20" / "training_state").is_dir()
+    assert not list(tmp_path.glob("*.tmp"))
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     trained = load_file(tmp_path / "final" / "model.safetensors")
     initial = load_file(Path(tiny_model_dir) / "model.safetensors")
@@ -190,9 +255,12 @@ def test_loss_goes_down_and_the_final_model_loads(tiny_model_dir, toy_data_dir, 
 
 def test_kill_and_resume_ends_where_an_uninterrupted_run_does(tiny_model_dir, toy_data_dir, tmp_path,
                                                               monkeypatch):
+    """The checkpoint contract of docs/method.md section 10, killed at the worst moments."""
     flags = ("--global_batch_size", "4", "--per_device_batch_size", "2", "--max_steps", "4",
              "--save_steps", "2")
     run_sft(tiny_model_dir, toy_data_dir, tmp_path / "straight", *flags)
+    checkpoints = sorted(p.name for p in (tmp_path / "straight").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-2", "checkpoint-4"]
 
     # Killed during step 4: step 3 was logged, checkpoint-2 is the newest.
     real, calls = sft.accumulate_gradients, []
@@ -204,20 +272,48 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_does(tiny_model_dir, to
         return real(*args)
 
     monkeypatch.setattr(sft, "accumulate_gradients", killed_at_step_4)
+    killed = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        run_sft(tiny_model_dir, toy_data_dir, tmp_path / "killed", *flags)
-    assert [m["step"] for m in read_metrics(tmp_path / "killed")] == [1, 2, 3]
-    assert not (tmp_path / "killed" / "final").exists()
+        run_sft(tiny_model_dir, toy_data_dir, killed, *flags)
+    assert [m["step"] for m in read_metrics(killed)] == [1, 2, 3]
+    assert not (killed / "final").exists()
     monkeypatch.setattr(sft, "accumulate_gradients", real)
-    run_sft(tiny_model_dir, toy_data_dir, tmp_path / "killed", *flags, "--resume", "latest")
+    # As if it had also been killed while saving checkpoint-4 and while writing a metrics line.
+    (killed / "checkpoint-4.tmp" / "training_state").mkdir(parents=True)
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.1')
 
-    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    # Started again without --resume: refused, the folder untouched. A half-written folder is not a
+    # checkpoint either.
+    before = snapshot(killed)
+    with pytest.raises(SystemExit, match="holds this run already. Pass --resume latest"):
+        run_sft(tiny_model_dir, toy_data_dir, killed, *flags)
+    with pytest.raises(FileNotFoundError, match="no trainer_state.json there"):
+        run_sft(tiny_model_dir, toy_data_dir, killed, *flags, "--resume", killed / "checkpoint-4.tmp")
+    assert snapshot(killed) == before
+
+    # --resume latest takes checkpoint-2 (never the .tmp), drops step 3 and the torn line, removes the
+    # .tmp, and with --save_total_limit 1 keeps only the newest checkpoint (it does not change results).
+    run_sft(tiny_model_dir, toy_data_dir, killed, *flags, "--resume", "latest", "--save_total_limit", "1")
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(killed)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
     a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    b = load_file(killed / "final" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    assert sorted(p.name for p in killed.iterdir() if p.is_dir()) == ["checkpoint-4", "final"]
+
+    # A finished run resumed: nothing to do, nothing touched. The same folder with other settings:
+    # another run, refused (a batch split is not a setting: it does not change results).
+    finished = snapshot(killed)
+    run_sft(tiny_model_dir, toy_data_dir, killed, *flags, "--resume", "latest")
+    run_sft(tiny_model_dir, toy_data_dir, killed, *flags, "--per_device_batch_size", "4",
+            "--resume", "latest")
+    with pytest.raises(SystemExit, match="holds another run .*learning_rate"):
+        sft.main(["--model", tiny_model_dir, "--data", toy_data_dir, "--split", "sft", "--output_dir",
+                  str(killed), "--learning_rate", "1e-3", *flags, "--resume", "latest"])
+    assert snapshot(killed) == finished
 
 
 def test_optimizer_groups_and_frozen_vision(tiny_model_dir):
@@ -244,3 +340,115 @@ def test_optimizer_groups_and_frozen_vision(tiny_model_dir):
         scheduler.step()
     assert lrs[:6] == pytest.approx([0, 2e-6, 4e-6, 6e-6, 8e-6, 1e-5])
     assert lrs[50] == pytest.approx(1e-5 * (1 + math.cos(math.pi * 45 / 95)) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: each fault a named error (the default) or a counted skip, before any model work
+# ---------------------------------------------------------------------------------------------
+
+
+def truncated_jpeg(row):
+    jpeg = image_bytes(Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB"), "JPEG")
+    return dict(row, images=[{"bytes": jpeg[:len(jpeg) // 2], "path": None}])
+
+
+FAULTS = {  # fault: (how a row gets it, what the error says)
+    "truncated JPEG": (truncated_jpeg, "image cannot be decoded"),
+    "1x500 px image": (lambda r: dict(r, images=[{"bytes": image_bytes(Image.new("RGB", (1, 500)), "PNG"),
+                                                  "path": None}]), "aspect ratio over 200"),
+    "missing image file": (lambda r: dict(r, images=["images/missing.png"]), "image file not found"),
+    "answer not the labelled option's text": (lambda r: dict(r, answer=r["answer"] + " (wrong)"),
+                                              "is not the text of option"),
+    "label not among options": (lambda r: dict(r, answer_label="Z"), "'Z' is not one of the option letters"),
+    "question None": (lambda r: dict(r, question=None), "question must be a non-empty string"),
+    "no reasoning": (lambda r: dict(r, reasoning="  "), "no reasoning trace to fine-tune on"),
+    "duplicate key": (lambda r: dict(r, dataset_name="ToyHeartRate", dataset_index=0), "occurs twice"),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_bad_row_is_a_named_error_or_a_counted_skip(fault, toy_data_dir, tmp_path):
+    make_bad, problem = FAULTS[fault]
+    rows, features = toy_rows(toy_data_dir, 8)
+    bad_at = next(i for i, r in enumerate(rows) if r["images"] and r["dataset_index"] != 0)
+    assert (rows[0]["dataset_name"], rows[0]["dataset_index"]) == ("ToyHeartRate", 0)  # the duplicated key
+    rows[bad_at] = make_bad(rows[bad_at])
+    name, index = rows[bad_at]["dataset_name"], rows[bad_at]["dataset_index"]
+    if fault == "missing image file":  # file paths live in jsonl/parquet files
+        data = write_rows(with_image_files(rows[:bad_at], tmp_path) + rows[bad_at:bad_at + 1]
+                          + with_image_files(rows[bad_at + 1:], tmp_path), tmp_path / "rows.jsonl")
+    else:
+        data = write_rows(rows, tmp_path / "rows", features)
+
+    # The default: one error naming the row and the problem. It comes before the model is loaded
+    # (there is none at this path) and before anything is written.
+    out = tmp_path / "out"
+    with pytest.raises(reward.RowError, match=f"(?s)1 bad row.*dataset_name={name!r} dataset_index={index}: "
+                                              f".*{re.escape(problem)}"):
+        sft.main(["--model", str(tmp_path / "no_model"), "--data", data, "--split", "sft",
+                  "--output_dir", str(out)])
+    assert not out.exists()
+
+    # --on_bad_row skip: the row is left out and counted; the others are kept in order.
+    args = sft.SFTArgs(data=data, split="sft", on_bad_row="skip")
+    loaded = reward.load_split(data, "sft", columns=sft.COLUMNS)
+    kept, bad = sft.usable_rows(loaded, args, Accelerator(cpu=True))
+    assert [(b["position"], b["dataset_name"], b["dataset_index"]) for b in bad] == [(bad_at, name, index)]
+    assert problem in bad[0]["reason"]
+    assert kept["dataset_index"] == [r["dataset_index"] for i, r in enumerate(rows) if i != bad_at]
+
+
+@pytest.mark.parametrize("kind", ["save_to_disk", "parquet", "jsonl"])
+def test_an_empty_dataset_is_a_named_error(kind, toy_data_dir, tmp_path):
+    _, features = toy_rows(toy_data_dir, 0)
+    path = tmp_path / {"save_to_disk": "rows", "parquet": "rows.parquet", "jsonl": "rows.jsonl"}[kind]
+    data = write_rows([], path, features)
+    with pytest.raises(ValueError, match=f"{path}.*(empty|no rows)"):
+        sft.main(["--model", str(tmp_path / "no_model"), "--data", data, "--split", "sft",
+                  "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_image_paths_in_a_data_file_are_read_relative_to_its_folder(suffix, tiny_model_dir, toy_data_dir,
+                                                                     tmp_path, monkeypatch):
+    """The same rows with their images as files give the same tensors as the saved data set."""
+    rows, features = toy_rows(toy_data_dir, 8)
+    data = write_rows(with_image_files(rows, tmp_path / "data"), tmp_path / "data" / f"rows{suffix}")
+    monkeypatch.chdir(tmp_path)  # paths are relative to the file's folder, not to the working directory
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor.tokenizer.padding_side = "right"
+    args = sft.SFTArgs(data=data, split="sft")
+    loaded = reward.load_split(data, "sft", columns=sft.COLUMNS)
+    kept, bad = sft.usable_rows(loaded, args, Accelerator(cpu=True))
+    first = next(i for i, r in enumerate(rows) if r["images"])
+    assert bad == [] and kept[first]["images"] == [f"images/{rows[first]['dataset_index']}-0.png"]
+    kept, lengths, _ = sft.prepare_data(args, kept, processor, Accelerator(cpu=True))
+    from_paths = sft.collate(list(range(8)), kept, lengths, processor, reward.data_dir(data))
+    saved = datasets.Dataset.from_list(rows, features=features)
+    expected = sft.tokenize(processor, [saved[i] for i in range(8)])
+    assert from_paths.keys() == expected.keys() and "pixel_values" in expected
+    for key in expected:
+        assert torch.equal(from_paths[key], expected[key]), key
+
+
+def test_a_run_skips_a_bad_row_and_writes_nothing_next_to_its_input(tiny_model_dir, toy_data_dir, tmp_path,
+                                                                     capsys):
+    rows, _ = toy_rows(toy_data_dir, 17)
+    rows = with_image_files(rows, tmp_path / "data")
+    missing = next(i for i, r in enumerate(rows) if r["images"])
+    rows[missing]["images"] = ["images/missing.png"]
+    data = write_rows(rows, tmp_path / "data" / "rows.jsonl")
+    before = snapshot(tmp_path / "data")
+
+    out = tmp_path / "out"
+    run_sft(tiny_model_dir, data, out, "--global_batch_size", "8", "--per_device_batch_size", "4",
+            "--max_steps", "2", "--save_steps", "0", "--on_bad_row", "skip", "--resume", "latest")
+    printed = capsys.readouterr().out
+    assert "no checkpoint" in printed and "starts afresh" in printed and "1 bad row(s) skipped" in printed
+    bad = [json.loads(line) for line in (out / "bad_rows.jsonl").read_text().splitlines()]
+    assert [(b["position"], b["dataset_index"]) for b in bad] == [(missing, rows[missing]["dataset_index"])]
+    assert "image file not found: 'images/missing.png'" in bad[0]["reason"]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    assert (out / "final" / "model.safetensors").exists()
+    assert snapshot(tmp_path / "data") == before
