@@ -144,29 +144,27 @@ def check_row(row, base_dir: str = "") -> dict:
     return dict(row, images=images or None)
 
 
-def check_rows(dataset, on_bad_row: str = "error", base_dir: str = "", progress=None):
+def check_rows(dataset, on_bad_row: str = "error", base_dir: str = "", progress=None, extra_check=None):
     """Check every row once (check_row), before any model work: a long run never dies on row 40,000.
 
     Returns (positions of the good rows, the bad rows as {"position", "dataset_name",
     "dataset_index", "reason"}). With on_bad_row="error" any bad row raises one RowError that
     lists them. Duplicate (dataset_name, dataset_index) keys are bad rows too: they join
-    predictions, rollouts and pass counts. Images are read undecoded (datasets would raise its own
-    error, naming no row) and decoded by open_image, then dropped: only the verdict is kept.
+    predictions, rollouts and pass counts. `extra_check(row)` adds a stage's own rule (a reason, or
+    None). Rows are read as Arrow, so images arrive undecoded ({"bytes", "path"}: datasets would
+    raise its own error, naming no row) and nothing is cached next to the data; open_image decodes
+    them, and only the verdict is kept.
     """
-    import datasets
-
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"--on_bad_row must be error or skip, got {on_bad_row!r}")
-    feature = dataset.features.get("images")
-    if isinstance(feature, (datasets.Sequence, datasets.List)) and isinstance(
-            getattr(feature, "feature", None), datasets.Image):
-        dataset = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
     good, bad, seen = [], [], set()
-    positions = range(len(dataset))
-    for i in progress(positions) if progress else positions:
-        row = dataset[i]
+    batches = dataset.with_format("arrow").iter(batch_size=64)
+    rows = (row for batch in batches for row in batch.to_pylist())
+    for i, row in enumerate(progress(rows, total=len(dataset)) if progress else rows):
         try:
             check_row(row, base_dir)
+            if extra_check is not None and (reason := extra_check(row)):
+                raise RowError(f"{row_name(row)}: {reason}")
             key = (row["dataset_name"], row["dataset_index"])
             if key in seen:
                 raise RowError(f"{row_name(row)}: occurs twice; (dataset_name, dataset_index) must "
@@ -454,5 +452,6 @@ def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool) -> None:
 
 
 def data_fingerprint(dataset) -> str:
-    """datasets' fingerprint of the loaded split: it changes when the files behind it change."""
+    """datasets' fingerprint of the loaded split: it changes when the files behind it change. Image
+    files referenced by path are not part of it: replacing one under the same name goes unseen."""
     return dataset._fingerprint

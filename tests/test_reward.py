@@ -627,3 +627,23 @@ def test_claim_output_dir(tmp_path):
     with pytest.raises(SystemExit, match="not a run folder of this project"):
         claim_output_dir(str(foreign), fingerprint, resume=True)
     assert sorted(os.listdir(foreign)) == ["notes.txt"]
+
+
+def test_check_rows_writes_nothing_next_to_the_data_and_takes_a_stage_rule(tmp_path):
+    import datasets
+
+    features = datasets.Features({"images": datasets.List(datasets.Image()),
+                                  **{k: datasets.Value("string") for k in
+                                     ("question", "options", "answer_label", "answer", "dataset_name",
+                                      "reasoning")},
+                                  "dataset_index": datasets.Value("int64")})
+    rows = [make_row(dataset_index=i, images=[{"bytes": png_bytes(56, 56), "path": None}])
+            for i in range(3)]
+    rows[2]["reasoning"] = " "
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "data"))
+    before = sorted(os.listdir(tmp_path / "data"))
+    ds = load_split(str(tmp_path / "data"), "train")
+    good, bad = check_rows(ds, "skip", extra_check=lambda r: None if r["reasoning"].strip()
+                           else "no reasoning trace")
+    assert good == [0, 1] and bad[0]["reason"].endswith("dataset_index=2: no reasoning trace")
+    assert sorted(os.listdir(tmp_path / "data")) == before
