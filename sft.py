@@ -34,11 +34,10 @@ import re
 import resource
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
-import datasets
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -120,48 +119,29 @@ class SFTArgs:
 # ---------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def nothing_written_next_to_the_data():
-    """Within it, datasets' transforms write no cache-*.arrow next to a load_from_disk set's files
-    (they go to a temporary folder removed at exit): a stage never writes into its input
-    (docs/method.md section 10). reward.check_rows casts the image column, a full datasets.map."""
-    was_enabled = datasets.is_caching_enabled()
-    datasets.disable_caching()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_caching()
+def no_trace(row) -> str | None:
+    """SFT's own bad-row rule: no reasoning trace to fine-tune on (None or blank; the official
+    conversion would crash on it)."""
+    reasoning = row.get("reasoning")
+    if isinstance(reasoning, str) and reasoning.strip():
+        return None
+    return f"no reasoning trace to fine-tune on (reasoning is {reasoning!r})"
 
 
 def usable_rows(data, args: SFTArgs, accelerator):
     """The rows SFT can train on, and the bad ones as reward.check_rows lists them.
 
     A row is bad when it breaks a schema rule of `reward.check_rows` (question, options, label,
-    answer text, decodable images with a sane aspect ratio, unique key) or has no reasoning trace to
-    fine-tune on (None or blank; the official conversion would crash on it). The check runs once,
-    before any model work, so a long run never dies on row 40,000; every process checks every row
-    (same verdict everywhere, no communication). With --on_bad_row error all bad rows are named in
-    one RowError; with skip the good rows are kept (a `select`: an index list in memory).
+    answer text, decodable images with a sane aspect ratio, unique key) or has no reasoning trace.
+    The check runs once, before any model work, so a long run never dies on row 40,000; every
+    process checks every row (same verdict everywhere, no communication). With --on_bad_row error
+    all bad rows are named in one RowError; with skip the good rows are kept (a `select`: an index
+    list in memory).
     """
     progress = partial(tqdm, desc="checking rows", disable=not accelerator.is_main_process)
-    with nothing_written_next_to_the_data():
-        good, bad = reward.check_rows(data, "skip", reward.data_dir(args.data), progress=progress)
-    traces = data.select_columns(["reasoning", "dataset_name", "dataset_index"])
-    without_trace = [i for i in good if not (isinstance(traces[i]["reasoning"], str)
-                                             and traces[i]["reasoning"].strip())]
-    bad += [{"position": i, "dataset_name": traces[i]["dataset_name"],
-             "dataset_index": traces[i]["dataset_index"],
-             "reason": f"{reward.row_name(traces[i])}: no reasoning trace to fine-tune on "
-                       f"(reasoning is {traces[i]['reasoning']!r})"} for i in without_trace]
-    bad.sort(key=lambda item: item["position"])
-    if bad and args.on_bad_row == "error":  # the same message as reward.check_rows
-        listed = "\n".join(item["reason"] for item in bad[:20])
-        more = f"\n... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise reward.RowError(f"{len(bad)} bad row(s) of {len(data)}; fix them, or pass --on_bad_row "
-                              f"skip to skip them (they are then listed in bad_rows.jsonl):\n{listed}{more}")
-    skipped = {item["position"] for item in bad}
-    return data.select([i for i in range(len(data)) if i not in skipped]), bad
+    good, bad = reward.check_rows(data, args.on_bad_row, reward.data_dir(args.data), progress=progress,
+                                  extra_check=no_trace)
+    return (data.select(good) if bad else data), bad
 
 
 def sft_texts(processor, rows, base_dir: str = "") -> tuple[list[str], list[str], list]:
