@@ -123,19 +123,20 @@ def main():
 
     text, pmc_dir = work("text"), work("pmc")
     timed(f"prepare --data (text, {args.rows} rows)",
-          ["prepare", "--data", text, "--out", work("prepared")], results)
+          ["prepare", "--data", text, "--output_dir", work("prepared")], results)
     timed(f"filter ({args.rows} rows x {args.samples}, {sizes['pass.jsonl']:.0f} MB)",
-          ["filter", "--data", text, "--predictions", work("pass.jsonl"), "--out", work("filtered")],
+          ["filter", "--data", text, "--predictions", work("pass.jsonl"), "--output_dir", work("filtered")],
           results)
     timed(f"traces ({args.rows} rows x {args.teacher_samples})",
-          ["traces", "--data", text, "--predictions", work("teacher.jsonl"), "--out", work("traces")],
+          ["traces", "--data", text, "--predictions", work("teacher.jsonl"), "--output_dir", work("traces")],
           results)
-    timed(f"split ({args.rows} rows, n 400)", ["split", "--data", text, "--out", work("split")], results)
+    timed(f"split ({args.rows} rows, n 400)",
+          ["split", "--data", text, "--output_dir", work("split")], results)
     timed(f"prepare --pmc_csv ({args.pmc_rows} rows, images)",
           ["prepare", "--pmc_csv", csv_path, "--image_dir", os.path.join(pmc_dir, "figures"),
-           "--out", work("pmc_out"), *proc], results)
+           "--output_dir", work("pmc_out"), *proc], results)
     timed(f"mix (prepared PMC + {args.rows} text rows)",
-          ["mix", "--data", work("pmc_out"), text, "--out", work("mix")], results)
+          ["mix", "--data", work("pmc_out"), text, "--output_dir", work("mix")], results)
 
     print("\nsubcommand | seconds | rows/s")
     for name, seconds in results.items():
