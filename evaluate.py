@@ -3,17 +3,24 @@
 MedVLThinker (arXiv 2508.02669) reports greedy accuracy per benchmark and their unweighted mean
 (Tables 2-4), filters training data by a pass count over 16 samples at T 1.0 (Section 3.2), and
 distils reasoning traces from the first correct of 3 teacher samples. All three are "answer every
-row K times and grade each answer", so this one script does them (DESIGN.md sections 4, 7, 8):
+row K times and grade each answer", so this one script does them (docs/method.md sections 4, 7, 8):
 
-    python evaluate.py --model M --data D --split test --out DIR                    # greedy
-    python evaluate.py --model M --data D --split train --n 16 --temperature 1.0 --out DIR
-    accelerate launch evaluate.py --model M --data D --out DIR                      # rows split
-    python evaluate.py --regrade DIR/predictions.jsonl --out DIR2                   # no model
-    python evaluate.py --compare base=DIR1 grpo=DIR2 --out DIR3                     # one table
+    python evaluate.py --model M --data D --split test --output_dir DIR                  # greedy
+    python evaluate.py --model M --data D --split train --n 16 --temperature 1.0 --output_dir DIR
+    accelerate launch evaluate.py --model M --data D --output_dir DIR                    # rows split
+    python evaluate.py --regrade DIR/predictions.jsonl --output_dir DIR2                 # no model
+    python evaluate.py --compare base=DIR1 grpo=DIR2 --output_dir DIR3                   # one table
 
-DIR receives `predictions.jsonl` (one line per row: the K responses, extracted answers, 0/1
-grades and answer-reasoning agreement) and `results.json` (per benchmark accuracy, maj@K, pass@K,
-format and consistency rates; the unweighted average), and a markdown table is printed.
+(`--out` is an alias of `--output_dir`.) DIR receives:
+- `predictions.jsonl`, one line per row, in dataset order: `dataset_name`, `dataset_index`,
+  `answer_label`, `answer`, `options` (the row's, as an object), `responses` (the K decoded
+  completions), `preds` (the answer each one gives by the evaluation rule), `correct` (0/1 each, the
+  evaluation rule: the paper's tables), `pass_correct` (0/1 each, the pass-count grade of the
+  official inference script: sum it for a pass count), `consistent` (see `grade`);
+- `results.json`: per benchmark accuracy, maj@K, pass@K, format and consistency rates, and the
+  unweighted average; a markdown table is printed;
+- `run.json` (what this run is: a changed data set or setting is refused, the same run resumes) and,
+  with `--on_bad_row skip`, `bad_rows.jsonl` (docs/method.md section 10).
 
 What the results depend on, and what holds exactly:
 - Rows are answered in fixed batches: all rows sorted by prompt length (longest first, ties in
@@ -28,24 +35,22 @@ What the results depend on, and what holds exactly:
   batch shape change the order of reductions. In fp32 on CPU the toy model's greedy answers equal
   a one-row-at-a-time loop exactly (tested); in bf16 on GPU a near-tie can flip, which is why the
   paper averages three runs. Sampled answers are reproducible for a fixed --seed and
-  --batch-size; across seeds or batch sizes only their statistics agree.
+  --batch_size; across seeds or batch sizes only their statistics agree.
 """
 
 import hashlib
-import io
 import json
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
-from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 
@@ -54,10 +59,13 @@ import reward
 
 @dataclass
 class EvalArgs:
-    out: str = field(metadata={"help": "Folder for predictions.jsonl, results.json, settings.json."})
+    output_dir: str = field(metadata={
+        "aliases": ["--out"],
+        "help": "Folder for predictions.jsonl, results.json, run.json (--out is an alias)."})
     model: str | None = field(default=None, metadata={"help": "Hub id or save_pretrained folder."})
     data: str | None = field(default=None, metadata={
-        "help": "Hub id, save_to_disk folder, or a parquet/jsonl file in the schema of DESIGN.md 2."})
+        "help": "Hub id, save_to_disk folder, or a parquet/jsonl file in the schema of "
+                "docs/method.md section 2 (image file paths relative to the file's folder)."})
     split: str = "test"
     n: int = field(default=1, metadata={
         "help": "Samples per row (K): 16 for pass counts, 3 for teacher traces."})
@@ -70,10 +78,12 @@ class EvalArgs:
     limit: int | None = field(default=None, metadata={"help": "Only the first `limit` rows of the split."})
     seed: int = 0
     on_bad_row: Literal["error", "skip"] = field(default="error", metadata={
-        "help": "A row with a missing/undecodable image or malformed options: stop, or skip and count it."})
+        "help": "A row that fails the row check (docs/method.md section 10): stop and name every "
+                "such row, or skip them, count them and list them in bad_rows.jsonl."})
     regrade: str | None = field(default=None, metadata={
-        "help": "A predictions.jsonl to grade again (no model); its lines need dataset_name, "
-                "answer_label, answer, responses."})
+        "help": "A predictions.jsonl to grade again (no model): ours, or the official "
+                "run_offline_inference.py's (parsed_outputs). Lines need dataset_name, answer_label, "
+                "answer and the responses."})
     dtype: str = field(default="auto", metadata={"help": "auto = bfloat16 on CUDA, float32 on CPU."})
     compare: list[str] = field(default_factory=list, metadata={
         "help": "NAME=DIR ... of finished evaluations (no model): one table, one row per model, "
@@ -84,76 +94,73 @@ class EvalArgs:
         "help": "With --compare: LABEL=metrics.jsonl:KEY ... one panel each in DIR/curves.png."})
 
 
+# Arguments that do not change a single prediction: where things go and the other two commands.
+# Everything else (model, split, limit, n, temperature, top_p, max_new_tokens, batch_size: the
+# batches, seed, dtype, on_bad_row) is in the run's fingerprint.
+NOT_RESULTS = ("output_dir", "data", "regrade", "compare", "paper", "curves")
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Rows: read, check, order into batches
 # ---------------------------------------------------------------------------------------------
 
 
-def open_image(item) -> Image.Image:
-    """A schema image (PIL, {"bytes", "path"} dict, or file path) as a fully decoded RGB image."""
-    if item is None:
-        raise ValueError("an image is missing (None)")
-    if isinstance(item, dict):  # how the datasets Image feature stores an image undecoded
-        item = io.BytesIO(item["bytes"]) if item.get("bytes") else item.get("path")
-    image = item if isinstance(item, Image.Image) else Image.open(item)
-    image = image.convert("RGB")  # decodes every pixel: a truncated file fails here, not mid-run
-    # Qwen2.5-VL's processor refuses an aspect ratio over 200 (smart_resize raises).
-    if max(image.size) / min(image.size) > 200:
-        raise ValueError(f"image of {image.size[0]}x{image.size[1]} px: aspect ratio over 200")
-    return image
+def stored_rows(ds):
+    """Rows as stored, read as Arrow, as reward.check_rows reads them: images arrive undecoded
+    ({"bytes", "path"} dicts or file paths) and only reward.open_image decodes them, so a relative
+    path resolves the same way in the check and in generation (datasets' own decoder would try the
+    working directory), and nothing is cached next to the data."""
+    return ds.with_format("arrow")
 
 
-def read_row(ds, i: int) -> dict:
-    """Row i with its images decoded and its options checked; a RowError names the row."""
-    try:
-        row = ds[i]
-    except Exception as err:  # the datasets Image feature decodes on access
-        meta = ds.select_columns(["dataset_name", "dataset_index"])[i]
-        raise reward.RowError(f"{reward.row_name(meta)}: cannot be read ({err})") from None
-    reward.parse_options(row)
-    try:
-        row["images"] = [open_image(item) for item in row.get("images") or []] or None
-    except Exception as err:
-        raise reward.RowError(f"{reward.row_name(row)}: {err}") from None
-    return row
+def prompt_length(processor, row: dict) -> int:
+    """Prompt tokens, exactly as the processor makes them: the chat text's tokens, where each
+    image's one <|image_pad|> becomes patches / merge^2 tokens (the image processor's own count,
+    after its resize). Only the order of rows depends on it."""
+    text = processor.apply_chat_template(reward.build_messages(row), add_generation_prompt=True,
+                                         tokenize=False)
+    length = len(processor.tokenizer(text)["input_ids"])
+    images = processor.image_processor
+    for image in row["images"] or []:
+        length += images.get_number_of_image_patches(image.height, image.width) // images.merge_size**2 - 1
+    return length
 
 
 @dataclass
 class Row:
-    position: int  # in the dataset (after --limit)
+    position: int  # in the checked dataset (after --limit and skipped rows)
     key: tuple  # (dataset_name, dataset_index): what resuming and the predictions file join on
-    length: int  # prompt tokens, estimated: text tokens + one token per 28 x 28 px of image
+    length: int  # prompt tokens
 
 
-def check_rows(ds, processor, on_bad_row: str) -> tuple[list[Row], list[dict]]:
-    """Read every row once before any generation, so a long run never dies on row 40,000.
+def load_rows(args: EvalArgs, processor, show_progress: bool):
+    """The split, checked once before any model work, and its rows with their prompt lengths.
 
-    Returns the good rows and the skipped ones; with on_bad_row="error" any bad row raises,
-    naming all of them. Duplicate (dataset_name, dataset_index) keys are always an error.
+    Returns (dataset, rows, bad rows, the data's fingerprint). reward.load_split refuses an empty
+    set or a missing column (a missing `answer` is named now, not after the first batch);
+    reward.check_rows names every bad row (docs/method.md section 10). A set left empty by --limit
+    or by skipping is an error too: a run with zero benchmarks must not look like a success.
     """
-    rows, bad, seen = [], [], set()
-    names, indices = ds["dataset_name"], ds["dataset_index"]
-    for i in range(len(ds)):
-        try:
-            row = read_row(ds, i)
-        except reward.RowError as err:
-            bad.append({"dataset_name": names[i], "dataset_index": indices[i], "reason": str(err)})
-            continue
-        key = (row["dataset_name"], row["dataset_index"])
-        if key in seen:
-            raise ValueError(f"{reward.row_name(row)} occurs twice: rows must have unique keys")
-        seen.add(key)
-        text = processor.apply_chat_template(reward.build_messages(row), add_generation_prompt=True,
-                                             tokenize=False)
-        # Qwen2.5-VL: one token per 28 x 28 px after the 2 x 2 merge; only used to order rows.
-        pixels = sum(image.size[0] * image.size[1] for image in row["images"] or [])
-        length = len(processor.tokenizer(text)["input_ids"]) + pixels // (28 * 28)
-        rows.append(Row(i, key, length))
-    if bad and on_bad_row == "error":
-        listed = "\n".join(b["reason"] for b in bad[:20])
-        more = f"\n... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise reward.RowError(f"{len(bad)} bad row(s); pass --on-bad-row skip to skip them:\n{listed}{more}")
-    return rows, bad
+    ds = reward.load_split(args.data, args.split)
+    fingerprint = reward.data_fingerprint(ds)  # of the whole split: --limit is a setting
+    where = f"{args.data} (split {args.split})"
+    if args.limit is not None:
+        ds = ds.select(range(max(0, min(args.limit, len(ds)))))
+        if len(ds) == 0:
+            raise ValueError(f"{where}: --limit {args.limit} leaves no rows to evaluate")
+    base_dir = reward.data_dir(args.data)
+    progress = partial(tqdm, desc="checking rows", unit="row", disable=not show_progress)
+    good, bad = reward.check_rows(ds, args.on_bad_row, base_dir, progress=progress)
+    if not good:
+        raise reward.RowError(f"{where}: all {len(ds)} rows are bad, nothing to evaluate; "
+                              f"the first: {bad[0]['reason']}")
+    if bad:
+        ds = ds.select(good)
+    rows, batches = [], stored_rows(ds).iter(batch_size=64)
+    for i, row in enumerate(row for batch in batches for row in batch.to_pylist()):
+        row = reward.check_row(row, base_dir)  # decoded, for the image sizes
+        rows.append(Row(i, (row["dataset_name"], row["dataset_index"]), prompt_length(processor, row)))
+    return ds, rows, bad, fingerprint
 
 
 def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
@@ -186,7 +193,7 @@ def load_model(args: EvalArgs, device):
 
 
 def generation_kwargs(args: EvalArgs, tokenizer) -> dict:
-    """Every sampling setting explicit (DESIGN.md section 9).
+    """Every sampling setting explicit (docs/method.md section 9).
 
     generate() fills any setting left unset from the checkpoint's generation_config.json, and the
     Qwen2.5-VL checkpoints ship near-greedy sampling defaults and a repetition penalty; with
@@ -209,7 +216,7 @@ def generate(model, processor, rows: list[dict], n: int, gen_kwargs: dict, seed:
     """K responses per row: prompts and images repeated K times before the processor call.
 
     Repeating before the processor (rather than num_return_sequences, which expands pixel_values
-    inside generate only) keeps one prompt per sequence everywhere (DESIGN.md section 9).
+    inside generate only) keeps one prompt per sequence everywhere (docs/method.md section 9).
     The processor gets only real images, so a batch may mix image and text-only rows, and it
     returns mm_token_type_ids, without which Qwen2.5-VL falls back to 1-D positions.
     """
@@ -225,25 +232,17 @@ def generate(model, processor, rows: list[dict], n: int, gen_kwargs: dict, seed:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Grading (reward.py's evaluation rule) and the summary
+# 3. Grading (reward.py's official rules, docs/method.md section 4) and the summary
 # ---------------------------------------------------------------------------------------------
 
 
 def option_letter(pred: str, options: dict) -> str | None:
-    """The letter an extracted answer names, by reward.is_correct's equality; first match wins."""
+    """The letter an extracted answer names: the first option it grades equal to (reward.is_correct),
+    as regrade_eval_results.py converts a prediction to a letter."""
     for letter, text in options.items():
         if reward.is_correct(pred, letter, text):
             return letter
     return None
-
-
-def think_text(response: str) -> str | None:
-    """The text before the first </think>, after the last <think> before it; None if unclosed."""
-    end = response.find("</think>")
-    if end < 0:
-        return None
-    start = response.rfind("<think>", 0, end)
-    return response[start + len("<think>") if start >= 0 else 0 : end]
 
 
 def option_named_last(text: str, options: dict) -> str | None:
@@ -261,31 +260,40 @@ def option_named_last(text: str, options: dict) -> str | None:
 
 
 def grade(line: dict) -> dict:
-    """Add `preds`, `correct` and `consistent` (one per response) to a predictions line.
+    """Add `preds`, `correct`, `pass_correct` and `consistent` (one per response) to a line.
 
-    consistent: 1 when the answer's letter is the option the reasoning (think text) names last,
-    0 when the reasoning names another option (or the answer is no option), null when the
-    reasoning names none or there are no options. GRPO's reward never reads the reasoning, so
-    this shows answers drifting away from it (DESIGN.md section 10).
+    preds, correct: the evaluation rule (reward.extract_answer, reward.is_correct; section 4.2).
+    pass_correct: the pass-count and trace grade (reward.pass_correct; section 4.3), which
+    curate.py counts: it differs from `correct` (no fallbacks, the first answer block).
+    consistent: 1 when the answer's letter is the option the reasoning (reward.think_text, the
+    first think block) names last, 0 when it names another option (or the answer is no option),
+    null when it names none or there are no options. GRPO's reward never reads the reasoning, so
+    this shows answers drifting away from it (docs/method.md section 11).
     """
     options = reward.parse_options(line) if line.get("options") is not None else {}
-    preds = [reward.extract_answer(response) for response in line["responses"]]
+    label, answer, responses = line["answer_label"], line["answer"], line["responses"]
+    preds = [reward.extract_answer(response) for response in responses]
     consistent = []
-    for response, pred in zip(line["responses"], preds):
-        thought = think_text(response)
+    for response, pred in zip(responses, preds):
+        thought = reward.think_text(response)
         named = option_named_last(thought, options) if thought is not None else None
         consistent.append(None if named is None else int(option_letter(pred, options) == named))
     return dict(line, preds=preds,
-                correct=[int(reward.is_correct(p, line["answer_label"], line["answer"])) for p in preds],
+                correct=[int(reward.is_correct(p, label, answer)) for p in preds],
+                pass_correct=[int(reward.pass_correct(r, label, answer)) for r in responses],
                 consistent=consistent)
 
 
 def majority_correct(line: dict) -> int:
-    """maj@K: vote over the K answers, each as its option letter where it names one (else its
-    stripped lowercased text); ties go to the answer seen first; 1 if the vote is correct."""
+    """maj@K as regrade_eval_results.py computes it: each answer becomes its option letter where it
+    names one (else stays as it is), the most common wins (ties: the first seen), and it is correct
+    when it is the label. A line without options (another tool's file) grades the winning answer
+    with reward.is_correct instead."""
     options = reward.parse_options(line) if line.get("options") is not None else {}
-    votes = [option_letter(p, options) or p.strip().lower() for p in line["preds"]]
+    votes = [option_letter(p, options) or p for p in line["preds"]]
     vote = Counter(votes).most_common(1)[0][0]  # most_common keeps first-seen order among ties
+    if options:
+        return int(vote == line["answer_label"])
     return int(reward.is_correct(vote, line["answer_label"], line["answer"]))
 
 
@@ -341,18 +349,33 @@ def markdown_table(benchmarks: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_lines(path: Path) -> list[dict]:
-    """The complete lines of one of our own predictions files; a last line without its newline
-    (the process was killed while writing it) is not done and is ignored."""
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    complete = text[: text.rfind("\n") + 1]
-    return [json.loads(line) for line in complete.splitlines() if line.strip()]
+def read_jsonl(path, complete_only: bool) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each JSON line of a file, split on "\\n" and nothing else.
+
+    json.dumps(..., ensure_ascii=False), as the official code and we write these files, leaves
+    U+2028, U+2029 and U+0085 raw inside a response, and str.splitlines() ends a line at each of
+    them. Iterating over a text file does not, but with the default newline=None it ends a line at
+    a bare "\\r" too and turns "\\r\\n" into "\\n". newline="\\n" splits on "\\n" only and
+    changes no character: a file with "\\r\\n" ends still parses ("\\r" is JSON whitespace), and a
+    raw "\\r" inside a string (invalid JSON, but some writers leave it) stays in its response,
+    where the evaluation rule reads it as a line end (strict=False accepts it).
+    complete_only: a last line without its newline (a kill while writing it) is not done yet.
+    """
+    with open(path, encoding="utf-8", newline="\n") as f:
+        for number, text in enumerate(f, 1):
+            if complete_only and not text.endswith("\n"):
+                return
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text, strict=False)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number}: not JSON ({err})") from None
 
 
 def drop_torn_tail(path: Path):
-    """Cut a partial last line off before appending to a file again."""
+    """Cut a partial last line off before appending to a file again (b"\\n" never occurs inside a
+    UTF-8 multi-byte character, so bytes are safe here)."""
     if path.exists():
         data = path.read_bytes()
         if data and not data.endswith(b"\n"):
@@ -365,26 +388,39 @@ def part_files(out: Path) -> list[Path]:
 
 
 def saved_lines(out: Path) -> dict:
-    """Every row answered so far in DIR, merged or not, by (dataset_name, dataset_index)."""
+    """Every row answered so far in DIR, merged or not, by (dataset_name, dataset_index).
+
+    The files are the record: each process appends its own part as it goes, so whatever a kill
+    leaves is reused, and the merge reads those files rather than gathering objects in memory.
+    """
     found = {}
     for path in [out / "predictions.jsonl", *part_files(out)]:
-        for line in read_lines(path):
-            found.setdefault((line["dataset_name"], line["dataset_index"]), line)
+        if path.exists():
+            for _, line in read_jsonl(path, complete_only=True):
+                found.setdefault((line["dataset_name"], line["dataset_index"]), line)
     return found
 
 
-def check_settings(out: Path, settings: dict):
-    """A resumed run must have the arguments that produced the rows already there."""
-    saved = out / "settings.json"
-    if saved.exists():
-        previous = json.loads(saved.read_text())
-        changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
-        if changed:
-            listed = ", ".join(f"{k}: {old!r} before, {new!r} now" for k, (old, new) in changed.items())
-            raise SystemExit(f"{out} holds a run with other settings ({listed}). Resume with the "
-                             "same arguments, or give another --out.")
-    elif (out / "predictions.jsonl").exists() or part_files(out):
-        raise SystemExit(f"{out} holds predictions without settings.json: give another --out.")
+def model_fingerprint(model: str) -> str:
+    """A local model folder: a digest of its files' names, sizes and modification times, so a model
+    trained again into the same folder is another model (reading it changes none of them). A hub id
+    stands for itself."""
+    if not os.path.isdir(model):
+        return model
+    digest = hashlib.sha256()
+    for entry in sorted(os.scandir(model), key=lambda e: e.name):
+        if entry.is_file():
+            stat = entry.stat()
+            digest.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def file_fingerprint(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def write_json(path: Path, obj):
@@ -414,58 +450,76 @@ def finish(out: Path, lines: list[dict], skipped: list[dict], info: dict, starte
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. The two commands
+# 5. The commands
 # ---------------------------------------------------------------------------------------------
 
 
+def regrade_line(line: dict, where: str) -> dict:
+    """A saved line in our format, with its responses; the official run_offline_inference.py keeps
+    them as parsed_outputs[i]["output_text"] (and no options: those are in its data set)."""
+    if "responses" not in line and isinstance(line.get("parsed_outputs"), list):
+        outputs = line["parsed_outputs"]
+        if all(isinstance(o, dict) and isinstance(o.get("output_text"), str) for o in outputs):
+            line = dict(line, responses=[o["output_text"] for o in outputs])
+    missing = [k for k in ("dataset_name", "answer_label", "answer", "responses") if k not in line]
+    responses = line.get("responses")
+    if missing or not isinstance(responses, list) or not responses or \
+            not all(isinstance(r, str) for r in responses):
+        raise SystemExit(f"{where}: needs dataset_name, answer_label, answer and a non-empty list of "
+                         f"responses (or the official parsed_outputs) (missing {missing})")
+    return grade(line)
+
+
 def regrade(args: EvalArgs):
-    started, out = time.time(), Path(args.out)
-    lines = []
-    for number, text in enumerate(Path(args.regrade).read_text(encoding="utf-8").splitlines(), 1):
-        if not text.strip():
-            continue
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"{args.regrade} line {number}: not JSON ({err})") from None
-        missing = [k for k in ("dataset_name", "answer_label", "answer", "responses") if k not in line]
-        if missing or not isinstance(line.get("responses"), list) or not line["responses"]:
-            raise SystemExit(f"{args.regrade} line {number}: needs dataset_name, answer_label, answer "
-                             f"and a non-empty list of responses (missing {missing})")
-        lines.append(grade(line))
-    out.mkdir(parents=True, exist_ok=True)
+    """Grade saved responses again, with no model: a change of grading rule, or another tool's file."""
+    started, out = time.time(), Path(args.output_dir)
+    try:
+        lines = [regrade_line(line, f"{args.regrade} line {number}")
+                 for number, line in read_jsonl(args.regrade, complete_only=False)]
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    fingerprint = {"stage": "evaluate --regrade", "settings": {"regrade": os.path.abspath(args.regrade)},
+                   "data": file_fingerprint(args.regrade)}
+    # Regrading is deterministic, so the same run may write its files again; any other folder (a
+    # generation run's, say) is refused rather than overwritten.
+    reward.claim_output_dir(str(out), fingerprint, resume=True)
     return finish(out, lines, [], {"regraded_from": args.regrade}, started)
 
 
 def evaluate(args: EvalArgs):
-    started, out = time.time(), Path(args.out)
-    # Generation never communicates across processes; only the two barriers below do, and a rank
+    started, out = time.time(), Path(args.output_dir)
+    # Generation never communicates across processes; only the barriers below do, and a rank
     # may reach the last one long after the others (gloo's and NCCL's default timeouts are 30/10 min).
     # Accelerator (not PartialState) reads `accelerate launch`'s settings, ACCELERATE_USE_CPU included.
     state = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=48))])
-    settings = {k: v for k, v in asdict(args).items() if k not in ("out", "regrade")}
-    check_settings(out, settings)  # every rank reads, none writes yet: all refuse or none do
-
     processor = load_processor(args)
-    ds = reward.load_split(args.data, args.split)
-    if args.limit is not None:
-        ds = ds.select(range(min(args.limit, len(ds))))
-    rows, skipped = check_rows(ds, processor, args.on_bad_row)
+    ds, rows, skipped, data_fingerprint = load_rows(args, processor, state.is_main_process)
+    base_dir = reward.data_dir(args.data)
+
+    # The run folder: saved predictions are reused only by the very same run (same model files,
+    # data and settings); another run's folder is refused, naming what differs (section 10).
+    # Every rank computes the same fingerprint; the main one claims. If it refuses, it exits
+    # with the message and `accelerate launch` stops the others.
+    settings = {k: v for k, v in asdict(args).items() if k not in NOT_RESULTS}
+    fingerprint = {"stage": "evaluate", "settings": settings, "data": data_fingerprint,
+                   "model": model_fingerprint(args.model)}
     if state.is_main_process:
-        for bad in skipped:
-            print(f"skipping {bad['reason']}", file=sys.stderr)
+        reward.claim_output_dir(str(out), fingerprint, resume=True)
+        if skipped:
+            reward.write_bad_rows(skipped, str(out))
+            print(f"skipped {len(skipped)} bad row(s) of {len(rows) + len(skipped)}, listed in "
+                  f"{out / 'bad_rows.jsonl'}; the first: {skipped[0]['reason']}")
+    state.wait_for_everyone()
+
     done = saved_lines(out)
     # A batch is run again whole if any of its rows is missing, so that every row is answered in
     # the same batch as in an uninterrupted run; only the missing rows are written.
     pending = [b for b in make_batches(rows, args.batch_size) if any(r.key not in done for r in b)]
     mine = pending[state.process_index :: state.num_processes]  # round robin: lengths balance
-    out.mkdir(parents=True, exist_ok=True)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        write_json(out / "settings.json", settings)
     model = load_model(args, state.device) if mine else None
     gen_kwargs = generation_kwargs(args, processor.tokenizer)
 
+    stored = stored_rows(ds)
     part = out / f"predictions.rank{state.process_index}.jsonl"
     drop_torn_tail(part)
     n_rows = sum(len(b) for b in mine)
@@ -474,9 +528,10 @@ def evaluate(args: EvalArgs):
     generating = time.time()
     with open(part, "a", encoding="utf-8") as f:
         for batch in mine:
-            rows_read = [read_row(ds, r.position) for r in batch]
-            seed = batch_seed(args.seed, batch)
-            responses = generate(model, processor, rows_read, args.n, gen_kwargs, seed)
+            rows_read = [reward.check_row(row, base_dir)
+                         for row in stored[[r.position for r in batch]].to_pylist()]
+            responses = generate(model, processor, rows_read, args.n, gen_kwargs,
+                                 batch_seed(args.seed, batch))
             new = []
             for r, row, answered in zip(batch, rows_read, responses):
                 if r.key not in done:
@@ -521,7 +576,10 @@ def named(items: list[str], flag: str) -> list[tuple[str, str]]:
 def compare(args: EvalArgs):
     """One row per model, benchmarks as columns and Avg last, like the paper's tables.
 
-    A paper row has only its average (DESIGN.md section 8 lists the paper's averages).
+    A paper row has only its average (docs/method.md section 8 lists the paper's averages).
+    This writes only views of finished runs (summary.json, summary.md, curves.png), recomputed
+    from their results each time, into a folder that usually holds those runs (the recipe's run
+    folder): it is not claimed as a run folder of its own.
     """
     summary = {}
     for name, folder in named(args.compare, "--compare"):
@@ -534,7 +592,7 @@ def compare(args: EvalArgs):
     cell = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
     table = ["| model | " + " | ".join(names) + " | Avg |", "|---" * (len(names) + 2) + "|"]
     for metric in ("accuracy", "consistency"):
-        if metric == "consistency":  # answers that agree with their own reasoning (DESIGN.md 10)
+        if metric == "consistency":  # answers that agree with their own reasoning (section 11)
             table += ["", "Answer agrees with the reasoning (consistency, %):", "", *table[:2]]
         for name, result in summary.items():
             values = [result["benchmarks"].get(b, {}).get(metric) for b in names]
@@ -544,7 +602,7 @@ def compare(args: EvalArgs):
         if metric == "accuracy":
             for name, average in named(args.paper, "--paper"):
                 table.append(f"| {name} (paper) | " + " | ".join("-" for _ in names) + f" | {float(average):.2f} |")
-    out = Path(args.out)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", summary)
     (out / "summary.md").write_text("\n".join(table) + "\n", encoding="utf-8")
@@ -570,7 +628,9 @@ def plot_curves(curves: list[str], path: Path):
         file, _, key = spec.rpartition(":")
         if not file:
             raise SystemExit(f"--curves {label}={spec}: expected LABEL=metrics.jsonl:KEY")
-        steps = [line for line in read_lines(Path(file)) if line.get(key) is not None]
+        if not os.path.isfile(file):
+            raise SystemExit(f"--curves {label}: {file} does not exist")
+        steps = [line for _, line in read_jsonl(file, complete_only=True) if line.get(key) is not None]
         if not steps:
             raise SystemExit(f"--curves {label}: no step of {file} has {key!r}")
         ax.plot([line.get("step", i + 1) for i, line in enumerate(steps)], [line[key] for line in steps])
@@ -593,7 +653,7 @@ def main(argv=None):
     if not (args.model and args.data):
         raise SystemExit("give --model and --data (or --regrade FILE)")
     if args.n < 1 or args.batch_size < 1:
-        raise SystemExit("--n and --batch-size must be at least 1")
+        raise SystemExit("--n and --batch_size must be at least 1")
     if args.n > 1 and args.temperature <= 0:
         raise SystemExit("--n > 1 needs --temperature > 0: greedy samples would all be the same")
     return evaluate(args)

@@ -1,6 +1,11 @@
-"""evaluate.py: batched greedy equals a naive loop, grading by hand, resume, two processes, bad rows."""
+"""evaluate.py: batched greedy equals a naive loop, grading by the official rules, files split on
+"\\n" only, resume, two processes, bad rows, empty data, changed data, image paths."""
 
+import io
 import json
+import os
+import random
+import shutil
 import subprocess
 import sys
 
@@ -34,8 +39,8 @@ def model_dir(tiny_model_dir, tmp_path_factory) -> str:
 
 
 def run(model_dir, data_dir, out, *extra):
-    return evaluate.main(["--model", model_dir, "--data", str(data_dir), "--out", str(out),
-                          "--max-new-tokens", str(TOKENS), *map(str, extra)])
+    return evaluate.main(["--model", str(model_dir), "--data", str(data_dir), "--output_dir", str(out),
+                          "--max_new_tokens", str(TOKENS), *map(str, extra)])
 
 
 def without_time(results: dict) -> dict:
@@ -43,10 +48,27 @@ def without_time(results: dict) -> dict:
 
 
 def read(path) -> list[dict]:
-    return [json.loads(line) for line in open(path)]
+    return [json.loads(line) for line in open(path, encoding="utf-8", newline="\n")]
 
 
-SAMPLED = ("--n", 2, "--temperature", 1.0, "--batch-size", 4, "--seed", 7)
+def listing(folder) -> list[tuple]:
+    """Every file under a folder with its size and modification time."""
+    return sorted((os.path.relpath(os.path.join(d, f), folder), os.stat(os.path.join(d, f)).st_size,
+                   os.stat(os.path.join(d, f)).st_mtime_ns) for d, _, files in os.walk(folder) for f in files)
+
+
+def save(rows: list[dict], features, folder) -> str:
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(folder))
+    return str(folder)
+
+
+def no_model_work(monkeypatch):
+    fail = lambda *a, **k: pytest.fail("no model work may start")  # noqa: E731
+    monkeypatch.setattr(evaluate, "load_model", fail)
+    monkeypatch.setattr(evaluate, "generate", fail)
+
+
+SAMPLED = ("--n", 2, "--temperature", 1.0, "--batch_size", 4, "--seed", 7)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +78,18 @@ def sampled_reference(model_dir, toy_data_dir, tmp_path_factory):
     return out, run(model_dir, toy_data_dir, out, *SAMPLED)
 
 
+@pytest.fixture(scope="module")
+def test_split(toy_data_dir):
+    return datasets.load_from_disk(toy_data_dir)["test"]
+
+
 # --------------------------------------------------------------------------------------------
 # Greedy: batching, left padding and ordering by length change nothing
 # --------------------------------------------------------------------------------------------
 
 
 def test_greedy_equals_one_row_at_a_time_generate(model_dir, toy_data_dir, tmp_path):
-    results = run(model_dir, toy_data_dir, tmp_path, "--batch-size", 8)
+    results = run(model_dir, toy_data_dir, tmp_path, "--batch_size", 8)
     lines = read(tmp_path / "predictions.jsonl")
 
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -82,11 +109,24 @@ def test_greedy_equals_one_row_at_a_time_generate(model_dir, toy_data_dir, tmp_p
         assert line["preds"] == [reward.extract_answer(response)]
         graded = reward.is_correct(line["preds"][0], row["answer_label"], row["answer"])
         assert line["correct"] == [int(graded)]
+        assert line["pass_correct"] == [int(reward.pass_correct(response, row["answer_label"], row["answer"]))]
     # Not vacuous: responses differ from row to row.
     assert len({line["responses"][0] for line in lines}) > 20
     assert set(results["benchmarks"]) == {"ToyHeartRate", "ToyFever", "ToyLesion"}
     assert all(b["n"] == 8 for b in results["benchmarks"].values())
     assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+def test_prompt_length_is_the_processors_token_count(model_dir, test_split):
+    """Rows are ordered by prompt length; the image tokens are counted by the image processor."""
+    processor = AutoProcessor.from_pretrained(model_dir)
+    rows = [row for row in test_split.select(range(6))]
+    rows.append(dict(rows[2], images=[Image.new("RGB", (100, 37)), Image.new("RGB", (29, 300))]))
+    assert sum(bool(row["images"]) for row in rows) == 3
+    for row in rows:
+        texts, images = reward.chat_prompts(processor, [row])
+        expected = processor(text=texts, images=images or None, return_tensors="pt")["input_ids"].shape[1]
+        assert evaluate.prompt_length(processor, row) == expected
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +136,8 @@ def test_greedy_equals_one_row_at_a_time_generate(model_dir, toy_data_dir, tmp_p
 OPTIONS = {"A": "Asthma", "B": "Pneumonia", "C": "Bronchitis"}
 HAND_LINES = [
     # X, row 1 (label B): B (reasoning names pneumonia -> consistent), A (names asthma -> consistent),
-    # "Pneumonia" via the "answer is" fallback (no think text -> null; format fails).
+    # "Pneumonia" via the "answer is" fallback (no think text -> null; format fails). The pass-count
+    # grade has no fallback: the whole text "The answer is Pneumonia" is wrong there.
     {"dataset_name": "X", "dataset_index": 1, "answer_label": "B", "answer": "Pneumonia",
      "options": json.dumps(OPTIONS),
      "responses": ["<think>crackles: asthma is unlikely, pneumonia</think>\n<answer>B</answer>",
@@ -109,8 +150,8 @@ HAND_LINES = [
      "responses": ["<think>Asthma or bronchitis? BRONCHITIS</think><answer>C</answer>",
                    "<think>I say asthma</think><answer>C. Bronchitis</answer>",
                    "<think>asthma</think><answer>B</answer>"]},
-    # Y: only the required fields. No options: votes are the stripped lowercased answers, so
-    # "b", "a", "b. pneumonia" tie at one vote each and the first seen, "b", wins (correct).
+    # Y: only the required fields. No options: the votes are the answers as they are, "b", "A",
+    # "B. Pneumonia" tie at one vote each and the first seen, "b", wins; graded by is_correct: 1.
     {"dataset_name": "Y", "answer_label": "B", "answer": "Pneumonia",
      "responses": ["<answer>b</answer>", "answer: A", "<answer>B. Pneumonia</answer>"]},
     # Y: "A", "B", "C" tie; "A" is first seen and wrong. One of three correct: pass, not maj.
@@ -122,12 +163,13 @@ def test_regrade_gives_hand_computed_metrics(tmp_path, capsys):
     source = tmp_path / "hand.jsonl"
     # As another tool might write it: no newline after the last line.
     source.write_text("\n".join(json.dumps(line) for line in HAND_LINES))
-    results = evaluate.main(["--regrade", str(source), "--out", str(tmp_path / "out")])
+    results = evaluate.main(["--regrade", str(source), "--output_dir", str(tmp_path / "out")])
 
     lines = read(tmp_path / "out" / "predictions.jsonl")
     assert [line["preds"] for line in lines] == [["B", "A", "Pneumonia"], ["C", "C. Bronchitis", "B"],
                                                  ["b", "A", "B. Pneumonia"], ["A", "B", "C"]]
     assert [line["correct"] for line in lines] == [[1, 0, 1], [0, 0, 0], [1, 0, 1], [0, 1, 0]]
+    assert [line["pass_correct"] for line in lines] == [[1, 0, 0], [0, 0, 0], [1, 0, 1], [0, 1, 0]]
     assert [line["consistent"] for line in lines] == [[1, 1, None], [1, 0, 0], [None] * 3, [None] * 3]
     x, y = results["benchmarks"]["X"], results["benchmarks"]["Y"]
     assert x["n"] == 2 and y["n"] == 2
@@ -145,22 +187,121 @@ def test_regrade_gives_hand_computed_metrics(tmp_path, capsys):
 
     # Regrading its own output changes nothing.
     again = evaluate.main(["--regrade", str(tmp_path / "out" / "predictions.jsonl"),
-                           "--out", str(tmp_path / "again")])
+                           "--output_dir", str(tmp_path / "again")])
     assert without_time(again) | {"regraded_from": None} == without_time(results) | {"regraded_from": None}
+    # The same regrade again into its own folder is the same run; a changed file is another.
+    evaluate.main(["--regrade", str(source), "--out", str(tmp_path / "out")])
+    source.write_text(json.dumps(HAND_LINES[3]) + "\n")
+    with pytest.raises(SystemExit, match="holds another run"):
+        evaluate.main(["--regrade", str(source), "--out", str(tmp_path / "out")])
 
     source.write_text(json.dumps({"dataset_name": "X", "answer_label": "A", "answer": "x"}) + "\n")
     with pytest.raises(SystemExit, match="line 1"):
-        evaluate.main(["--regrade", str(source), "--out", str(tmp_path / "bad")])
+        evaluate.main(["--regrade", str(source), "--output_dir", str(tmp_path / "bad")])
+    source.write_text(json.dumps(HAND_LINES[3]) + "\n{not json\n")
+    with pytest.raises(SystemExit, match="line 2: not JSON"):
+        evaluate.main(["--regrade", str(source), "--output_dir", str(tmp_path / "bad")])
 
 
-def test_option_named_last_prefers_the_longer_option_on_a_tie():
+def test_majority_vote_is_the_official_letter_vote():
+    """regrade_eval_results.py: answers become letters where they name an option, the vote must be
+    the label itself."""
+    line = {"answer_label": "B", "answer": "Pneumonia", "options": OPTIONS}
+    assert evaluate.majority_correct(dict(line, preds=["pneumonia", "B. Pneumonia", "A"])) == 1
+    assert evaluate.majority_correct(dict(line, preds=["A", "C", "B"])) == 0  # first seen of a tie
+    assert evaluate.majority_correct(dict(line, preds=["maybe", "maybe", "B"])) == 0  # no option
+
+
+def test_consistency_reads_the_official_think_text():
+    """The reasoning is reward.think_text: the first <think>...</think> block, or none."""
     options = {"A": "Pneumonia", "B": "Bacterial pneumonia", "C": "Asthma"}
     assert evaluate.option_named_last("not asthma: bacterial pneumonia", options) == "B"
     assert evaluate.option_named_last("bacterial pneumonia? No, viral: pneumonia.", options) == "A"
     assert evaluate.option_named_last("no option here", options) is None
-    assert evaluate.think_text("<think>a</think><answer>B</answer>") == "a"
-    assert evaluate.think_text("no opening tag</think><answer>B</answer>") == "no opening tag"
-    assert evaluate.think_text("<think>never closed") is None
+    line = {"dataset_name": "X", "answer_label": "C", "answer": "Asthma", "options": options,
+            "responses": ["<think>asthma</think> <think>pneumonia</think><answer>C</answer>",
+                          "asthma, no opening tag</think><answer>C</answer>",
+                          "<think>asthma, never closed <answer>C</answer>"]}
+    assert evaluate.grade(line)["consistent"] == [1, None, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction files are split on "\n" only (U+2028, U+2029, U+0085 and "\r" stay in a response)
+# --------------------------------------------------------------------------------------------
+
+ODD = ["<think>line\u2028separator</think>\n<answer>B\u2029</answer>",  # U+2029 is whitespace: "B"
+       "<think>next\u0085line</think><answer>A\rB</answer>",  # "\r" ends the answer's first line: "A"
+       "answer: B\u2028C"]  # the marker's "(.*)" runs over U+2028 (only "\n" stops it): "B\u2028C"
+
+
+def test_regrade_reads_a_file_written_with_ensure_ascii_false(tmp_path):
+    ours = {"dataset_name": "X", "dataset_index": 1, "answer_label": "B", "answer": "Pneumonia",
+            "options": OPTIONS, "responses": ODD}
+    # The official run_offline_inference.py's line: responses in parsed_outputs, stripped, no options.
+    official = {"dp_index": 0, "prompts": "p\u2028q", "dataset_name": "X", "dataset_index": 2,
+                "answer_label": "A", "answer": "Asthma", "num_rollouts": 3, "num_correct": 1,
+                "parsed_outputs": [{"output_text": text, "pred_letter": "?", "is_correct": False}
+                                   for text in ODD]}
+    written = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in (ours, official))
+    # A third line as a Windows tool or a sloppy writer leaves it: a raw "\r" inside a string
+    # (not valid JSON) and a "\r\n" line end.
+    raw_cr = json.dumps(dict(ours, dataset_index=3, responses=["<answer>B\rA</answer>", "B", "C"]),
+                        ensure_ascii=False)
+    raw = (written + raw_cr.replace("\\r", "\r") + "\r\n").encode("utf-8")
+    source = tmp_path / "official.jsonl"
+    source.write_bytes(raw)
+    assert "\u2028" in written and "\u0085" in written and len(raw.decode().splitlines()) > 3  # not vacuous
+
+    results = evaluate.main(["--regrade", str(source), "--output_dir", str(tmp_path / "out")])
+    lines = read(tmp_path / "out" / "predictions.jsonl")
+    assert [line["dataset_index"] for line in lines] == [1, 2, 3]
+    assert lines[0]["responses"] == lines[1]["responses"] == ODD  # every character kept
+    assert lines[2]["responses"] == ["<answer>B\rA</answer>", "B", "C"]
+    assert lines[0]["preds"] == ["B", "A", "B\u2028C"]
+    assert lines[2]["preds"] == ["B", "B", "C"]
+    for line in lines:  # the official rules of reward.py, on the exact strings
+        label, answer = line["answer_label"], line["answer"]
+        assert line["correct"] == [int(reward.is_correct(reward.extract_answer(r), label, answer))
+                                   for r in line["responses"]]
+        assert line["pass_correct"] == [int(reward.pass_correct(r, label, answer)) for r in line["responses"]]
+    assert lines[0]["correct"] == [1, 0, 0] and lines[1]["correct"] == [0, 1, 0]
+    assert lines[0]["pass_correct"] == [1, 0, 0] and lines[1]["pass_correct"] == [0, 0, 0]
+    assert results["benchmarks"]["X"]["n"] == 3
+
+
+def fake_generate(model, processor, rows, n, gen_kwargs, seed):
+    """Responses holding U+2028, U+2029, U+0085 and "\\r", a function of the batch seed and row."""
+    rng = random.Random(seed)
+    return [[f"<think>{row['dataset_index']}\u2028{rng.random():.3f}\u0085ok\r</think>\n"
+             f"<answer>{rng.choice(list(reward.parse_options(row)))}\u2029</answer>" for _ in range(n)]
+            for row in rows]
+
+
+def test_resume_keeps_responses_with_line_separators(model_dir, toy_data_dir, tmp_path, monkeypatch):
+    settings = ("--limit", 12, *SAMPLED)
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    run(model_dir, toy_data_dir, tmp_path / "whole", *settings)
+    calls = []
+
+    def killed_on_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return fake_generate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", killed_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(model_dir, toy_data_dir, tmp_path / "resumed", *settings)
+    part = tmp_path / "resumed" / "predictions.rank0.jsonl"
+    text = part.read_text(encoding="utf-8")
+    assert text.count("\n") == 8 and "\u2028" in text and "\u0085" in text
+    # Killed while writing the last line, just after a U+2028 of it.
+    part.write_text(text[: text.rfind("\u2028") + 1], encoding="utf-8")
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    run(model_dir, toy_data_dir, tmp_path / "resumed", *settings)
+    whole = (tmp_path / "whole" / "predictions.jsonl").read_bytes()
+    assert (tmp_path / "resumed" / "predictions.jsonl").read_bytes() == whole
+    assert "\u2029".encode() in whole
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +342,7 @@ def test_kill_and_resume_equals_uninterrupted_run(model_dir, toy_data_dir, sampl
     monkeypatch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("nothing left to generate"))
     assert without_time(run(model_dir, toy_data_dir, tmp_path, *SAMPLED)) == without_time(reference)
     # Other settings in the same folder are refused, before any work.
-    with pytest.raises(SystemExit, match="seed: 7 before, 8 now"):
+    with pytest.raises(SystemExit, match="holds another run .settings differ: seed"):
         run(model_dir, toy_data_dir, tmp_path, *SAMPLED[:-1], 8)
 
 
@@ -210,52 +351,176 @@ def test_two_processes_equal_one(model_dir, toy_data_dir, sampled_reference, tmp
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "evaluate.py"), "--model", model_dir, "--data", toy_data_dir,
-               "--out", str(tmp_path),
-               "--max-new-tokens", str(TOKENS), *map(str, SAMPLED)]
+               "--out", str(tmp_path),  # the Makefile's spelling of --output_dir
+               "--max_new_tokens", str(TOKENS), *map(str, SAMPLED)]
     done = subprocess.run(command, env=run_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 1:" in done.stdout  # both processes generated
     assert (tmp_path / "predictions.jsonl").read_text() == (reference_dir / "predictions.jsonl").read_text()
     assert without_time(json.loads((tmp_path / "results.json").read_text())) == without_time(reference)
+    # Another seed into the same folder: the main process refuses, and the launcher stops the other
+    # (waiting at the barrier) instead of leaving it there.
+    command[command.index("--seed") + 1] = "8"
+    done = subprocess.run(command, env=run_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0 and "holds another run (settings differ: seed)" in done.stderr
 
 
 # --------------------------------------------------------------------------------------------
-# Bad rows: reported by name, an error by default, counted when skipped
+# The run folder: the same run resumes, a changed data set, model or setting is refused
 # --------------------------------------------------------------------------------------------
 
 
-def test_bad_rows_are_named_and_counted(model_dir, toy_data_dir, tmp_path):
-    test = datasets.load_from_disk(toy_data_dir)["test"].select(range(9))
-    rows = test.to_list()
-    rows[0]["options"] = "{A: not json"
-    rows[1]["answer_label"] = "D"
-    rows[2]["images"] = [None]  # ToyLesion rows are 2, 5, 8
-    rows[5]["images"] = [{"bytes": b"not an image", "path": None}]
-    rows[8]["images"] = [Image.new("RGB", (300, 1))]  # Qwen2.5-VL's processor refuses it
-    bad = {rows[i]["dataset_index"] for i in (0, 1, 2, 5, 8)}
-    data = tmp_path / "data"
-    datasets.Dataset.from_list(rows, features=test.features).save_to_disk(str(data))
+def test_changed_data_or_model_at_the_same_path_is_refused(model_dir, test_split, tmp_path, monkeypatch):
+    rows = test_split.select(range(4)).to_list()
+    data = save(rows, test_split.features, tmp_path / "data")
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    out = tmp_path / "out"
+    first = run(model, data, out)
+    assert json.loads((out / "run.json").read_text())["stage"] == "evaluate"
+
+    no_model_work(monkeypatch)
+    assert without_time(run(model, data, out)) == without_time(first)  # the same run: all reused
+    # The same path, other labels: never graded against the saved (old) ones.
+    shutil.rmtree(data)
+    options = json.loads(rows[0]["options"])
+    other = next(letter for letter in options if letter != rows[0]["answer_label"])
+    save([dict(rows[0], answer_label=other, answer=options[other]), *rows[1:]], test_split.features, data)
+    with pytest.raises(SystemExit, match="holds another run .data differ"):
+        run(model, data, out)
+    # A model saved again into the same folder is another model.
+    shutil.rmtree(data)
+    save(rows, test_split.features, data)
+    os.utime(os.path.join(model, "config.json"))
+    with pytest.raises(SystemExit, match="holds another run .model differ"):
+        run(model, data, out)
+    # A regrade never writes over a generation run's files.
+    with pytest.raises(SystemExit, match="holds another run"):
+        evaluate.main(["--regrade", str(out / "predictions.jsonl"), "--output_dir", str(out)])
+    # A folder of something else is refused too.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not a run folder"):
+        run(model, data, tmp_path / "other")
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: every bad row named (an error by default), or skipped, counted and listed
+# --------------------------------------------------------------------------------------------
+
+
+def jpeg_bytes(size=(56, 56)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (120, 60, 30)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_bad_rows_are_named_and_counted(model_dir, test_split, tmp_path):
+    rows = test_split.select(range(12)).to_list()  # ToyLesion rows are 2, 5, 8, 11
+    options = json.loads(rows[3]["options"])
+    faults = {
+        0: dict(options="{A: not json"),
+        1: dict(answer_label="D"),
+        2: dict(images=[None]),
+        3: dict(answer=options["C"] if rows[3]["answer_label"] != "C" else options["A"]),
+        4: dict(question=None),
+        5: dict(images=[{"bytes": b"not an image", "path": None}]),
+        7: dict(dataset_name=rows[6]["dataset_name"], dataset_index=rows[6]["dataset_index"]),
+        8: dict(images=[Image.new("RGB", (300, 1))]),  # Qwen2.5-VL's processor refuses it
+        10: dict(question="   "),
+        11: dict(images=[{"bytes": jpeg_bytes()[:300], "path": None}]),  # truncated JPEG
+    }
+    for i, change in faults.items():
+        rows[i].update(change)
+    data = save(rows, test_split.features, tmp_path / "data")
+    before = listing(data)
 
     with pytest.raises(reward.RowError) as error:
         run(model_dir, data, tmp_path / "error")
     message = str(error.value)
-    assert message.startswith("5 bad row(s)")
-    for i in (0, 1, 2, 5, 8):
+    assert message.startswith(f"{len(faults)} bad row(s) of 12") and "--on_bad_row skip" in message
+    for i in faults:
         assert f"dataset_name={rows[i]['dataset_name']!r} dataset_index={rows[i]['dataset_index']}" in message
-    assert not (tmp_path / "error" / "predictions.jsonl").exists()
+    assert not (tmp_path / "error").exists()  # refused before the run folder is made
 
-    results = run(model_dir, data, tmp_path / "skip", "--on-bad-row", "skip")
-    assert results["skipped"]["count"] == 5
-    assert {row["dataset_index"] for row in results["skipped"]["rows"]} == bad
-    assert sum(b["n"] for b in results["benchmarks"].values()) == 4
-    assert len(read(tmp_path / "skip" / "predictions.jsonl")) == 4
+    results = run(model_dir, data, tmp_path / "skip", "--on_bad_row", "skip")
+    assert results["skipped"]["count"] == len(faults)
+    assert sorted(row["position"] for row in results["skipped"]["rows"]) == sorted(faults)
+    listed = read(tmp_path / "skip" / "bad_rows.jsonl")
+    assert [row["position"] for row in listed] == sorted(faults)
+    assert sum(b["n"] for b in results["benchmarks"].values()) == 2
+    assert [line["dataset_index"] for line in read(tmp_path / "skip" / "predictions.jsonl")] == \
+        [rows[6]["dataset_index"], rows[9]["dataset_index"]]
+    assert listing(data) == before  # nothing written into the input folder (no cache-*.arrow)
+
+    # Every row bad: an error, not a run with zero benchmarks.
+    save([rows[i] for i in faults if i != 7], test_split.features, tmp_path / "all_bad")
+    with pytest.raises(reward.RowError, match="all 9 rows are bad"):
+        run(model_dir, tmp_path / "all_bad", tmp_path / "none", "--on_bad_row", "skip")
+    assert not (tmp_path / "none").exists()
+
+
+def test_empty_data_and_missing_columns_are_named_before_any_model_work(model_dir, test_split, tmp_path,
+                                                                        monkeypatch):
+    no_model_work(monkeypatch)
+    empty = test_split.select([])
+    cases = {tmp_path / "empty_saved": lambda p: empty.save_to_disk(str(p)),
+             tmp_path / "empty.parquet": lambda p: empty.remove_columns("images").to_parquet(str(p)),
+             tmp_path / "empty.jsonl": lambda p: p.write_text("")}
+    for path, make in cases.items():
+        make(path)
+        with pytest.raises(ValueError, match="empty") as error:
+            run(model_dir, path, tmp_path / "out")
+        assert str(path) in str(error.value)
+    with pytest.raises(ValueError, match="--limit 0 leaves no rows"):
+        run(model_dir, save(test_split.to_list(), test_split.features, tmp_path / "full"),
+            tmp_path / "out", "--limit", 0)
+    no_answer = save(test_split.select(range(3)).remove_columns("answer").to_list(), None,
+                     tmp_path / "no_answer")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['answer'\]"):
+        run(model_dir, no_answer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_file_paths_in_jsonl_and_parquet(model_dir, test_split, tmp_path, monkeypatch):
+    """Paths relative to the data file's folder work from any working directory, and give the
+    same responses as the images stored in a saved dataset."""
+    rows = list(test_split.select(range(6)))  # images decoded (to_list would give the stored bytes)
+    reference = run(model_dir, save(rows, test_split.features, tmp_path / "saved"), tmp_path / "ref")
+    (tmp_path / "files" / "img").mkdir(parents=True)
+    for row in rows:
+        if row["images"]:
+            name = f"img/{row['dataset_index']}.png"
+            row["images"][0].save(tmp_path / "files" / name)
+            row["images"] = [name]
+    assert sum(bool(row["images"]) for row in rows) == 2
+    jsonl = tmp_path / "files" / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    parquet = tmp_path / "files" / "rows.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(parquet))
+    before = listing(tmp_path / "files")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    expected = [line["responses"] for line in read(tmp_path / "ref" / "predictions.jsonl")]
+    for data in (jsonl, parquet):
+        out = tmp_path / f"out_{data.suffix[1:]}"
+        results = run(model_dir, data, out)
+        assert [line["responses"] for line in read(out / "predictions.jsonl")] == expected
+        assert results["benchmarks"] == reference["benchmarks"]
+    assert listing(tmp_path / "files") == before
+
+    rows[2]["images"] = ["img/missing.png"]
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(reward.RowError, match="image file not found: 'img/missing.png'"):
+        run(model_dir, jsonl, tmp_path / "missing")
 
 
 def test_arguments_are_checked():
     with pytest.raises(SystemExit, match="temperature"):
-        evaluate.main(["--model", "m", "--data", "d", "--out", "o", "--n", "4"])
+        evaluate.main(["--model", "m", "--data", "d", "--output_dir", "o", "--n", "4"])
     with pytest.raises(SystemExit, match="no --model"):
         evaluate.main(["--regrade", "f", "--model", "m", "--out", "o"])
+    with pytest.raises(SystemExit, match="--batch_size"):
+        evaluate.main(["--model", "m", "--data", "d", "--output_dir", "o", "--batch_size", "0"])
 
 
 def test_compare_builds_one_table_summary_and_curves(tmp_path):
