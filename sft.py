@@ -120,12 +120,11 @@ class SFTArgs:
 
 
 def no_trace(row) -> str | None:
-    """SFT's own bad-row rule: no reasoning trace to fine-tune on (None or blank; the official
-    conversion would crash on it)."""
-    reasoning = row.get("reasoning")
-    if isinstance(reasoning, str) and reasoning.strip():
+    """SFT's own bad-row rule: no reasoning trace (None) to fine-tune on. An empty trace is kept:
+    the official conversion drops only None (a teacher's empty think block gives "")."""
+    if isinstance(row.get("reasoning"), str):
         return None
-    return f"no reasoning trace to fine-tune on (reasoning is {reasoning!r})"
+    return f"no reasoning trace to fine-tune on (reasoning is {row.get('reasoning')!r})"
 
 
 def usable_rows(data, args: SFTArgs, accelerator):
@@ -158,7 +157,7 @@ def sft_texts(processor, rows, base_dir: str = "") -> tuple[list[str], list[str]
     or a file path, relative to `base_dir`, the data file's folder).
     """
     for row in rows:
-        if not row.get("reasoning"):
+        if not isinstance(row.get("reasoning"), str):
             raise reward.RowError(f"{reward.row_name(row)}: no reasoning trace to fine-tune on "
                                   f"(SFT needs the `reasoning` column; drop such rows first)")
     rows = [dict(row, images=[reward.open_image(item, base_dir) for item in row.get("images") or []])

@@ -361,7 +361,7 @@ FAULTS = {  # fault: (how a row gets it, what the error says)
                                               "is not the text of option"),
     "label not among options": (lambda r: dict(r, answer_label="Z"), "'Z' is not one of the option letters"),
     "question None": (lambda r: dict(r, question=None), "question must be a non-empty string"),
-    "no reasoning": (lambda r: dict(r, reasoning="  "), "no reasoning trace to fine-tune on"),
+    "no reasoning": (lambda r: dict(r, reasoning=None), "no reasoning trace to fine-tune on"),
     "duplicate key": (lambda r: dict(r, dataset_name="ToyHeartRate", dataset_index=0), "occurs twice"),
 }
 
