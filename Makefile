@@ -65,20 +65,23 @@ test: install
 # The pipeline: pass counts -> filter -> GRPO -> evaluation (rl), or SFT -> evaluation (sft)
 # ---------------------------------------------------------------------------------------------
 rl: install $(RUN)/eval-grpo/results.json
-	$(PY) evaluate.py --out $(RUN) --compare grpo=$(RUN)/eval-grpo \
+	$(PY) evaluate.py --output_dir $(RUN) --compare grpo=$(RUN)/eval-grpo \
 	  $(if $(wildcard $(RUN)/eval-base/results.json),base=$(RUN)/eval-base) \
 	  $(if $(PAPER),--paper "$(PAPER)")
 
 $(RUN)/passcounts/results.json:
 	@echo "== [rl 1/4] pass counts: $(PASS_MODEL) on $(TRAIN_DATA):$(TRAIN_SPLIT)"
 	$(LAUNCH) evaluate.py --model $(PASS_MODEL) --data $(TRAIN_DATA) --split $(TRAIN_SPLIT) \
-	  --out $(RUN)/passcounts $(PASS_ARGS)
+	  --output_dir $(RUN)/passcounts $(PASS_ARGS)
 
 $(RUN)/filtered/curate_stats.json: $(RUN)/passcounts/results.json
 	@echo "== [rl 2/4] difficulty filter: keep pass counts $(MIN_PASS)..$(MAX_PASS)"
+	@# make reaches this rule only when the pass counts are newer than the filtered set: the old set
+	@# is then stale, and curate.py would rightly refuse its folder as another run's.
+	rm -rf $(RUN)/filtered
 	$(PY) curate.py filter --data $(TRAIN_DATA) --split $(TRAIN_SPLIT) \
 	  --predictions $(RUN)/passcounts/predictions.jsonl --min_pass $(MIN_PASS) --max_pass $(MAX_PASS) \
-	  --out $(RUN)/filtered
+	  --output_dir $(RUN)/filtered
 
 ifeq ($(FILTER),0)
 GRPO_DATA := --data $(TRAIN_DATA) --split $(TRAIN_SPLIT)
@@ -99,10 +102,10 @@ $(RUN)/grpo/final/config.json: $(GRPO_DEPS)
 $(RUN)/eval-grpo/results.json: $(RUN)/grpo/final/config.json
 	@echo "== [rl 4/4] evaluation of the GRPO model on $(EVAL_DATA):$(EVAL_SPLIT)"
 	$(LAUNCH) evaluate.py --model $(RUN)/grpo/final --data $(EVAL_DATA) --split $(EVAL_SPLIT) \
-	  --out $(RUN)/eval-grpo $(EVAL_ARGS)
+	  --output_dir $(RUN)/eval-grpo $(EVAL_ARGS)
 
 sft: install $(RUN)/eval-sft/results.json
-	$(PY) evaluate.py --out $(RUN) --compare sft=$(RUN)/eval-sft $(if $(PAPER),--paper "$(PAPER)")
+	$(PY) evaluate.py --output_dir $(RUN) --compare sft=$(RUN)/eval-sft $(if $(PAPER),--paper "$(PAPER)")
 
 # sft.py's "--resume latest" starts afresh when there is no checkpoint yet.
 $(RUN)/sft/final/config.json:
@@ -113,16 +116,16 @@ $(RUN)/sft/final/config.json:
 $(RUN)/eval-sft/results.json: $(RUN)/sft/final/config.json
 	@echo "== [sft 2/2] evaluation of the SFT model on $(EVAL_DATA):$(EVAL_SPLIT)"
 	$(LAUNCH) evaluate.py --model $(RUN)/sft/final --data $(EVAL_DATA) --split $(EVAL_SPLIT) \
-	  --out $(RUN)/eval-sft $(EVAL_ARGS)
+	  --output_dir $(RUN)/eval-sft $(EVAL_ARGS)
 
 # Evaluation of $(MODEL) as it is (the paper's base rows).
 eval: install $(RUN)/eval-base/results.json
-	$(PY) evaluate.py --out $(RUN) --compare base=$(RUN)/eval-base $(if $(PAPER),--paper "$(PAPER)")
+	$(PY) evaluate.py --output_dir $(RUN) --compare base=$(RUN)/eval-base $(if $(PAPER),--paper "$(PAPER)")
 
 $(RUN)/eval-base/results.json:
 	@echo "== evaluation of $(MODEL) on $(EVAL_DATA):$(EVAL_SPLIT)"
 	$(LAUNCH) evaluate.py --model $(MODEL) --data $(EVAL_DATA) --split $(EVAL_SPLIT) \
-	  --out $(RUN)/eval-base $(EVAL_ARGS)
+	  --output_dir $(RUN)/eval-base $(EVAL_ARGS)
 
 # ---------------------------------------------------------------------------------------------
 # The paper's rows (DESIGN.md sections 5-8). GPUs and the hub needed. The hub ids are variables so
@@ -257,7 +260,7 @@ demo: install
 	$(MAKE) --no-print-directory rl $(DEMO_COMMON) MODEL=$(DEMO)/sft/final TRAIN_SPLIT=train \
 	  PASS_ARGS="$(DEMO_PASS_ARGS)" GRPO_ARGS="$(DEMO_GRPO_ARGS)"
 	@echo "== [demo 5/5] the table, the curves, $(DEMO)/summary.json"
-	$(PY) evaluate.py --out $(DEMO) --compare base=$(DEMO)/eval-base sft=$(DEMO)/eval-sft grpo=$(DEMO)/eval-grpo \
+	$(PY) evaluate.py --output_dir $(DEMO) --compare base=$(DEMO)/eval-base sft=$(DEMO)/eval-sft grpo=$(DEMO)/eval-grpo \
 	  --curves "SFT loss=$(DEMO)/sft/metrics.jsonl:loss" "GRPO reward=$(DEMO)/grpo/metrics.jsonl:reward" \
 	  "GRPO KL=$(DEMO)/grpo/metrics.jsonl:kl" "GRPO validation accuracy=$(DEMO)/grpo/metrics.jsonl:val_accuracy"
 
