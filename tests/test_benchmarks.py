@@ -52,3 +52,43 @@ def test_plan_prints_a_markdown_table(capsys):
         assert row in out, row
     with pytest.raises(SystemExit):
         plan.main(["--models", "72B"])
+
+
+def test_gpu_check_runs_on_the_cpu(tmp_path):
+    """`bash benchmarks/gpu_check.sh --cpu`: the GPU check's code on the tiny real-tokenizer model."""
+    import json
+    import subprocess
+
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from conftest import run_env
+
+    work = tmp_path / "check"
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--workdir", str(work), "--keep"],
+                            cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    out = result.stdout
+    assert "| generation | evaluate.py: 4 prompts x 2 samples x 8 new tokens" in out
+    assert "tokens/s" in out and "log-probs" in out and "update" in out and "MFU" in out and "GiB" in out
+    checks = json.loads((work / "gpu_check.json").read_text())["checks"]
+    assert checks["generation"]["tokens_per_s"] > 0 and checks["sft"]["seconds"] > 0
+    assert all(v > 0 for v in checks["grpo"]["mfu"].values())
+    # Every GRPO sample ran to the limit: the end-of-turn ids are banned by the saved generation_config.
+    assert checks["grpo"]["completion_length"] == 8
+    # No checkpoints were written (grpo.py and sft.py would write them at the end of a run).
+    assert checks["grpo"]["report"]["checkpoints_skipped"] and checks["sft"]["report"]["checkpoints_skipped"]
+    assert not (work / "grpo" / "final").exists() and not (work / "sft" / "final").exists()
+
+    # The ban holds under explicit sampling settings (as evaluate.py and grpo.py pass them):
+    # generate takes sequence_bias, which they leave unset, from the checkpoint.
+    processor = AutoProcessor.from_pretrained(work / "model")
+    model = AutoModelForImageTextToText.from_pretrained(work / "model").eval()
+    batch = processor(text=["<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=4,
+                             repetition_penalty=1.0, suppress_tokens=[151644], output_scores=True,
+                             return_dict_in_generate=True)
+    scores = torch.stack(out.scores)
+    assert torch.isinf(scores[..., [151645, 151643, 151644]]).all()
+    assert out.sequences.shape[1] == batch["input_ids"].shape[1] + 4
