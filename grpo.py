@@ -2,7 +2,7 @@
 
 The paper trains Qwen2.5-VL on multiple-choice questions with a binary, verifiable reward
 (reward.py) and Group Relative Policy Optimization (GRPO). One training step, as below
-(DESIGN.md section 5 has every formula; the defaults of `Arguments` are the paper's settings):
+(docs/method.md section 5 has every formula; the defaults of `Arguments` are the paper's settings):
 
 1. take B prompts; sample G completions for each at temperature T (the rollout);
 2. score each completion with `reward.reward`: 1 for a well-formatted, correct answer, else 0;
@@ -15,10 +15,16 @@ The paper trains Qwen2.5-VL on multiple-choice questions with a binary, verifiab
    with gradient accumulation over micro-batches and data parallelism over processes.
 
 Run on one process (`python grpo.py --model M --data D --output_dir DIR`) or on several with
-`accelerate launch --config_file configs/{single_gpu,ddp,fsdp}.yaml grpo.py ...`. Each process owns
-whole groups: prompts are sharded, never the samples of one prompt. Everything a run computes is kept
-when it stops: `DIR/metrics.jsonl` (a line per step), `DIR/checkpoint-{step}/` (model + processor via
-save_pretrained, and the full training state for `--resume`), `DIR/final/`.
+`accelerate launch --config_file configs/{single_gpu,ddp,fsdp}.yaml grpo.py ...`. Which prompts share
+a generate call, each call's sampling seed, and which prompts form each mini-batch are functions of
+positions in the step's batch only, never of the number of processes, so one process and several
+sample the same completions and reach the same weights (up to floating-point summation order).
+
+Before any model work every row is checked once, and the output folder is claimed for this run
+(docs/method.md section 10). Everything a run computes is kept when it stops: `DIR/metrics.jsonl` (a
+line per step), `DIR/checkpoint-{step}/` (model + processor via save_pretrained, `training_state/`
+and `trainer_state.json` for `--resume`), `DIR/final/`. A loss or gradient that is not finite skips
+its optimizer step; several in a row stop the run, naming the step.
 
 What was verified where: everything ran on CPU (fp32, one and two gloo processes, tests/test_grpo.py).
 The bf16, DDP-on-GPU and FSDP paths (configs/*.yaml, `summon_full_params` around generate) follow the
@@ -32,29 +38,37 @@ import contextlib
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import broadcast_object_list, gather_object
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, get_scheduler
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 import reward
 
 
 @dataclass
 class Arguments:
-    """Defaults are the paper's settings (DESIGN.md section 5); better variants are flags, off by default."""
+    """Defaults are the paper's settings (docs/method.md section 5); better variants are flags, off by
+    default."""
 
     data: str = field(metadata={"help": "Schema dataset: save_to_disk folder, parquet/jsonl or hub id."})
     model: str = field(default="Qwen/Qwen2.5-VL-3B-Instruct", metadata={
         "help": "Starting policy (hub id or save_pretrained folder); also the frozen KL reference."})
     split: str = "train"
     output_dir: str = "runs/grpo"
+    on_bad_row: str = field(default="error", metadata={
+        "help": "error: stop, naming every bad row. skip: leave them out, listed in bad_rows.jsonl."})
     # Rollout (paper: 256 prompts x 8 samples per step, T 1.0, top_p 1.0, no top_k).
     rollout_batch_size: int = field(default=256, metadata={"help": "B: prompts per step, all processes."})
     group_size: int = field(default=8, metadata={"help": "G: samples per prompt (at least 2)."})
@@ -62,7 +76,8 @@ class Arguments:
     top_p: float = 1.0
     max_prompt_length: int = field(default=2048, metadata={"help": "Longer prompts are skipped, never cut."})
     max_new_tokens: int = 4096
-    generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generate call."})
+    generation_batch_size: int = field(default=8, metadata={
+        "help": "Prompts per generate call (consecutive prompts of the step; calls are dealt to processes)."})
     # Update (paper: mini-batch 128 prompts, i.e. 2 optimizer steps per rollout).
     mini_batch_size: int = field(default=128, metadata={"help": "Prompts per optimizer step, all processes."})
     micro_batch_size: int = field(default=8, metadata={"help": "Sequences per forward (per process)."})
@@ -87,11 +102,22 @@ class Arguments:
     eval_data: str | None = field(default=None, metadata={"help": "Default: --data."})
     eval_split: str = "validation"
     eval_limit: int = 400
-    eval_batch_size: int = field(default=32, metadata={"help": "Prompts per greedy call (per process)."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Prompts per greedy generate call."})
     # Checkpoints and logs.
     save_steps: int = 50
-    resume: str | None = field(default=None, metadata={"help": "A checkpoint-{step} folder, or 'latest'."})
+    save_total_limit: int | None = field(default=None, metadata={
+        "help": "Keep only the newest N checkpoint-{step} folders (default: all, as transformers does)."})
+    resume: str | None = field(default=None, metadata={
+        "help": "A checkpoint-{step} folder, or 'latest' (the newest complete one in --output_dir; the "
+                "run starts afresh when there is none, and a finished run is left as it is)."})
     report_to: str = field(default="none", metadata={"help": "none, tensorboard or wandb."})
+    # Numerical guard (docs/method.md section 10).
+    max_skipped_steps: int = field(default=3, metadata={
+        "help": "Stop after this many optimizer steps in a row skipped for a non-finite loss or "
+                "gradient norm (0: never stop)."})
+    collapse_steps: int = field(default=5, metadata={
+        "help": "Warn when for this many steps in a row no completion has the answer format and every "
+                "group's rewards are equal (0: never)."})
 
     def check(self, world_size: int):
         if self.group_size < 2:
@@ -100,74 +126,122 @@ class Arguments:
             raise ValueError("--rollout_batch_size must be a multiple of --mini_batch_size")
         if self.mini_batch_size % world_size:
             raise ValueError(f"--mini_batch_size must be a multiple of the {world_size} processes "
-                             "(each process owns whole groups)")
+                             "(each process updates on whole groups)")
         if self.loss_agg not in ("token-mean", "seq-mean-token-mean"):
             raise ValueError(f"--loss_agg must be token-mean or seq-mean-token-mean, got {self.loss_agg!r}")
+        if self.on_bad_row not in ("error", "skip"):
+            raise ValueError(f"--on_bad_row must be error or skip, got {self.on_bad_row!r}")
+
+
+# Arguments that never change what a run computes, so they stay out of its fingerprint
+# (reward.claim_output_dir): where things are (the fingerprints of the data and the model path stand
+# for them), how often and how much is saved or logged, how a batch is cut into forward passes (the
+# loss is exact under any split), the guard's thresholds, and --on_bad_row (with "error" a run with
+# bad rows never starts, so either value trains on the same rows). Every other field is a setting.
+NOT_SETTINGS = ("model", "data", "eval_data", "output_dir", "resume", "save_steps", "save_total_limit",
+                "report_to", "micro_batch_size", "eval_batch_size", "gradient_checkpointing", "on_bad_row",
+                "eval_every", "max_skipped_steps", "collapse_steps")
+# The checkpoint contract (docs/method.md section 10), the same as sft.py's.
+TRAINING_STATE = "training_state"  # accelerator.save_state: model, optimizer, scheduler, RNG of every process
+TRAINER_STATE = "trainer_state.json"
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Prompts
+# 1. Prompts: rows checked once, then read step by step
 # ---------------------------------------------------------------------------------------------
 
 
-def prompt_problem(row, processor, max_prompt_length: int) -> str:
-    """Why a row cannot be a training prompt ("" when it can), naming the row.
+def prompt_length(row, processor, base_dir: str) -> int:
+    """Tokens of a row's chat prompt, its image tokens included, without running the image processor.
 
-    The length counts image tokens without running the image processor: the chat template holds one
-    <|image_pad|> per image, which the processor expands to patches / merge^2 tokens.
+    The chat template holds one <|image_pad|> per image, which the processor expands to
+    patches / merge^2 tokens; the number of patches follows from the image's size alone.
     """
-    try:
-        text = processor.apply_chat_template(reward.build_messages(row), add_generation_prompt=True,
-                                             tokenize=False)
-        reward.parse_options(row)
-        if not isinstance(row.get("answer"), str):
-            raise reward.RowError(f"{reward.row_name(row)}: answer must be the text of the correct option")
-    except reward.RowError as err:
-        return str(err)
+    text = processor.apply_chat_template(reward.build_messages(row), add_generation_prompt=True,
+                                         tokenize=False)
     n_tokens = len(processor.tokenizer(text)["input_ids"])
     merge = processor.image_processor.merge_size
-    for image in row.get("images") or []:
+    for item in row.get("images") or []:
+        image = item if isinstance(item, Image.Image) else reward.open_image(item, base_dir)
         patches = processor.image_processor.get_number_of_image_patches(image.height, image.width)
         n_tokens += patches // merge**2 - 1
-    if n_tokens > max_prompt_length:
-        return f"{reward.row_name(row)}: prompt of {n_tokens} tokens > max_prompt_length {max_prompt_length}"
-    return ""
+    return n_tokens
 
 
-def load_prompts(data: str, split: str, processor, max_prompt_length: int, print_fn=print,
-                 limit: int | None = None):
-    """The split, without the rows that cannot be prompts (reported with a count, never truncated).
+def usable_prompts(dataset, data: str, split: str, processor, args: Arguments, accelerator):
+    """The rows that can be prompts, and the skipped ones as reward.check_rows lists them.
 
-    `limit` keeps a fixed random slice (seed 42) first: the eval set is ordered by benchmark.
+    Every row passes `reward.check_rows` once, before any model work (docs/method.md section 10): a
+    bad row is an error naming it, or with --on_bad_row skip a counted skip. GRPO adds one rule of
+    its own, whatever --on_bad_row says: a prompt longer than --max_prompt_length is skipped and
+    counted, never cut (cutting would drop image tokens or the options). The main process checks;
+    the others receive its verdict.
     """
-    dataset = reward.load_split(data, split)
-    if limit is not None and limit < len(dataset):
-        dataset = dataset.shuffle(seed=42).select(range(limit))
-    problems = [prompt_problem(row, processor, max_prompt_length) for row in dataset]
-    bad = [p for p in problems if p]
+    where = f"{data}:{split}"
+    verdict = [None]
+    if accelerator.is_main_process:
+        base_dir = reward.data_dir(data)
+        good, bad = reward.check_rows(dataset, args.on_bad_row, base_dir,
+                                      progress=partial(tqdm, desc=f"checking {where}", leave=False))
+        kept = []
+        for i in good:
+            row = dataset[i]
+            n_tokens = prompt_length(row, processor, base_dir)
+            if n_tokens <= args.max_prompt_length:
+                kept.append(i)
+            else:
+                bad.append({"position": i, "dataset_name": row.get("dataset_name"),
+                            "dataset_index": row.get("dataset_index"),
+                            "reason": f"{reward.row_name(row)}: prompt of {n_tokens} tokens > "
+                                      f"max_prompt_length {args.max_prompt_length}"})
+        verdict = [(kept, [dict(b, data=where) for b in bad])]
+    kept, bad = broadcast_object_list(verdict)[0]
     if bad:
-        too_long = sum("max_prompt_length" in p for p in bad)
-        print_fn(f"{data}:{split}: skipped {len(bad)} of {len(dataset)} rows ({too_long} too long, "
-                 f"{len(bad) - too_long} not valid prompts); first: {bad[0]}")
-    if len(bad) == len(dataset):
-        raise ValueError(f"{data}:{split}: no usable row")
-    return dataset.select([i for i, p in enumerate(problems) if not p]) if bad else dataset
+        too_long = sum("max_prompt_length" in b["reason"] for b in bad)
+        accelerator.print(f"{where}: skipped {len(bad)} of {len(dataset)} rows ({too_long} prompts longer "
+                          f"than --max_prompt_length, {len(bad) - too_long} bad rows), listed in "
+                          f"bad_rows.jsonl; first: {bad[0]['reason']}")
+    if not kept:
+        raise ValueError(f"{where}: no usable row (all {len(dataset)} skipped)")
+    # keep_in_memory: an index written to disk would land in the input's folder (never written into).
+    return dataset.select(kept, keep_in_memory=True), bad
 
 
-def step_rows(dataset, step: int, args: Arguments, rank: int, world_size: int) -> tuple[list[dict], int]:
-    """This process's prompts of a step and the position of the first one in the global batch.
+def validation_slice(args: Arguments):
+    """The validation set: a fixed random slice of --eval_limit rows (seed 42; eval sets are ordered
+    by benchmark), held in memory so that no index file is written into the data's folder."""
+    eval_set = reward.load_split(args.eval_data or args.data, args.eval_split)
+    if args.eval_limit < len(eval_set):
+        eval_set = eval_set.shuffle(seed=42, keep_in_memory=True).select(range(args.eval_limit),
+                                                                           keep_in_memory=True)
+    return eval_set
+
+
+def step_rows(dataset, step: int, args: Arguments, base_dir: str) -> list[dict]:
+    """The B prompts of a step, in the step's order, their images decoded (reward.check_row).
 
     Each epoch is a permutation drawn from (seed, epoch); the step number is the data position, so a
     resumed run reads exactly the prompts the uninterrupted run would (the last partial batch of an
-    epoch is dropped). Each process takes a contiguous block of B / world prompts: whole groups.
+    epoch is dropped). Every process reads the same B rows: which process generates a prompt's group
+    and which one updates on it is decided by its position in this list (`rollout`, `update_share`).
     """
     steps_per_epoch = len(dataset) // args.rollout_batch_size
     epoch, k = divmod(step, steps_per_epoch)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch))
     batch = order[k * args.rollout_batch_size:(k + 1) * args.rollout_batch_size]
-    per_process = args.rollout_batch_size // world_size
-    first = rank * per_process
-    return [dataset[int(i)] for i in batch[first:first + per_process]], first
+    return [reward.check_row(dataset[int(i)], base_dir) for i in batch]
+
+
+def update_share(args: Arguments, rank: int, world: int) -> list[int]:
+    """Positions, among the step's B prompts, of the prompts whose groups this process updates on.
+
+    Mini-batch k is prompts [kM, (k+1)M) of the step whatever the number W of processes (M =
+    --mini_batch_size); process r takes the r-th block of M / W consecutive prompts of each. A
+    process so holds whole groups, and its micro-batches are consecutive samples of its blocks.
+    """
+    share = args.mini_batch_size // world
+    return [k + rank * share + i for k in range(0, args.rollout_batch_size, args.mini_batch_size)
+            for i in range(share)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +270,8 @@ class Sample:
 
 
 def sampling_kwargs(args: Arguments, never_ids: list[int]) -> dict:
-    """Every sampling setting explicit (DESIGN.md section 9): otherwise generate uses top_k=50 and
-    the checkpoint's own defaults (Qwen ships near-greedy ones and a repetition penalty), and the
+    """Every sampling setting explicit (docs/method.md section 9): otherwise generate uses top_k=50
+    and the checkpoint's own defaults (Qwen ships near-greedy ones and a repetition penalty), and the
     sampled distribution is no longer the softmax(logits / T) that the log-prob pass computes."""
     return dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=args.top_p, min_p=None,
                 repetition_penalty=1.0, max_new_tokens=args.max_new_tokens, suppress_tokens=never_ids)
@@ -220,7 +294,7 @@ def sampling_seed(seed: int, step: int, prompt_position: int) -> int:
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """True up to and including the first end-of-turn token of each row, after it False.
 
-    By position, never from the pad id: the pad id may be an end token too (DESIGN.md section 9).
+    By position, never from the pad id: the pad id may be an end token too (docs/method.md section 9).
     A row without an end token (truncated) is all True.
     """
     is_end = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
@@ -228,29 +302,35 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.T
     return ends_before == 0
 
 
-def split_samples(inputs, sequences: torch.Tensor, n_images: list[int], eos_ids: list[int]) -> list[Sample]:
-    """Cut generate's output into Samples: unpadded prompt, its images, completion up to its end."""
-    prompt_len = inputs["input_ids"].shape[1]
-    completions = sequences[:, prompt_len:].cpu()
+def cut_completions(completions: torch.Tensor, eos_ids: list[int]) -> list[tuple[list[int], bool]]:
+    """generate's new tokens [n, L] -> per row (its tokens up to and including the first end-of-turn
+    token, truncated: no end token at all)."""
+    completions = completions.cpu()
     mask = completion_mask(completions, eos_ids)
-    attention = inputs["attention_mask"].bool().cpu()
-    grids = inputs.get("image_grid_thw")
-    pixels = inputs.get("pixel_values")
-    if grids is not None:
-        pixels = list(pixels.cpu().split(grids.prod(-1).tolist()))
-        grids = list(grids.cpu())
-    samples, image = [], 0
-    for i in range(len(sequences)):
-        k = n_images[i]
-        samples.append(Sample(
-            prompt_ids=inputs["input_ids"][i].cpu()[attention[i]],
-            mm_token_type_ids=inputs["mm_token_type_ids"][i].cpu()[attention[i]],
-            pixel_values=torch.cat(pixels[image:image + k]) if k else None,
-            image_grid_thw=torch.stack(grids[image:image + k]) if k else None,
-            completion_ids=completions[i][mask[i]],
-            truncated=not torch.isin(completions[i], torch.tensor(eos_ids)).any().item(),
-        ))
-        image += k
+    truncated = ~torch.isin(completions, torch.tensor(eos_ids)).any(-1)
+    return [(row[keep].tolist(), bool(cut)) for row, keep, cut in zip(completions, mask, truncated)]
+
+
+def build_samples(processor, rows: list[dict], completions: list[tuple[list[int], bool]]) -> list[Sample]:
+    """Samples of `rows` (G adjacent completions each) with their prompt tensors, unpadded.
+
+    The prompt tensors come from the processor, one row at a time: exactly the unpadded part of the
+    generate call's inputs, and the same whichever process generated the completions.
+    """
+    group_size = len(completions) // len(rows)
+    texts = processor.batch_decode([ids for ids, _ in completions], skip_special_tokens=True)
+    samples = []
+    for i, row in enumerate(rows):
+        prompt_texts, images = reward.chat_prompts(processor, [row])
+        inputs = processor(text=prompt_texts, images=images or None, return_tensors="pt")
+        for j in range(i * group_size, (i + 1) * group_size):
+            ids, truncated = completions[j]
+            samples.append(Sample(
+                prompt_ids=inputs["input_ids"][0], mm_token_type_ids=inputs["mm_token_type_ids"][0],
+                pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
+                completion_ids=torch.tensor(ids, dtype=torch.long), truncated=truncated,
+                answer_label=row["answer_label"], answer=row["answer"],
+                dataset_name=row.get("dataset_name", ""), text=texts[j]))
     return samples
 
 
@@ -270,41 +350,43 @@ def full_parameters(model, accelerator):
 
 @torch.no_grad()
 def rollout(model, accelerator, processor, rows: list[dict], group_size: int, batch_size: int,
-            gen_kwargs: dict, eos_ids: list[int], seed: tuple[int, int, int] | None = None) -> list[Sample]:
-    """G completions per prompt, a group's samples adjacent (DESIGN.md section 5).
+            gen_kwargs: dict, eos_ids: list[int], seed: tuple[int, int] | None = None
+            ) -> list[tuple[list[int], bool]]:
+    """G completions of every row, on every process; row i's are completions [i G, (i + 1) G).
 
-    Prompts and their images are repeated G times before the processor call, so every later pass
-    sees one plain sequence per sample (num_return_sequences would expand pixel_values only inside
-    generate). One generate call per `batch_size` prompts, left padding.
-    `seed` = (run seed, step, position of rows[0] in the global batch) seeds each call; None: greedy.
+    Batching is a function of positions in `rows` only, so the rollout is the same on any number of
+    processes (docs/method.md section 5): generate call k takes rows [k b, (k + 1) b) (b =
+    batch_size), each repeated G times, left padded; call k runs on process k mod W, its sampler
+    seeded from (run seed, step, k b); then every process receives every completion (token ids
+    only, a few bytes a token). seed None: greedy. Each completion is (its tokens up to and
+    including the first end-of-turn token, truncated: no end token within max_new_tokens).
     """
     unwrapped = accelerator.unwrap_model(model)
     was_training = unwrapped.training
     unwrapped.eval()  # gradient checkpointing is off in eval mode, so generate keeps its KV cache
-    sync = accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes > 1
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sync = accelerator.distributed_type == DistributedType.FSDP and world > 1
     cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
-    samples = []
-    for start in range(0, len(rows), batch_size):
+    calls = list(range(0, len(rows), batch_size))
+    mine = calls[rank::world]
+    # FSDP: every process must join every all-gather, so each makes the same number of calls; the
+    # extra ones repeat the first call and are dropped.
+    padding = calls[:1] * (math.ceil(len(calls) / world) - len(mine)) if sync else []
+    local = []
+    for k, start in enumerate(mine + padding):
         chunk = [row for row in rows[start:start + batch_size] for _ in range(group_size)]
         texts, images = reward.chat_prompts(processor, chunk)
         inputs = processor(text=texts, images=images or None, padding=True, padding_side="left",
                            return_tensors="pt").to(accelerator.device)
         with torch.random.fork_rng(devices=cuda), full_parameters(model, accelerator):
             if seed is not None:
-                torch.manual_seed(sampling_seed(seed[0], seed[1], seed[2] + start))
+                torch.manual_seed(sampling_seed(seed[0], seed[1], start))
             sequences = unwrapped.generate(**inputs, **gen_kwargs, synced_gpus=sync)
-        new = split_samples(inputs, sequences, [len(row.get("images") or []) for row in chunk], eos_ids)
-        for sample, row in zip(new, chunk):
-            sample.answer_label, sample.answer = row["answer_label"], row["answer"]
-            sample.dataset_name = row.get("dataset_name", "")
-        samples += new
-    texts = processor.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
-    for sample, text in zip(samples, texts):
-        sample.text = text
+        if k < len(mine):
+            local.append((start, cut_completions(sequences[:, inputs["input_ids"].shape[1]:], eos_ids)))
     unwrapped.train(was_training)
-    return samples
-
-
+    by_start = dict(gather_object(local))
+    return [completion for start in calls for completion in by_start[start]]
 # ---------------------------------------------------------------------------------------------
 # 3. Log-probs of the sampled tokens
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +415,7 @@ def collate(samples: list[Sample], pad_id: int, device) -> dict:
     with_images = [s for s in samples if s.pixel_values is not None]
     batch = dict(
         input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
-        # A micro-batch without images sends no pixel_values at all (DESIGN.md section 9).
+        # A micro-batch without images sends no pixel_values at all (docs/method.md section 9).
         pixel_values=torch.cat([s.pixel_values for s in with_images]) if with_images else None,
         image_grid_thw=torch.cat([s.image_grid_thw for s in with_images]) if with_images else None,
     )
@@ -347,7 +429,7 @@ def completion_logprobs(model, batch: dict, temperature: float, never_ids: list[
                         with_entropy: bool = False):
     """log pi(o_t | q, o_<t) for the completion positions only: log_softmax(logits / T)[o_t].
 
-    DESIGN.md section 5: the logits are divided by the sampling temperature T, and the ids the
+    docs/method.md section 5: the logits are divided by the sampling temperature T, and the ids the
     sampler suppresses are set to -inf, so these are the log-probs of the distribution sampled from.
     Only the C + 1 last hidden states reach the vocabulary projection (`logits_to_keep`): no
     [batch, prompt + completion, vocab] logits ever exist. Returns logp [n, C] (and, when asked, the
@@ -382,7 +464,7 @@ def sequence_logprobs(model, samples: list[Sample], args: Arguments, pad_id: int
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. The GRPO objective (DESIGN.md section 5)
+# 4. The GRPO objective (docs/method.md section 5)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -429,7 +511,7 @@ def clipped_tokens(logp, old_logp, advantages, mask, eps_low: float, eps_high: f
 
 
 def kl_k3(logp, ref_logp):
-    """Per-token k3 estimate of KL(pi || pi_ref), verl's "low_var_kl" (DESIGN.md section 5):
+    """Per-token k3 estimate of KL(pi || pi_ref), verl's "low_var_kl" (docs/method.md section 5):
 
         d = clamp(ref_logp - logp, -20, 20);   kl = clamp(exp(d) - d - 1, -10, 10)
     """
@@ -494,24 +576,23 @@ def pad_rows(rows: list[torch.Tensor], mask: torch.Tensor, device) -> torch.Tens
     return out
 
 
+
+
 # ---------------------------------------------------------------------------------------------
-# 5. Validation, logs, checkpoints
+# 5. Validation, the numerical guard, checkpoints
 # ---------------------------------------------------------------------------------------------
 
 
 def validate(model, accelerator, processor, rows, args: Arguments, never_ids, eos_ids) -> dict:
-    """Greedy accuracy with the evaluation rule (reward.extract_answer, DESIGN.md section 4).
+    """Greedy accuracy with the evaluation rule (reward.extract_answer, docs/method.md section 4).
 
-    Rows are split between processes with padding, so that every process makes the same number of
-    generate calls (FSDP needs them all in every all-gather); the padding is dropped after gather.
+    `rollout` gives every process every completion, so all of them compute the same numbers.
     """
-    positions = list(range(len(rows)))
-    with accelerator.split_between_processes(positions, apply_padding=True) as mine:
-        samples = rollout(model, accelerator, processor, [rows[i] for i in mine], 1, args.eval_batch_size,
+    completions = rollout(model, accelerator, processor, rows, 1, args.eval_batch_size,
                           greedy_kwargs(args, never_ids), eos_ids)
-    correct = torch.tensor([float(reward.is_correct(reward.extract_answer(s.text), s.answer_label, s.answer))
-                            for s in samples], device=accelerator.device)
-    correct = accelerator.gather(correct)[:len(rows)].cpu()
+    texts = processor.batch_decode([ids for ids, _ in completions], skip_special_tokens=True)
+    correct = torch.tensor([float(reward.is_correct(reward.extract_answer(text), row["answer_label"],
+                                                    row["answer"])) for text, row in zip(texts, rows)])
     names = [row.get("dataset_name", "") for row in rows]
     metrics = {"val_accuracy": correct.mean().item()}
     for name in sorted(set(names)):
@@ -525,39 +606,153 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS, kB on Linux
 
 
-def save_checkpoint(accelerator, model, processor, args: Arguments, step: int, name: str | None = None):
-    """DIR/checkpoint-{step}: save_pretrained (model + processor, loadable like a hub id), and
-    the full training state (accelerate: model, optimizer, scheduler, every process's RNG) for
-    --resume. Written to a .tmp folder and renamed, so a run killed while saving loses nothing."""
-    final = os.path.join(args.output_dir, name or f"checkpoint-{step}")
-    tmp = final + ".tmp"
+@dataclass
+class Guard:
+    """The numerical guard of a run (docs/method.md section 10); saved with every checkpoint.
+
+    - An optimizer step whose loss or gradient norm is not finite is skipped (in `main`): its
+      gradients are dropped and AdamW does not step, since one NaN in its moments would reach every
+      weight for good. All processes decide alike: both numbers are reduced over processes first.
+    - `max_skipped` skipped optimizer steps in a row stop the run, naming the step and the last
+      finite metrics: a run that keeps producing them is diverging, not meeting one odd batch.
+    - `collapse_steps` steps in a row where no completion has the answer format and every group's
+      rewards are equal are warned about: every advantage is then 0, and nothing but the KL term
+      moves the policy. Measured on the toy world at lr 1e-2: the policy went near uniform in one
+      step and stayed there, reward 0 and gradient norm 0, without any error.
+    """
+
+    max_skipped: int = 3
+    collapse_steps: int = 5
+    skipped_in_a_row: int = 0  # optimizer steps
+    collapsed_in_a_row: int = 0  # training steps
+    last_finite: dict | None = None  # a few metrics of the last step whose updates all ran
+
+    def after_step(self, record: dict) -> str | None:
+        """Count a logged step: SystemExit after too many skipped optimizer steps in a row; the
+        collapse warning (returned) on the step that completes `collapse_steps` collapsed ones."""
+        if not record["skipped"]:
+            self.last_finite = {k: record[k] for k in ("step", "reward", "loss", "grad_norm", "kl",
+                                                       "entropy")}
+        if 0 < self.max_skipped <= self.skipped_in_a_row:
+            last = (f"last finite metrics: {json.dumps(self.last_finite)}" if self.last_finite
+                    else "no step with finite metrics in this run")
+            raise SystemExit(
+                f"grpo.py stopped at step {record['step']}: {self.skipped_in_a_row} optimizer steps in a "
+                f"row skipped for a non-finite loss or gradient norm ({record['skip_reason']}); {last}. "
+                f"Lower --learning_rate, or resume from an earlier checkpoint.")
+        collapsed = record["format_rate"] == 0 and record["zero_advantage_groups"] == 1
+        self.collapsed_in_a_row = self.collapsed_in_a_row + 1 if collapsed else 0
+        if 0 < self.collapse_steps == self.collapsed_in_a_row:
+            return (f"warning: step {record['step']}: for {self.collapse_steps} steps in a row no "
+                    f"completion had the answer format and every group's rewards were equal (all "
+                    f"advantages 0, nothing to learn from): the policy has likely collapsed (entropy "
+                    f"{record['entropy']}). Lower --learning_rate, or resume from an earlier checkpoint.")
+        return None
+
+
+def sampling_failure(err: RuntimeError, step: int, model, learning_rate: float) -> str:
+    """Why generate found no finite probabilities at `step` (torch's "probability tensor contains
+    inf/nan"): the weights the updates left, named, instead of a traceback from inside generate."""
+    weights = [p.detach() for p in model.parameters()]
+    nonfinite = sum(int((~w.isfinite()).sum()) for w in weights)
+    largest = max(float(w.abs().max()) for w in weights if w.numel())
+    policy = "the starting model (--model)" if step == 1 else f"the policy after step {step - 1}"
+    cause = (f"{nonfinite} of its weights are not finite" if nonfinite else
+             f"its weights are finite but reach |w| = {largest:.3g}, and its activations overflow")
+    return (f"grpo.py stopped at step {step}: sampling failed ({err}): {policy} gives non-finite "
+            f"probabilities; {cause}. The updates diverged: lower --learning_rate (now {learning_rate:g}) "
+            f"and start over, or resume from an earlier checkpoint.")
+
+
+def fingerprint(args: Arguments, dataset, eval_set) -> dict:
+    """What makes a run this run (reward.claim_output_dir): the stage, every setting that changes
+    what it computes (all Arguments but NOT_SETTINGS), its data and its starting model."""
+    return {"stage": "grpo", "model": args.model,
+            "settings": {k: v for k, v in asdict(args).items() if k not in NOT_SETTINGS},
+            "data": {"train": reward.data_fingerprint(dataset),
+                     "validation": None if eval_set is None else reward.data_fingerprint(eval_set)}}
+
+
+def save_checkpoint(accelerator, model, processor, args: Arguments, step: int, state: dict | None):
+    """DIR/checkpoint-{step} (given the trainer state) or DIR/final (state None), docs/method.md
+    section 10: the model and processor via save_pretrained (loadable like a hub id); a checkpoint
+    also holds training_state/ (accelerate: model, optimizer, scheduler, every process's RNG) and
+    trainer_state.json. Everything is written into a .tmp folder, then renamed with os.replace: the
+    rename is the completeness marker, so a run killed while saving leaves only a .tmp folder, which
+    resuming ignores and removes. Then checkpoints beyond --save_total_limit go, oldest first, with
+    transformers' rotate_checkpoints (accelerate's ProjectConfiguration(total_limit) rotates only its
+    own checkpoints/checkpoint_{i} layout, not this one).
+    """
+    folder = os.path.join(args.output_dir, "final" if state is None else f"checkpoint-{step}")
+    tmp = folder + ".tmp"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    if name is None:
-        accelerator.save_state(os.path.join(tmp, "state"))
+    if state is not None:
+        accelerator.save_state(os.path.join(tmp, TRAINING_STATE))
     state_dict = accelerator.get_state_dict(model)  # full weights, gathered under FSDP
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict,
                                                         save_function=accelerator.save)
         processor.save_pretrained(tmp)
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step}, f)
+        if state is not None:
+            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+                json.dump(state, f)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        shutil.rmtree(folder, ignore_errors=True)  # saved before by this run, resumed from an older one
+        os.replace(tmp, folder)
+        if state is not None:
+            rotate_checkpoints(args.output_dir, args.save_total_limit)
     accelerator.wait_for_everyone()
 
 
-def find_checkpoint(args: Arguments) -> str:
-    if args.resume != "latest":
-        return args.resume
-    steps = [int(d.split("-")[1]) for d in os.listdir(args.output_dir)
-             if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
-    if not steps:
-        raise FileNotFoundError(f"--resume latest: no checkpoint-* folder in {args.output_dir}")
-    return os.path.join(args.output_dir, f"checkpoint-{max(steps)}")
+def resume(accelerator, args: Arguments, metrics_path: str) -> dict:
+    """Where this run continues (docs/method.md section 10): the trainer state of the checkpoint
+    whose training state is now loaded, or {"step": 0} for a fresh start.
+
+    --resume latest takes the newest complete checkpoint (transformers' get_last_checkpoint matches
+    `checkpoint-<digits>` only, never the .tmp folder of a save a kill interrupted; those are removed)
+    and starts afresh when there is none, so it is always safe to pass. --resume PATH must be a
+    complete checkpoint. metrics.jsonl keeps the lines up to the checkpoint's step: later ones are
+    computed again, and a line torn by a kill mid-write (not JSON) is dropped.
+    """
+    checkpoint = None
+    if args.resume == "latest":
+        checkpoint = get_last_checkpoint(args.output_dir)
+        if checkpoint is None:
+            accelerator.print(f"--resume latest: no complete checkpoint in {args.output_dir}; the run "
+                              "starts afresh")
+    elif args.resume:
+        if not os.path.isfile(os.path.join(args.resume, TRAINER_STATE)):
+            raise ValueError(f"--resume {args.resume}: not a complete checkpoint (no {TRAINER_STATE}); "
+                             "pass a checkpoint-{step} folder or 'latest'")
+        checkpoint = args.resume
+    state = {"step": 0}
+    if checkpoint is not None:
+        with open(os.path.join(checkpoint, TRAINER_STATE)) as f:
+            state = json.load(f)
+        accelerator.load_state(os.path.join(checkpoint, TRAINING_STATE))
+        accelerator.print(f"resumed from {checkpoint} after step {state['step']}")
+    if accelerator.is_main_process:
+        for name in os.listdir(args.output_dir):
+            if re.fullmatch(r"(checkpoint-\d+|final)\.tmp", name):
+                shutil.rmtree(os.path.join(args.output_dir, name))
+        kept = []
+        if os.path.exists(metrics_path):
+            with open(metrics_path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(record, dict) and record.get("step", math.inf) <= state["step"]:
+                        kept.append(json.dumps(record) + "\n")
+        with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
+    accelerator.wait_for_everyone()  # no process logs before the file is rewritten
+    return state
 
 
 def main(argv: list[str] | None = None):
@@ -568,20 +763,35 @@ def main(argv: list[str] | None = None):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     args.check(accelerator.num_processes)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    os.makedirs(args.output_dir, exist_ok=True)
 
+    # The data and this run's folder, before any model work (docs/method.md section 10): another
+    # run's folder is refused; a finished run resumed is left untouched.
+    dataset = reward.load_split(args.data, args.split)
+    eval_set = validation_slice(args) if args.eval_every > 0 else None
+    final_dir = os.path.join(args.output_dir, "final")
+    if accelerator.is_main_process:
+        reward.claim_output_dir(args.output_dir, fingerprint(args, dataset, eval_set),
+                                resume=args.resume is not None)
+    accelerator.wait_for_everyone()
+    if args.resume is not None and os.path.isdir(final_dir):
+        accelerator.print(f"{args.output_dir}: this run is finished ({final_dir} exists); nothing to do")
+        return final_dir
     processor = AutoProcessor.from_pretrained(args.model)
-    dataset = load_prompts(args.data, args.split, processor, args.max_prompt_length, accelerator.print)
+    dataset, skipped = usable_prompts(dataset, args.data, args.split, processor, args, accelerator)
+    eval_rows = []
+    if eval_set is not None:
+        eval_data = args.eval_data or args.data
+        eval_set, eval_skipped = usable_prompts(eval_set, eval_data, args.eval_split, processor, args,
+                                                accelerator)
+        skipped += eval_skipped
+        eval_rows = [reward.check_row(row, reward.data_dir(eval_data)) for row in eval_set]
+    if skipped and accelerator.is_main_process:
+        reward.write_bad_rows(skipped, args.output_dir)
     steps_per_epoch = len(dataset) // args.rollout_batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{args.data}:{args.split} has {len(dataset)} usable rows, fewer than "
                          f"--rollout_batch_size {args.rollout_batch_size}")
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
-    eval_rows = []
-    if args.eval_every > 0:
-        eval_set = load_prompts(args.eval_data or args.data, args.eval_split, processor,
-                                args.max_prompt_length, accelerator.print, limit=args.eval_limit)
-        eval_rows = list(eval_set)
 
     # The policy is trained in fp32 (bf16 compute through accelerate's mixed precision); the frozen
     # reference only runs forward, in bf16 on GPUs. Both start from the same weights (--model).
@@ -610,48 +820,45 @@ def main(argv: list[str] | None = None):
     if any(i is None for i in eos_ids) or not eos_ids:
         raise ValueError(f"{args.model}: generation_config has no eos_token_id to end a completion")
 
-    start_step = 0
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if args.resume:
-        checkpoint = find_checkpoint(args)
-        accelerator.load_state(os.path.join(checkpoint, "state"))
-        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-            start_step = json.load(f)["step"]
-        accelerator.print(f"resumed from {checkpoint} at step {start_step}")
-        if accelerator.is_main_process and os.path.exists(metrics_path):
-            # Lines a stopped run wrote after its last checkpoint (or tore, killed mid-write) go:
-            # those steps are run again below.
-            with open(metrics_path) as f:
-                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start_step]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-    elif accelerator.is_main_process:
-        open(metrics_path, "w").close()
+    state = resume(accelerator, args, metrics_path)
+    start_step = state["step"]
+    guard = Guard(**{**state.get("guard", {}), "max_skipped": args.max_skipped_steps,
+                     "collapse_steps": args.collapse_steps})
     accelerator.init_trackers("grpo", config={k: v for k, v in asdict(args).items() if v is not None})
 
     def log(record: dict):
         if accelerator.is_main_process:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        accelerator.log(record, step=record["step"])
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
     if args.eval_every > 0 and start_step == 0:
         log({"step": 0, **validate(model, accelerator, processor, eval_rows, args, never_ids, eos_ids)})
 
+    base_dir, G = reward.data_dir(args.data), args.group_size
+    share = update_share(args, rank, world)
     bar = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process, desc="grpo")
     for step in range(start_step, total_steps):
         clock = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        # Rollout and rewards (steps 1-3 of the module docstring).
-        rows, first = step_rows(dataset, step, args, rank, world)
-        samples = rollout(model, accelerator, processor, rows, args.group_size, args.generation_batch_size,
-                          sampling_kwargs(args, never_ids), eos_ids, seed=(args.seed, step, first))
+        # Rollout and rewards (steps 1-3 of the module docstring): every process receives every
+        # completion, then keeps the groups of its share of each mini-batch.
+        rows = step_rows(dataset, step, args, base_dir)
+        try:
+            completions = rollout(model, accelerator, processor, rows, G, args.generation_batch_size,
+                                  sampling_kwargs(args, never_ids), eos_ids, seed=(args.seed, step))
+        except RuntimeError as err:  # torch.multinomial on NaN: the updates diverged
+            if "probability tensor contains" not in str(err):
+                raise
+            raise SystemExit(sampling_failure(err, step + 1, model, args.learning_rate)) from None
+        samples = build_samples(processor, [rows[i] for i in share],
+                                [c for i in share for c in completions[i * G:(i + 1) * G]])
         for s in samples:
             s.reward = reward.reward(s.text, s.answer_label, s.answer)
-        advantages = group_advantages(torch.tensor([s.reward for s in samples]), args.group_size,
-                                      args.scale_rewards)
+        advantages = group_advantages(torch.tensor([s.reward for s in samples]), G, args.scale_rewards)
         for s, advantage in zip(samples, advantages.tolist()):
             s.advantage = advantage
         time_generate = time.perf_counter() - clock
@@ -669,41 +876,57 @@ def main(argv: list[str] | None = None):
                 s.ref_logp = logp
         time_logprob = time.perf_counter() - clock
 
-        # The update: B / mini-batch optimizer steps over this process's whole groups (step 5).
+        # The update: B / mini-batch optimizer steps, each over this process's share of a
+        # mini-batch (step 5). A step whose loss or gradient norm is not finite is skipped (Guard);
+        # the loss is summed over processes first and the norm is global, so all processes agree.
         clock = time.perf_counter()
         model.train()
-        per_update = args.mini_batch_size // world * args.group_size
-        stats, grad_norms = torch.zeros(7, device=device), []
-        for start in range(0, len(samples), per_update):
-            stats += accumulate_gradients(model, accelerator, samples[start:start + per_update], args,
-                                          pad_id, never_ids, on_policy)
-            grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)))
-            optimizer.step()
-            scheduler.step()
+        per_update = len(samples) // updates_per_step
+        stats, grad_norms, skips = torch.zeros(7, device=device), [], []
+        for k in range(updates_per_step):
+            update = accelerator.reduce(accumulate_gradients(
+                model, accelerator, samples[k * per_update:(k + 1) * per_update], args, pad_id, never_ids,
+                on_policy), reduction="sum")
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            if torch.isfinite(update[0]) and torch.isfinite(grad_norm):
+                optimizer.step()
+                scheduler.step()
+                stats += update
+                grad_norms.append(float(grad_norm))
+                guard.skipped_in_a_row = 0
+            else:
+                skips.append(f"update {k + 1} of {updates_per_step}: loss {float(update[0]):.4g}, "
+                             f"grad_norm {float(grad_norm):.4g}")
+                guard.skipped_in_a_row += 1
             optimizer.zero_grad(set_to_none=True)
         time_update = time.perf_counter() - clock
 
         # Logs: per-sample values gathered from every process, token statistics summed.
-        stats = accelerator.reduce(stats, reduction="sum")
         per_sample = accelerator.gather(torch.tensor(
             [[s.reward, float(reward.is_correct(reward.extract_answer(s.text), s.answer_label, s.answer)),
               float(reward.format_ok(s.text)), len(s.completion_ids), float(s.truncated), s.advantage]
              for s in samples], device=device)).cpu()
-        group_std = per_sample[:, 0].view(-1, args.group_size).std(dim=1)
+        group_std = per_sample[:, 0].view(-1, G).std(dim=1)
         times = accelerator.gather(torch.tensor([[time_generate, time_logprob, time_update,
                                                   peak_memory_gb(device)]], device=device)).max(0).values
-        tokens = stats[6].clamp(min=1)
+        tokens, applied = stats[6].clamp(min=1), len(grad_norms)
+
+        def per_token(i):  # None when every update of the step was skipped
+            return (stats[i] / tokens).item() if applied else None
+
         record = {
             "step": step + 1, "epoch": (step + 1) / steps_per_epoch,
             "reward": per_sample[:, 0].mean().item(), "accuracy": per_sample[:, 1].mean().item(),
             "format_rate": per_sample[:, 2].mean().item(),
             "zero_advantage_groups": (group_std == 0).float().mean().item(),
-            "loss": (stats[0] / updates_per_step).item(), "kl": (stats[1] / tokens).item(),
-            "clip_low": (stats[2] / tokens).item(), "clip_high": (stats[3] / tokens).item(),
-            "clip_dual": (stats[4] / tokens).item(), "entropy": (stats[5] / tokens).item(),
+            "loss": (stats[0] / applied).item() if applied else None, "kl": per_token(1),
+            "clip_low": per_token(2), "clip_high": per_token(3), "clip_dual": per_token(4),
+            "entropy": per_token(5),
             "completion_length": per_sample[:, 3].mean().item(),
             "completion_length_max": per_sample[:, 3].max().item(),
-            "truncated": per_sample[:, 4].mean().item(), "grad_norm": float(np.mean(grad_norms)),
+            "truncated": per_sample[:, 4].mean().item(),
+            "grad_norm": float(np.mean(grad_norms)) if applied else None,
+            "skipped": bool(skips), **({"skip_reason": "; ".join(skips)} if skips else {}),
             "lr": scheduler.get_last_lr()[0],
             "time_generate": times[0].item(), "time_logprob": times[1].item(), "time_update": times[2].item(),
             "tokens_per_s": per_sample[:, 3].sum().item() / max(times[0].item(), 1e-9),
@@ -712,17 +935,22 @@ def main(argv: list[str] | None = None):
         if args.eval_every > 0 and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             record.update(validate(model, accelerator, processor, eval_rows, args, never_ids, eos_ids))
         log(record)
+        warning = guard.after_step(record)  # raises SystemExit after too many skipped steps in a row
+        if warning:
+            accelerator.print(warning)
         bar.update(1)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}",
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl'] or 0:.4f}",
                         **({"val": f"{record['val_accuracy']:.3f}"} if "val_accuracy" in record else {}))
         if args.save_steps > 0 and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
-            save_checkpoint(accelerator, model, processor, args, step + 1)
+            save_checkpoint(accelerator, model, processor, args, step + 1,
+                            {"step": step + 1, "guard": asdict(guard)})
 
     bar.close()
-    save_checkpoint(accelerator, model, processor, args, total_steps)
-    save_checkpoint(accelerator, model, processor, args, total_steps, name="final")
+    save_checkpoint(accelerator, model, processor, args, total_steps,
+                    {"step": total_steps, "guard": asdict(guard)})
+    save_checkpoint(accelerator, model, processor, args, total_steps, None)  # final/, written last
     accelerator.end_training()
-    return os.path.join(args.output_dir, "final")
+    return final_dir
 
 
 if __name__ == "__main__":

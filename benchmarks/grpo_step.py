@@ -14,6 +14,7 @@ so the logp_old pass runs) and a reference model (beta 0.01).
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -59,6 +60,7 @@ def main():
         if not model.exists():
             run([sys.executable, "toy.py", "model", "--out", str(model), "--size", size], args.threads)
         out = work / f"run_{size}"
+        shutil.rmtree(out, ignore_errors=True)  # grpo.py refuses to write into a finished run's folder
         started = time.perf_counter()
         run([sys.executable, "grpo.py", "--model", str(model), "--data", str(data), "--output_dir", str(out),
              "--rollout_batch_size", str(args.rollout_batch_size), "--group_size", str(args.group_size),
