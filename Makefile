@@ -20,7 +20,7 @@ PY := $(VENV)/bin/python
 # ---------------------------------------------------------------------------------------------
 RUN ?= runs/recipe
 MODEL ?= Qwen/Qwen2.5-VL-3B-Instruct
-# Pass counts come from the 3B model for every model size (DESIGN.md section 7).
+# Pass counts come from the 3B model for every model size (docs/method.md section 7).
 PASS_MODEL ?= $(MODEL)
 TRAIN_DATA ?= UCSC-VLAA/MedVLThinker-m23k-tokenized
 TRAIN_SPLIT ?= train
@@ -128,7 +128,7 @@ $(RUN)/eval-base/results.json:
 	  --output_dir $(RUN)/eval-base $(EVAL_ARGS)
 
 # ---------------------------------------------------------------------------------------------
-# The paper's rows (DESIGN.md sections 5-8). GPUs and the hub needed. The hub ids are variables so
+# The paper's rows (docs/method.md sections 5-8). GPUs and the hub needed. The hub ids are variables so
 # that tests/test_recipes.py can run a recipe end to end on the toy world.
 # ---------------------------------------------------------------------------------------------
 RUNS ?= runs

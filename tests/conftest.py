@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Spin-waiting OpenMP threads make generate about 25x slower when another process is busy
-# (DESIGN.md section 9); tests that start subprocesses also give each one thread.
+# (docs/method.md section 9); tests that start subprocesses also give each one thread.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -23,7 +23,7 @@ def test_make_n_reproduce_3b_shows_the_papers_pipeline():
     launch = ".venv/bin/accelerate launch --config_file configs/ddp.yaml --num_processes 8"
     assert (f"{launch} evaluate.py --model Qwen/Qwen2.5-VL-3B-Instruct --data "
             "UCSC-VLAA/MedVLThinker-m23k-tokenized --split train") in out
-    assert "--n 16 --temperature 1.0 --max_new_tokens 4096" in out  # pass counts (DESIGN.md 7)
+    assert "--n 16 --temperature 1.0 --max_new_tokens 4096" in out  # pass counts (docs/method.md section 7)
     assert "curate.py filter" in out and "--min_pass 1 --max_pass 7" in out
     assert f"{launch} grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --data /tmp/never-run/reproduce-3b/filtered" in out
     assert "--data UCSC-VLAA/MedVLThinker-Eval --split test" in out
