@@ -411,6 +411,39 @@ def chat_prompts(processor, rows) -> tuple[list[str], list]:
     return texts, images
 
 
+def parse_args(args_class, argv=None):
+    """The stage's argument dataclass from the command line, TRL-style: a YAML or JSON file as the
+    first argument gives values (`python grpo.py configs/grpo_3b_m23k.yaml`), and flags after it
+    override them (`... --learning_rate 2e-6`). transformers' HfArgumentParser does the parsing;
+    the file's values become the parser's defaults, so a flag always wins and a field the file
+    sets is no longer required on the command line. An unknown key in the file is an error."""
+    import sys
+
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(args_class)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        path = argv.pop(0)
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".json"):
+                values = json.load(f)
+            else:
+                import yaml
+
+                values = yaml.safe_load(f) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SystemExit(f"{path}: unknown setting(s) {unknown} for {args_class.__name__}")
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False
+        parser.set_defaults(**values)
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    return args
+
+
 RUN_FILE = "run.json"
 
 

@@ -34,6 +34,7 @@ from reward import (
     check_row,
     check_rows,
     claim_output_dir,
+    parse_args,
     load_split,
     write_bad_rows,
     build_messages,
@@ -647,3 +648,27 @@ def test_check_rows_writes_nothing_next_to_the_data_and_takes_a_stage_rule(tmp_p
                            else "no reasoning trace")
     assert good == [0, 1] and bad[0]["reason"].endswith("dataset_index=2: no reasoning trace")
     assert sorted(os.listdir(tmp_path / "data")) == before
+
+
+def test_parse_args_config_file_then_flags(tmp_path):
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Args:
+        data: str = field(metadata={"help": "required on the command line unless a file sets it"})
+        learning_rate: float = 1e-6
+        num_epochs: int = 5
+        gradient_checkpointing: bool = True
+
+    (tmp_path / "c.yaml").write_text("data: some/set\nlearning_rate: 2.0e-6\ngradient_checkpointing: false\n")
+    (tmp_path / "c.json").write_text(json.dumps({"data": "other", "num_epochs": 1}))
+    (tmp_path / "bad.yaml").write_text("data: x\nlerning_rate: 1\n")
+    args = parse_args(Args, [str(tmp_path / "c.yaml")])
+    assert (args.data, args.learning_rate, args.num_epochs, args.gradient_checkpointing) == \
+        ("some/set", 2e-6, 5, False)
+    args = parse_args(Args, [str(tmp_path / "c.yaml"), "--learning_rate", "3e-6", "--data", "cli"])
+    assert (args.data, args.learning_rate) == ("cli", 3e-6)  # a flag overrides the file
+    assert parse_args(Args, [str(tmp_path / "c.json")]).num_epochs == 1
+    assert parse_args(Args, ["--data", "d"]).learning_rate == 1e-6  # no file: the defaults
+    with pytest.raises(SystemExit, match=r"unknown setting\(s\) \['lerning_rate'\]"):
+        parse_args(Args, [str(tmp_path / "bad.yaml")])
