@@ -26,15 +26,16 @@ line per step), `DIR/checkpoint-{step}/` (model + processor via save_pretrained,
 and `trainer_state.json` for `--resume`), `DIR/final/`. A loss or gradient that is not finite skips
 its optimizer step; several in a row stop the run, naming the step.
 
-What was verified where: everything ran on CPU (fp32, one and two gloo processes, tests/test_grpo.py).
-The bf16, DDP-on-GPU and FSDP paths (configs/*.yaml, `summon_full_params` around generate) follow the
-libraries' documented use but were not run on a GPU when this was written. A known risk there: under
-FSDP, a micro-batch without images on one process while another process has images leaves the vision
-blocks' gradient reduction unmatched; DDP handles it (find_unused_parameters), FSDP is untested on it.
-Text-only data (m23k) and all-image data (PMC-VQA) never mix.
+What was verified where (docs/real_path.md): everything ran on CPUs: fp32 and bf16 (autocast, a bf16
+reference); one and two gloo processes under DDP; two gloo processes under accelerate's FSDP2 and
+FSDP v1 (tests/test_fsdp.py, through a wrapper: accelerate runs FSDP on GPUs only), including
+generate with images on one process only. Nothing ran on a GPU, NCCL or several nodes when this was
+written.
 """
 
 import contextlib
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -50,6 +51,7 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
 from accelerate.utils import broadcast_object_list, gather_object
 from PIL import Image
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, get_scheduler
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
@@ -81,6 +83,15 @@ class Arguments:
     # Update (paper: mini-batch 128 prompts, i.e. 2 optimizer steps per rollout).
     mini_batch_size: int = field(default=128, metadata={"help": "Prompts per optimizer step, all processes."})
     micro_batch_size: int = field(default=8, metadata={"help": "Sequences per forward (per process)."})
+    logprob_chunk_tokens: int = field(default=2048, metadata={
+        "help": "Completion tokens whose vocabulary log-softmax is computed at once (0: all of a "
+                "micro-batch). The same log-probs; about 14 bytes x vocabulary per token of a chunk "
+                "(2048 tokens: 4 GiB at Qwen2.5-VL's 151,936, instead of 65 GiB for 8 x 4096)."})
+    mixed_precision: str = field(default="auto", metadata={
+        "help": "auto: bf16 autocast on a GPU (the paper), fp32 on a CPU. bf16: bf16 autocast anywhere "
+                "(a CPU with bf16 support included). no: fp32. The policy's weights stay fp32 (the "
+                "optimizer's master copy); the reference model is loaded in bf16 when this is bf16. "
+                "This flag wins over an accelerate config's mixed_precision (as sft.py's)."})
     learning_rate: float = 1e-6
     lr_scheduler_type: str = field(default="constant", metadata={"help": "A transformers scheduler name."})
     warmup_ratio: float = 0.0
@@ -105,6 +116,14 @@ class Arguments:
     eval_batch_size: int = field(default=32, metadata={"help": "Prompts per greedy generate call."})
     # Checkpoints and logs.
     save_steps: int = 50
+    save_dtype: str = field(default="auto", metadata={
+        "help": "dtype of the model files written (final/ and the model of each checkpoint-{step}/): "
+                "bfloat16, float32, or auto: bfloat16 after a bf16 run (as the hub checkpoints), float32 "
+                "after an fp32 one. training_state/ always keeps the fp32 master weights for resuming."})
+    save_final: bool = field(default=True, metadata={
+        "help": "Write final/ (model and processor) when the run completes. False: nothing at the end "
+                "(benchmarks). A run that completes never writes its optimizer state: nothing resumes "
+                "a finished run."})
     save_total_limit: int | None = field(default=None, metadata={
         "help": "Keep only the newest N checkpoint-{step} folders (default: all, as transformers does)."})
     resume: str | None = field(default=None, metadata={
@@ -131,6 +150,10 @@ class Arguments:
             raise ValueError(f"--loss_agg must be token-mean or seq-mean-token-mean, got {self.loss_agg!r}")
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"--on_bad_row must be error or skip, got {self.on_bad_row!r}")
+        if self.save_dtype not in ("auto", "bfloat16", "float32"):
+            raise ValueError(f"--save_dtype must be auto, bfloat16 or float32, got {self.save_dtype!r}")
+        if self.logprob_chunk_tokens < 0:
+            raise ValueError("--logprob_chunk_tokens must be 0 (no chunks) or more")
 
 
 # Arguments that never change what a run computes, so they stay out of its fingerprint
@@ -140,7 +163,8 @@ class Arguments:
 # bad rows never starts, so either value trains on the same rows). Every other field is a setting.
 NOT_SETTINGS = ("model", "data", "eval_data", "output_dir", "resume", "save_steps", "save_total_limit",
                 "report_to", "micro_batch_size", "eval_batch_size", "gradient_checkpointing", "on_bad_row",
-                "eval_every", "max_skipped_steps", "collapse_steps")
+                "eval_every", "max_skipped_steps", "collapse_steps", "logprob_chunk_tokens", "save_dtype",
+                "save_final")
 # The checkpoint contract (docs/method.md section 10), the same as sft.py's.
 TRAINING_STATE = "training_state"  # accelerator.save_state: model, optimizer, scheduler, RNG of every process
 TRAINER_STATE = "trainer_state.json"
@@ -334,18 +358,109 @@ def build_samples(processor, rows: list[dict], completions: list[tuple[list[int]
     return samples
 
 
-def full_parameters(model, accelerator):
-    """FSDP keeps a shard of every parameter per process; generate needs them whole.
+def run_vision_on_every_forward(model) -> None:
+    """Under FSDP, make every forward pass run the vision tower, with images or without.
 
-    With FSDP (v1) the root's own parameters are gathered here and every wrapped layer gathers its
-    own in its forward, as TRL does; generate must then run with synced_gpus=True so that processes
-    whose samples end early keep joining the all-gathers. Not run on GPUs when this was written.
+    FSDP all-gathers each wrapped unit (every decoder layer and vision block, configs/fsdp.yaml) as
+    it runs, and all processes must issue the same all-gathers in the same order. A micro-batch or a
+    generate call without images skips the vision blocks; if another process's has images, the
+    collectives no longer match: on gloo the run dies with "Received data size doesn't match
+    expected size" (measured, tests/test_fsdp.py), on NCCL it would hang or mix up buffers. DDP
+    handles the same case with find_unused_parameters. So a forward without pixel_values (that is
+    not a decoding step of generate, where no process runs the tower) sends one dummy image of 2 x 2
+    patches (one token after the merge) through the tower first, and adds 0 x its sum to the input
+    embeddings (generate, in transformers 5, runs the tower on real images before its first forward,
+    passing `mm_encoder_outputs`; no collective comes in between, so the order still matches): the
+    numbers are unchanged, and every vision parameter joins the backward pass with
+    an exact zero gradient. sft.py has the same function.
     """
-    if accelerator.distributed_type == DistributedType.FSDP and not getattr(accelerator, "is_fsdp2", False):
+    inner = model.model  # Qwen2_5_VLModel: embeddings, vision tower, decoder
+    vision = model.config.vision_config
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    side = vision.spatial_merge_size
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        encoded = kwargs.get("mm_encoder_outputs") or {}  # generate runs the tower before its first forward
+        if (kwargs.get("pixel_values") is not None or encoded.get("image") is not None
+                or (cache is not None and cache.get_seq_length() > 0)):
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = inner.get_input_embeddings()(kwargs["input_ids"])
+        pixels = torch.zeros(side * side, patch_dim, dtype=inner.visual.dtype, device=embeds.device)
+        grid = torch.tensor([[1, side, side]], device=embeds.device)
+        dummy = inner.visual(pixels, grid_thw=grid).pooler_output
+        return args, dict(kwargs, inputs_embeds=embeds + 0.0 * dummy.sum().to(embeds.dtype))
+
+    inner.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def fsdp_mixed_precision(accelerator) -> None:
+    """Under FSDP with bf16, gradients reduced in fp32 and outputs left as the forward made them.
+
+    accelerate's bf16 policy for FSDP computes with bf16 parameters and also reduces gradients in
+    bf16, keeps FSDP (v1) buffers (the rotary frequencies) in bf16, and has FSDP2 cast every output
+    to bf16: then the fp32 log-probs and losses computed inside the forward come out rounded to bf16
+    (measured on 2 CPU processes: log-probs like -1.7890625), and a sum over 8 GPUs' gradients
+    loses bits. So, as verl's FSDP workers do: parameters bf16, reductions and buffers fp32, no
+    output cast. Called before accelerator.prepare, which applies the plugin's policy.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if accelerator.distributed_type != DistributedType.FSDP or plugin is None \
+            or plugin.mixed_precision_policy is None:
+        return
+    extra = {"output_dtype": None} if accelerator.is_fsdp2 else {"buffer_dtype": torch.float32}
+    plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy,
+                                                        reduce_dtype=torch.float32, **extra)
+
+
+@contextlib.contextmanager
+def full_parameters(model, accelerator):
+    """Whole parameters for generate, which FSDP keeps sharded (a 1 / W share on each process).
+
+    FSDP2 (configs/fsdp.yaml): every FSDP unit is all-gathered once, in the compute dtype (bf16 under
+    mixed precision), and kept whole until the context ends: one all-gather of the policy per
+    rollout, none per decoding step. The price is a whole bf16 copy of the policy per GPU during the
+    rollout (2 bytes x N: 7.0 GiB for the 3B, 15.4 GiB for the 7B; docs/real_path.md); the price of
+    not paying it is an all-gather of every layer at every decoding step (4096 steps a call at the
+    paper's lengths: for the 3B about 177 s of transfers per step against a few milliseconds, by
+    docs/real_path.md's arithmetic), and transformers' generate runs the vision tower outside the
+    model's forward (before its first step), where FSDP2 would not gather it. So the copy it is.
+    FSDP (v1): its public API cannot keep the units whole: summon_full_params(recurse=True) gathers
+    them in fp32 and the first forward of each unit reshards it again, so decoding still gathered
+    every layer at every step (measured on 2 CPU processes: 2 all-gathers per step for 2 layers,
+    recurse=False or True). So v1 gathers only the root's parameters here (embeddings, output layer,
+    vision patch embedding and merger) and every layer gathers its own in its forward, as TRL does;
+    generate then runs with synced_gpus=True and every process makes the same number of calls
+    (`rollout`), so that processes whose samples end early keep joining the all-gathers.
+    """
+    if accelerator.distributed_type != DistributedType.FSDP:
+        yield
+    elif not accelerator.is_fsdp2:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        return FSDP.summon_full_params(model, recurse=False, writeback=False)
-    return contextlib.nullcontext()
+        with FSDP.summon_full_params(model, recurse=False, writeback=False):
+            yield
+    else:
+        from torch.distributed.fsdp import FSDPModule
+
+        # FSDP2 takes the first unit to run forward as its root; generate runs the vision blocks
+        # before the model's forward (a validation may come before any training step), so the root
+        # is set up here first (torch's own lazy init; a no-op once done).
+        model._get_fsdp_state()._lazy_init()
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        model.set_reshard_after_forward(False)  # every unit, the root included
+        for unit in units:
+            unit.unshard()
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.reshard()
+            reshard = accelerator.state.fsdp_plugin.reshard_after_forward
+            model.set_reshard_after_forward(reshard if isinstance(reshard, bool) else True)
+            model.set_reshard_after_forward(False, recurse=False)  # the root's, as fully_shard sets it
 
 
 @torch.no_grad()
@@ -365,28 +480,32 @@ def rollout(model, accelerator, processor, rows: list[dict], group_size: int, ba
     was_training = unwrapped.training
     unwrapped.eval()  # gradient checkpointing is off in eval mode, so generate keeps its KV cache
     world, rank = accelerator.num_processes, accelerator.process_index
-    sync = accelerator.distributed_type == DistributedType.FSDP and world > 1
+    # FSDP (v1) gathers layers inside generate (full_parameters): every process must join every
+    # all-gather, so each makes the same number of calls (the extra ones repeat the first call and
+    # are dropped) and keeps stepping until all are done (synced_gpus). FSDP2 has gathered it all.
+    sync = accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2 and world > 1
     cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
     calls = list(range(0, len(rows), batch_size))
     mine = calls[rank::world]
-    # FSDP: every process must join every all-gather, so each makes the same number of calls; the
-    # extra ones repeat the first call and are dropped.
     padding = calls[:1] * (math.ceil(len(calls) / world) - len(mine)) if sync else []
     local = []
-    for k, start in enumerate(mine + padding):
-        chunk = [row for row in rows[start:start + batch_size] for _ in range(group_size)]
-        texts, images = reward.chat_prompts(processor, chunk)
-        inputs = processor(text=texts, images=images or None, padding=True, padding_side="left",
-                           return_tensors="pt").to(accelerator.device)
-        with torch.random.fork_rng(devices=cuda), full_parameters(model, accelerator):
-            if seed is not None:
-                torch.manual_seed(sampling_seed(seed[0], seed[1], start))
-            sequences = unwrapped.generate(**inputs, **gen_kwargs, synced_gpus=sync)
-        if k < len(mine):
-            local.append((start, cut_completions(sequences[:, inputs["input_ids"].shape[1]:], eos_ids)))
+    with full_parameters(model, accelerator):
+        for k, start in enumerate(mine + padding):
+            chunk = [row for row in rows[start:start + batch_size] for _ in range(group_size)]
+            texts, images = reward.chat_prompts(processor, chunk)
+            inputs = processor(text=texts, images=images or None, padding=True, padding_side="left",
+                               return_tensors="pt").to(accelerator.device)
+            with torch.random.fork_rng(devices=cuda):
+                if seed is not None:
+                    torch.manual_seed(sampling_seed(seed[0], seed[1], start))
+                sequences = unwrapped.generate(**inputs, **gen_kwargs, synced_gpus=sync)
+            if k < len(mine):
+                local.append((start, cut_completions(sequences[:, inputs["input_ids"].shape[1]:], eos_ids)))
     unwrapped.train(was_training)
     by_start = dict(gather_object(local))
     return [completion for start in calls for completion in by_start[start]]
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Log-probs of the sampled tokens
 # ---------------------------------------------------------------------------------------------
@@ -425,29 +544,82 @@ def collate(samples: list[Sample], pad_id: int, device) -> dict:
     return batch
 
 
+def token_logprobs(logits, targets, temperature: float, never_ids: list[int], with_entropy: bool):
+    """log_softmax(logits / T)[target] with the never-generated ids at -inf, in fp32; [..., V] -> [...].
+    With entropy: the entropy of each distribution too (without gradient, for the logs), else zeros."""
+    logits = logits.float() / temperature
+    logits[..., never_ids] = -math.inf
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    entropy = torch.zeros_like(logp.detach())
+    if with_entropy:
+        with torch.no_grad():
+            entropy = torch.special.entr(logits.softmax(-1)).sum(-1)
+    return logp, entropy
+
+
+@contextlib.contextmanager
+def logprob_head(model, targets, temperature: float, never_ids: list[int], chunk_tokens: int,
+                 with_entropy: bool):
+    """While open, the model's output layer returns the log-probs of `targets` [n, C] (and the
+    entropies) as [n, C, 2] instead of logits [n, C + 1, V], computed `chunk_tokens` tokens at a time.
+
+    Why: the logits of a micro-batch are [n, C, V] (V = 151,936 for Qwen2.5-VL), about 14 bytes per
+    entry alive between the output layer, the fp32 copy, the log-softmax and its backward: 65 GiB for
+    8 completions of 4096 tokens (docs/real_path.md). Chunked, only one chunk's logits exist at a
+    time: each chunk is projected, log-softmaxed and reduced to one number per token, and under
+    gradient it runs in torch.utils.checkpoint, so its logits are computed again in the backward pass
+    instead of being kept. Every token's log-prob is that of the whole computation (the log-softmax
+    is per token; tests/test_grpo.py compares them bit for bit; the output layer's gradient adds the
+    chunks' parts in another order). A micro-batch of at most `chunk_tokens` completion tokens is one
+    piece, computed exactly as without chunks (the toy demo's 32 x 64 tokens, for one). The swap is inside the model's own forward, so
+    DDP's and FSDP's hooks and accelerate's autocast see an ordinary forward pass.
+    """
+    head = getattr(model, "module", model).get_output_embeddings()  # under DDP/FSDP: the wrapped model's
+    project = head.forward
+
+    def piece(hidden, ids):
+        logp, entropy = token_logprobs(project(hidden), ids, temperature, never_ids, with_entropy)
+        return torch.stack([logp, entropy], -1)
+
+    def forward(hidden):  # [n, C + 1, H]: position t predicts token t + 1
+        n, C = targets.shape
+        hidden, ids = hidden[:, :-1].reshape(n * C, -1), targets.reshape(-1)
+        size = chunk_tokens or max(n * C, 1)
+        pieces = []
+        for start in range(0, n * C, size):
+            args = (hidden[start:start + size], ids[start:start + size])
+            if torch.is_grad_enabled() and size < n * C:  # one chunk: nothing to gain from recomputing
+                pieces.append(checkpoint(piece, *args, use_reentrant=False))
+            else:
+                pieces.append(piece(*args))
+        return torch.cat(pieces).view(n, C, 2)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward  # the class's forward again
+
+
 def completion_logprobs(model, batch: dict, temperature: float, never_ids: list[int],
-                        with_entropy: bool = False):
+                        with_entropy: bool = False, chunk_tokens: int = 0):
     """log pi(o_t | q, o_<t) for the completion positions only: log_softmax(logits / T)[o_t].
 
     docs/method.md section 5: the logits are divided by the sampling temperature T, and the ids the
     sampler suppresses are set to -inf, so these are the log-probs of the distribution sampled from.
-    Only the C + 1 last hidden states reach the vocabulary projection (`logits_to_keep`): no
-    [batch, prompt + completion, vocab] logits ever exist. Returns logp [n, C] (and, when asked, the
-    entropy of each position's distribution, without gradient, for the logs).
+    Only the C + 1 last hidden states reach the vocabulary projection (`logits_to_keep`), and they
+    reach it `chunk_tokens` tokens at a time (`logprob_head`; 0: all at once): no [batch, prompt +
+    completion, vocab] logits ever exist, nor [batch, completion, vocab] ones with chunks. Returns
+    logp [n, C] (and, when asked, the entropy of each position's distribution, without gradient, for
+    the logs).
     """
-    C = batch["completion_ids"].shape[1]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                mm_token_type_ids=batch["mm_token_type_ids"],
-                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                use_cache=False, logits_to_keep=C + 1)
-    logits = out.logits[:, :-1].float() / temperature  # position t predicts token t + 1
-    logits[..., never_ids] = -math.inf
-    logp = logits.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    if not with_entropy:
-        return logp
-    with torch.no_grad():
-        entropy = torch.special.entr(logits.softmax(-1)).sum(-1)
-    return logp, entropy
+    with logprob_head(model, batch["completion_ids"], temperature, never_ids, chunk_tokens, with_entropy):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    mm_token_type_ids=batch["mm_token_type_ids"],
+                    pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                    use_cache=False, logits_to_keep=batch["completion_ids"].shape[1] + 1)
+    logp, entropy = out.logits.unbind(-1)
+    return (logp, entropy) if with_entropy else logp
 
 
 @torch.no_grad()
@@ -458,7 +630,8 @@ def sequence_logprobs(model, samples: list[Sample], args: Arguments, pad_id: int
     for start in range(0, len(samples), args.micro_batch_size):
         micro = samples[start:start + args.micro_batch_size]
         batch = collate(micro, pad_id, device)
-        logp = completion_logprobs(model, batch, args.temperature, never_ids).cpu()
+        logp = completion_logprobs(model, batch, args.temperature, never_ids,
+                                   chunk_tokens=args.logprob_chunk_tokens).cpu()
         out += [row[:len(s.completion_ids)] for row, s in zip(logp, micro)]
     return out
 
@@ -547,7 +720,8 @@ def accumulate_gradients(model, accelerator, samples: list[Sample], args: Argume
         last = k == len(micro_batches) - 1
         no_sync = not last and accelerator.distributed_type != DistributedType.FSDP
         with accelerator.no_sync(model) if no_sync else contextlib.nullcontext():
-            logp, entropy = completion_logprobs(model, batch, args.temperature, never_ids, with_entropy=True)
+            logp, entropy = completion_logprobs(model, batch, args.temperature, never_ids, with_entropy=True,
+                                                chunk_tokens=args.logprob_chunk_tokens)
             old_logp = logp.detach() if on_policy else pad_rows([s.old_logp for s in micro], mask, device)
             per_token = policy_loss(logp, old_logp, advantages, mask, args.eps_low, args.eps_high,
                                     args.dual_clip)
@@ -598,6 +772,23 @@ def validate(model, accelerator, processor, rows, args: Arguments, never_ids, eo
     for name in sorted(set(names)):
         metrics[f"val_accuracy/{name}"] = correct[[n == name for n in names]].mean().item()
     return metrics
+
+
+def precision(mixed_precision: str) -> str:
+    """accelerate's mixed_precision for --mixed_precision: auto is bf16 on a GPU, no (fp32) on a CPU."""
+    if mixed_precision not in ("auto", "bf16", "no"):
+        raise ValueError(f"--mixed_precision must be auto, bf16 or no, got {mixed_precision!r}")
+    if mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return mixed_precision
+
+
+def synced_time(device) -> float:
+    """time.perf_counter() once the GPU has finished what was queued: CUDA kernels run
+    asynchronously, so without the synchronize a phase's time would stop before its last kernels."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def peak_memory_gb(device) -> float:
@@ -673,15 +864,58 @@ def fingerprint(args: Arguments, dataset, eval_set) -> dict:
                      "validation": None if eval_set is None else reward.data_fingerprint(eval_set)}}
 
 
-def save_checkpoint(accelerator, model, processor, args: Arguments, step: int, state: dict | None):
+def saved_dtype(args: Arguments, mixed_precision: str) -> torch.dtype:
+    """The dtype of the model files a run writes. auto: bf16 after a bf16 run, as the hub's Qwen2.5-VL
+    and MedVLThinker checkpoints are, half the size of fp32, and losing nothing a bf16 forward pass
+    sees (it computes with bf16 copies of the weights); fp32 after an fp32 run, so that CPU runs (the
+    demo, the tests) keep their exact weights."""
+    if args.save_dtype == "auto":
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.save_dtype]
+
+
+def save_model(accelerator, model, processor, folder: str, dtype: torch.dtype) -> None:
+    """The model and processor as a save_pretrained folder whose weights and config.json are `dtype`,
+    so that from_pretrained (dtype "auto") loads it in that dtype, as it loads a hub checkpoint.
+
+    Every process joins get_state_dict (FSDP gathers the shards); the main one writes. A tied output
+    layer (the 3B's) must be one tensor for save_pretrained to store it once; FSDP's gathered state
+    dict holds two equal copies, so the tie is restored first. Tensors that share storage are
+    converted once, so they still share it.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    for tied, source in (getattr(unwrapped, "all_tied_weights_keys", None) or {}).items():
+        if tied in state_dict and source in state_dict and torch.equal(state_dict[tied], state_dict[source]):
+            state_dict[tied] = state_dict[source]
+    converted = {}
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point():
+            key = (tensor.data_ptr(), tensor.shape, tensor.stride())
+            if key not in converted:
+                converted[key] = tensor.to(dtype)
+            state_dict[name] = converted[key]
+    unwrapped.save_pretrained(folder, state_dict=state_dict, save_function=accelerator.save)
+    config = copy.deepcopy(unwrapped.config)  # save_pretrained wrote the parameters' dtype (fp32)
+    for sub in [config] + [getattr(config, name) for name in getattr(config, "sub_configs", {})]:
+        sub.dtype = dtype
+    config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def save_checkpoint(accelerator, model, processor, args: Arguments, step: int, state: dict | None,
+                    dtype: torch.dtype = torch.float32):
     """DIR/checkpoint-{step} (given the trainer state) or DIR/final (state None), docs/method.md
-    section 10: the model and processor via save_pretrained (loadable like a hub id); a checkpoint
-    also holds training_state/ (accelerate: model, optimizer, scheduler, every process's RNG) and
-    trainer_state.json. Everything is written into a .tmp folder, then renamed with os.replace: the
-    rename is the completeness marker, so a run killed while saving leaves only a .tmp folder, which
-    resuming ignores and removes. Then checkpoints beyond --save_total_limit go, oldest first, with
-    transformers' rotate_checkpoints (accelerate's ProjectConfiguration(total_limit) rotates only its
-    own checkpoints/checkpoint_{i} layout, not this one).
+    section 10: the model and processor via save_pretrained in `dtype` (loadable like a hub id); a
+    checkpoint also holds training_state/ (accelerate: the fp32 weights, optimizer, scheduler, every
+    process's RNG: what resuming reads) and trainer_state.json. Everything is written into a .tmp
+    folder, then renamed with os.replace: the rename is the completeness marker, so a run killed
+    while saving leaves only a .tmp folder, which resuming ignores and removes. Then checkpoints
+    beyond --save_total_limit go, oldest first, with transformers' rotate_checkpoints (accelerate's
+    ProjectConfiguration(total_limit) rotates only its own checkpoints/checkpoint_{i} layout, not
+    this one).
     """
     folder = os.path.join(args.output_dir, "final" if state is None else f"checkpoint-{step}")
     tmp = folder + ".tmp"
@@ -690,14 +924,10 @@ def save_checkpoint(accelerator, model, processor, args: Arguments, step: int, s
     accelerator.wait_for_everyone()
     if state is not None:
         accelerator.save_state(os.path.join(tmp, TRAINING_STATE))
-    state_dict = accelerator.get_state_dict(model)  # full weights, gathered under FSDP
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict,
-                                                        save_function=accelerator.save)
-        processor.save_pretrained(tmp)
-        if state is not None:
-            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
-                json.dump(state, f)
+    save_model(accelerator, model, processor, tmp, dtype)  # full weights, gathered under FSDP
+    if accelerator.is_main_process and state is not None:
+        with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+            json.dump(state, f)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(folder, ignore_errors=True)  # saved before by this run, resumed from an older one
@@ -758,10 +988,12 @@ def resume(accelerator, args: Arguments, metrics_path: str) -> dict:
 def main(argv: list[str] | None = None):
     (args,) = HfArgumentParser(Arguments).parse_args_into_dataclasses(argv)
     accelerator = Accelerator(
+        mixed_precision=precision(args.mixed_precision),  # bf16: autocast, on a GPU or a CPU
         log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir,
         # A process whose micro-batch has no image leaves the vision tower without gradient.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     args.check(accelerator.num_processes)
+    dtype = saved_dtype(args, accelerator.mixed_precision)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
     # The data and this run's folder, before any model work (docs/method.md section 10): another
@@ -794,8 +1026,10 @@ def main(argv: list[str] | None = None):
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
 
     # The policy is trained in fp32 (bf16 compute through accelerate's mixed precision); the frozen
-    # reference only runs forward, in bf16 on GPUs. Both start from the same weights (--model).
+    # reference only runs forward, in bf16 with --mixed_precision bf16. Both start from --model.
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
+    if accelerator.distributed_type == DistributedType.FSDP and world > 1:
+        run_vision_on_every_forward(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
@@ -809,6 +1043,7 @@ def main(argv: list[str] | None = None):
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
                               num_warmup_steps=round(args.warmup_ratio * total_steps * updates_per_step),
                               num_training_steps=total_steps * updates_per_step)
+    fsdp_mixed_precision(accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Not prepared: accelerate would step it once per process per call. Registered so save_state keeps it.
     accelerator.register_for_checkpointing(scheduler)
@@ -840,7 +1075,7 @@ def main(argv: list[str] | None = None):
     share = update_share(args, rank, world)
     bar = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process, desc="grpo")
     for step in range(start_step, total_steps):
-        clock = time.perf_counter()
+        clock = synced_time(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -861,10 +1096,10 @@ def main(argv: list[str] | None = None):
         advantages = group_advantages(torch.tensor([s.reward for s in samples]), G, args.scale_rewards)
         for s, advantage in zip(samples, advantages.tolist()):
             s.advantage = advantage
-        time_generate = time.perf_counter() - clock
+        time_generate = synced_time(device) - clock
 
         # logp_old and logp_ref, once per rollout, without gradients (step 4).
-        clock = time.perf_counter()
+        clock = synced_time(device)
         on_policy = updates_per_step == 1
         model.eval()
         if not on_policy:
@@ -874,12 +1109,12 @@ def main(argv: list[str] | None = None):
             ref_logps = sequence_logprobs(ref_model, samples, args, pad_id, never_ids, device)
             for s, logp in zip(samples, ref_logps):
                 s.ref_logp = logp
-        time_logprob = time.perf_counter() - clock
+        time_logprob = synced_time(device) - clock
 
         # The update: B / mini-batch optimizer steps, each over this process's share of a
         # mini-batch (step 5). A step whose loss or gradient norm is not finite is skipped (Guard);
         # the loss is summed over processes first and the norm is global, so all processes agree.
-        clock = time.perf_counter()
+        clock = synced_time(device)
         model.train()
         per_update = len(samples) // updates_per_step
         stats, grad_norms, skips = torch.zeros(7, device=device), [], []
@@ -899,7 +1134,7 @@ def main(argv: list[str] | None = None):
                              f"grad_norm {float(grad_norm):.4g}")
                 guard.skipped_in_a_row += 1
             optimizer.zero_grad(set_to_none=True)
-        time_update = time.perf_counter() - clock
+        time_update = synced_time(device) - clock
 
         # Logs: per-sample values gathered from every process, token statistics summed.
         per_sample = accelerator.gather(torch.tensor(
@@ -943,14 +1178,15 @@ def main(argv: list[str] | None = None):
                         **({"val": f"{record['val_accuracy']:.3f}"} if "val_accuracy" in record else {}))
         if args.save_steps > 0 and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
             save_checkpoint(accelerator, model, processor, args, step + 1,
-                            {"step": step + 1, "guard": asdict(guard)})
+                            {"step": step + 1, "guard": asdict(guard)}, dtype)
 
     bar.close()
-    save_checkpoint(accelerator, model, processor, args, total_steps,
-                    {"step": total_steps, "guard": asdict(guard)})
-    save_checkpoint(accelerator, model, processor, args, total_steps, None)  # final/, written last
+    # A finished run is never resumed (final/ says it is finished), so its end writes the model alone:
+    # no optimizer state (for the 3B, 45 GB of fp32 weights and Adam moments, docs/real_path.md).
+    if args.save_final:
+        save_checkpoint(accelerator, model, processor, args, total_steps, None, dtype)
     accelerator.end_training()
-    return final_dir
+    return final_dir if args.save_final else None
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ that turns the random model into an "instruct" model for RL.
 
     python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct \
         --data UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized --output_dir out/sft
-    accelerate launch --multi_gpu --num_processes 8 sft.py ...   # the paper: 8 GPUs, FSDP
+    accelerate launch --config_file configs/fsdp.yaml sft.py ...   # the paper: 8 GPUs, FSDP
 
 The story, top to bottom:
 0. every row is checked once, before any model work (docs/method.md section 10): the schema rules of
@@ -27,6 +27,8 @@ The story, top to bottom:
 A plain PyTorch loop with accelerate, no Trainer: every number above is visible below.
 """
 
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -41,7 +43,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (AutoModelForImageTextToText, AutoProcessor, HfArgumentParser,
@@ -65,7 +67,8 @@ TRAINING_STATE = "training_state"  # accelerator.save_state: optimizer, schedule
 # things are, how often and how they are saved or logged, and how a step is split into micro-batches
 # (the loss is exact under any split, section 3 below). Every other field is a setting of the run.
 NOT_SETTINGS = ("model", "data", "output_dir", "resume", "save_steps", "save_total_limit", "report_to",
-                "dataloader_num_workers", "per_device_batch_size", "gradient_checkpointing", "on_bad_row")
+                "dataloader_num_workers", "per_device_batch_size", "gradient_checkpointing", "on_bad_row",
+                "save_dtype", "save_final")
 
 
 @dataclass
@@ -98,8 +101,16 @@ class SFTArgs:
         "help": "Recompute activations in the backward pass: less memory, same numbers."})
     freeze_vision: bool = field(default=False, metadata={
         "help": "Freeze the vision tower and merger. Off: the paper trains everything."})
-    mixed_precision: str = field(default="bf16", metadata={
-        "help": "bf16 autocast on GPU (the paper); CPU runs always stay in fp32."})
+    mixed_precision: str = field(default="auto", metadata={
+        "help": "auto: bf16 autocast on a GPU (the paper), fp32 on a CPU. bf16: bf16 autocast anywhere "
+                "(a CPU with bf16 support included). no: fp32. Weights stay fp32 (the optimizer's master "
+                "copy) in every case; this flag wins over an accelerate config's mixed_precision."})
+    save_dtype: str = field(default="auto", metadata={
+        "help": "dtype of the model files written (final/ and the model of each checkpoint-{step}/): "
+                "bfloat16, float32, or auto: bfloat16 after a bf16 run (as the hub checkpoints), float32 "
+                "after an fp32 one. training_state/ always keeps the fp32 master weights for resuming."})
+    save_final: bool = field(default=True, metadata={
+        "help": "Write final/ when the run completes. False: nothing at the end (benchmarks)."})
     seed: int = 42
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps (0: only final/)."})
     save_total_limit: int | None = field(default=None, metadata={
@@ -311,6 +322,85 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> torch
 # ---------------------------------------------------------------------------------------------
 
 
+def precision(args: SFTArgs) -> str:
+    """accelerate's mixed_precision for --mixed_precision: auto is bf16 on a GPU, no (fp32) on a CPU."""
+    if args.mixed_precision not in ("auto", "bf16", "no"):
+        raise ValueError(f"--mixed_precision must be auto, bf16 or no, got {args.mixed_precision!r}")
+    if args.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return args.mixed_precision
+
+
+def saved_dtype(args: SFTArgs, mixed_precision: str) -> torch.dtype:
+    """The dtype of the model files a run writes. auto: bf16 after a bf16 run, as the hub's Qwen2.5-VL
+    and MedVLThinker checkpoints are, half the size of fp32, and losing nothing a bf16 forward pass
+    sees (it computes with bf16 copies of the weights); fp32 after an fp32 run, so that CPU runs (the
+    demo, the tests) keep their exact weights."""
+    choices = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+    if args.save_dtype == "auto":
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    if args.save_dtype not in choices:
+        raise ValueError(f"--save_dtype must be auto, bfloat16 or float32, got {args.save_dtype!r}")
+    return choices[args.save_dtype]
+
+
+def run_vision_on_every_forward(model) -> None:
+    """Under FSDP, make every forward pass run the vision tower, with images or without.
+
+    FSDP all-gathers each wrapped unit (every decoder layer and vision block, configs/fsdp.yaml) as
+    it runs, and all processes must issue the same all-gathers in the same order. A micro-batch
+    without images skips the vision blocks; if another process's micro-batch has images, the
+    collectives no longer match: on gloo the run dies with "Received data size doesn't match
+    expected size" (measured, tests/test_fsdp.py), on NCCL it would hang or mix up buffers. DDP
+    handles the same case with find_unused_parameters. So a forward without pixel_values (that is
+    not a decoding step of generate, where no process runs the tower) sends one dummy image of 2 x 2
+    patches (one token after the merge) through the tower first, and adds 0 x its sum to the input
+    embeddings (generate, in transformers 5, runs the tower on real images before its first forward,
+    passing `mm_encoder_outputs`; no collective comes in between, so the order still matches): the
+    numbers are unchanged, and every vision parameter joins the backward pass with
+    an exact zero gradient. grpo.py has the same function.
+    """
+    inner = model.model  # Qwen2_5_VLModel: embeddings, vision tower, decoder
+    vision = model.config.vision_config
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    side = vision.spatial_merge_size
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        encoded = kwargs.get("mm_encoder_outputs") or {}  # generate runs the tower before its first forward
+        if (kwargs.get("pixel_values") is not None or encoded.get("image") is not None
+                or (cache is not None and cache.get_seq_length() > 0)):
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = inner.get_input_embeddings()(kwargs["input_ids"])
+        pixels = torch.zeros(side * side, patch_dim, dtype=inner.visual.dtype, device=embeds.device)
+        grid = torch.tensor([[1, side, side]], device=embeds.device)
+        dummy = inner.visual(pixels, grid_thw=grid).pooler_output
+        return args, dict(kwargs, inputs_embeds=embeds + 0.0 * dummy.sum().to(embeds.dtype))
+
+    inner.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def fsdp_mixed_precision(accelerator) -> None:
+    """Under FSDP with bf16, gradients reduced in fp32 and outputs left as the forward made them.
+
+    accelerate's bf16 policy for FSDP computes with bf16 parameters and also reduces gradients in
+    bf16, keeps FSDP (v1) buffers (the rotary frequencies) in bf16, and has FSDP2 cast every output
+    to bf16: then the fp32 log-probs and losses computed inside the forward come out rounded to bf16
+    (measured on 2 CPU processes: log-probs like -1.7890625), and a sum over 8 GPUs' gradients
+    loses bits. So, as verl's FSDP workers do: parameters bf16, reductions and buffers fp32, no
+    output cast. Called before accelerator.prepare, which applies the plugin's policy.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if accelerator.distributed_type != DistributedType.FSDP or plugin is None \
+            or plugin.mixed_precision_policy is None:
+        return
+    extra = {"output_dtype": None} if accelerator.is_fsdp2 else {"buffer_dtype": torch.float32}
+    plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy,
+                                                        reduce_dtype=torch.float32, **extra)
+
+
 def load_model(args: SFTArgs):
     """Model (fp32 master weights; bf16 comes from accelerate's autocast) and processor."""
     processor = AutoProcessor.from_pretrained(args.model)
@@ -348,24 +438,53 @@ def fingerprint(args: SFTArgs, data) -> dict:
             "model": args.model}
 
 
-def save_checkpoint(accelerator, model, processor, folder: str, step: int | None, plan_info: dict):
-    """save_pretrained folder (loads like a hub id) + accelerate state (optimizer, schedule, RNG).
+def save_model(accelerator, model, processor, folder: str, dtype: torch.dtype) -> None:
+    """The model and processor as a save_pretrained folder whose weights and config.json are `dtype`,
+    so that from_pretrained (dtype "auto") loads it in that dtype, as it loads a hub checkpoint.
+
+    Every process joins get_state_dict (FSDP gathers the shards); the main one writes. A tied output
+    layer (the 3B's) must be one tensor for save_pretrained to store it once; FSDP's gathered state
+    dict holds two equal copies, so the tie is restored first. Tensors that share storage are
+    converted once, so they still share it.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    for tied, source in (getattr(unwrapped, "all_tied_weights_keys", None) or {}).items():
+        if tied in state_dict and source in state_dict and torch.equal(state_dict[tied], state_dict[source]):
+            state_dict[tied] = state_dict[source]
+    converted = {}
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point():
+            key = (tensor.data_ptr(), tensor.shape, tensor.stride())
+            if key not in converted:
+                converted[key] = tensor.to(dtype)
+            state_dict[name] = converted[key]
+    unwrapped.save_pretrained(folder, state_dict=state_dict, save_function=accelerator.save)
+    config = copy.deepcopy(unwrapped.config)  # save_pretrained wrote the parameters' dtype (fp32)
+    for sub in [config] + [getattr(config, name) for name in getattr(config, "sub_configs", {})]:
+        sub.dtype = dtype
+    config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def save_checkpoint(accelerator, model, processor, folder: str, step: int | None, plan_info: dict,
+                    dtype: torch.dtype = torch.float32):
+    """save_pretrained folder in `dtype` (loads like a hub id) + accelerate state (optimizer,
+    schedule, RNG, fp32 weights).
 
     Everything is written into `folder.tmp`, `trainer_state.json` last, and the folder is then
     renamed with os.replace: the rename is the completeness marker (docs/method.md section 10), so
     a run killed while saving leaves only a .tmp folder, which resuming ignores and removes. The
-    accelerate state repeats the weights (fp32): the price of restoring them bit for bit. `step`
-    None saves the model alone (final/).
+    accelerate state repeats the weights in fp32: the price of restoring them bit for bit (a resumed
+    run never reads the save_pretrained copy). `step` None saves the model alone (final/).
     """
     tmp = folder + ".tmp"
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.unwrap_model(model).save_pretrained(
-        tmp, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-        state_dict=accelerator.get_state_dict(model))
-    if accelerator.is_main_process:
-        processor.save_pretrained(tmp)
+    save_model(accelerator, model, processor, tmp, dtype)
     if step is not None:
         accelerator.save_state(os.path.join(tmp, TRAINING_STATE))
         if accelerator.is_main_process:
@@ -442,6 +561,14 @@ def resume_from(checkpoint: str | None, accelerator, plan_info: dict, metrics_pa
     return step
 
 
+def synced_time(device) -> float:
+    """time.perf_counter() once the GPU has finished what was queued: CUDA kernels run
+    asynchronously, so without the synchronize a step's time would stop before its last kernels."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def peak_memory_gb() -> float:
     """Peak GPU memory allocated by torch; on CPU, the peak resident memory of the process."""
     if torch.cuda.is_available():
@@ -460,8 +587,10 @@ def main(argv=None):
         raise ValueError(f"--report_to must be none, tensorboard or wandb, got {args.report_to!r}")
     if args.on_bad_row not in ("error", "skip"):
         raise ValueError(f"--on_bad_row must be error or skip, got {args.on_bad_row!r}")
+    mixed_precision = precision(args)
+    dtype = saved_dtype(args, mixed_precision)  # a wrong --save_dtype fails now, not after training
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision if torch.cuda.is_available() else "no",
+        mixed_precision=mixed_precision,  # bf16: autocast, on a GPU or a CPU
         log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir,
         # A rank whose micro-batches hold no image leaves the vision tower unused (method.md section 9).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
@@ -498,6 +627,8 @@ def main(argv=None):
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
 
     model, processor = load_model(args)
+    if accelerator.distributed_type == DistributedType.FSDP and world > 1:
+        run_vision_on_every_forward(model)
     data, lengths, n_dropped = prepare_data(args, data, processor, accelerator)
     steps_per_epoch = len(data) // args.global_batch_size
     if steps_per_epoch == 0:
@@ -510,6 +641,7 @@ def main(argv=None):
     optimizer, scheduler = build_optimizer(model, args, total_steps)
     # The scheduler is not passed to prepare(): accelerate's wrapper would step it once per process
     # at each optimizer step. Registering it still saves and restores it with the state.
+    fsdp_mixed_precision(accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     start_step = resume_from(checkpoint, accelerator, plan_info, metrics_path)
@@ -529,7 +661,7 @@ def main(argv=None):
     progress = tqdm(total=total_steps, initial=start_step, desc="sft",
                     disable=not accelerator.is_main_process)
     for step in range(start_step + 1, total_steps + 1):
-        started = time.perf_counter()
+        started = synced_time(accelerator.device)
         micro_batches = [{k: v.to(accelerator.device) for k, v in next(batches).items()}
                          for _ in range(accumulation)]
         loss = accumulate_gradients(model, micro_batches, accelerator)
@@ -539,7 +671,7 @@ def main(argv=None):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         n_tokens = accelerator.reduce(sum(mb["attention_mask"].sum() for mb in micro_batches), "sum")
-        seconds = time.perf_counter() - started
+        seconds = synced_time(accelerator.device) - started
         metrics = {"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": loss.item(), "lr": lr,
                    "grad_norm": float(grad_norm), "tokens_per_s": n_tokens.item() / seconds,
                    "peak_memory_gb": peak_memory_gb(), "dropped_too_long": n_dropped}
@@ -551,16 +683,17 @@ def main(argv=None):
         progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
         if args.save_steps > 0 and step % args.save_steps == 0:
             folder = os.path.join(args.output_dir, f"checkpoint-{step}")
-            save_checkpoint(accelerator, model, processor, folder, step, plan_info)
+            save_checkpoint(accelerator, model, processor, folder, step, plan_info, dtype)
             if accelerator.is_main_process:
                 # transformers' own rotation (oldest first, the newest always kept). accelerate's
                 # ProjectConfiguration(total_limit=...) only counts the folders it names itself
                 # (checkpoints/checkpoint_{i}), not the checkpoint-{step} layout resuming reads.
                 rotate_checkpoints(args.output_dir, args.save_total_limit)
     progress.close()
-    save_checkpoint(accelerator, model, processor, final, None, plan_info)
+    if args.save_final:
+        save_checkpoint(accelerator, model, processor, final, None, plan_info, dtype)
+        accelerator.print(f"saved {final} ({str(dtype).removeprefix('torch.')})")
     accelerator.end_training()
-    accelerator.print(f"saved {final}")
 
 
 if __name__ == "__main__":

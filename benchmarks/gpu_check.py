@@ -14,8 +14,8 @@ called with its command-line arguments (`main(argv)`), nothing else of it used:
    update, from its metrics.jsonl) and each phase's MFU, with benchmarks/plan.py's FLOP formulas;
 3. sft.py: two steps of one 4096-token sequence -> the second step's time and MFU;
 and the peak memory of each process (torch's peak allocation on a GPU, peak RSS on a CPU).
-grpo.py and sft.py would save a 15 GB fp32 checkpoint (grpo.py: 60 GB with its optimizer state) at
-the end of a run and have no flag against it, so their `save_checkpoint` is replaced by a no-op.
+grpo.py and sft.py run with --save_steps 0 --save_final False: no checkpoint and no final/ (7.5 GB
+of bf16 weights each for the 3B), and with --mixed_precision bf16 on a GPU (their `auto` there).
 """
 
 import json
@@ -42,15 +42,14 @@ END_OF_TURN_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 
 # Runs one stage in a fresh process: `python -c RUNNER stage arg...`. It calls the stage's
 # main(argv), as its command line would, and prints its peak memory as one JSON line.
+# checkpoints_skipped: the stage was told to write none (--save_steps 0 --save_final False).
 RUNNER = r"""
 import json, resource, sys, time
 stage, argv = sys.argv[1], sys.argv[2:]
 module = __import__(stage)
-no_save = stage in ("grpo", "sft") and hasattr(module, "save_checkpoint")
-if no_save:
-    module.save_checkpoint = lambda *args, **kwargs: None  # a benchmark writes no checkpoints
 started = time.perf_counter()
 module.main(argv)
+no_save = "--save_final" in argv and argv[argv.index("--save_final") + 1] == "False"
 report = dict(seconds=time.perf_counter() - started, checkpoints_skipped=no_save,
               peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 import torch
@@ -194,8 +193,8 @@ def check(args: CheckArgs, work: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     if args.cpu:
         env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
-    else:
-        env.update(ACCELERATE_MIXED_PRECISION="bf16")  # grpo.py's Accelerator: bf16 as the recipes
+    # As the recipes: bf16 on a GPU; the --cpu check stays fp32. No checkpoints, no final/.
+    train_flags = ["--mixed_precision", "no" if args.cpu else "bf16", "--save_steps", "0", "--save_final", "False"]
     model_dir, data_dir = str(work / "model"), str(work / "data")
     clock = time.perf_counter()
     made = save_model(args, model_dir)
@@ -229,7 +228,7 @@ def check(args: CheckArgs, work: Path) -> dict:
         "--rollout_batch_size", str(args.grpo_prompts), "--group_size", str(args.grpo_group),
         "--mini_batch_size", str(args.grpo_prompts), "--generation_batch_size", str(args.grpo_prompts),
         "--micro_batch_size", str(args.grpo_micro_batch), "--max_new_tokens", str(args.grpo_new_tokens),
-        "--max_steps", "1", "--save_steps", "0", "--learning_rate", "1e-6"], env)
+        "--max_steps", "1", "--learning_rate", "1e-6", *train_flags], env)
     m = last_metrics(work / "grpo" / "metrics.jsonl",
                      ["time_generate", "time_logprob", "time_update", "completion_length"])
     shape = plan.PlanArgs(prompts=args.grpo_prompts, group_size=args.grpo_group, mini_batch=args.grpo_prompts,
@@ -250,7 +249,7 @@ def check(args: CheckArgs, work: Path) -> dict:
     report, out = run_stage("sft", [
         "--model", model_dir, "--data", data_dir, "--split", "sft", "--output_dir", str(work / "sft"),
         "--global_batch_size", "1", "--per_device_batch_size", "1", "--max_steps", "2",
-        "--gradient_checkpointing", "True", "--save_steps", "0", "--learning_rate", "1e-5"], env)
+        "--gradient_checkpointing", "True", "--learning_rate", "1e-5", *train_flags], env)
     m = last_metrics(work / "sft" / "metrics.jsonl", ["tokens_per_s"])
     n = lengths["sft_tokens"]
     seconds = n / m["tokens_per_s"]
@@ -262,9 +261,6 @@ def check(args: CheckArgs, work: Path) -> dict:
         what=f"sft.py, one step of one {n}-token sequence, gradient checkpointing",
         figure=f"{seconds:.2f} s ({m['tokens_per_s']:,.0f} tokens/s, MFU {100 * sft_flops / (seconds * peak_flops):.1f}%)",
         seconds=seconds, mfu=sft_flops / (seconds * peak_flops), peak=peak(report), report=report)
-    for name in ("grpo", "sft"):
-        if not rows[name]["report"]["checkpoints_skipped"]:
-            print(f"warning: {name}.py has no save_checkpoint to skip; its run wrote checkpoints")
     return rows
 
 

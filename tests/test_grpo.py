@@ -220,6 +220,55 @@ def test_logprob_pass_equals_generate_scores(warm_tiny_dir, toy_data_dir):
     assert len(set(lengths)) > 1  # completions end at different places: right padding is exercised
 
 
+def test_chunked_logprobs_equal_the_whole_computation(warm_tiny_dir, toy_data_dir, monkeypatch):
+    """--logprob_chunk_tokens: the vocabulary log-softmax a chunk of tokens at a time, the backward
+    recomputing each chunk (torch.utils.checkpoint), equals the computation over the whole [n, C, V]
+    logits: log-probs bit for bit, entropies (for the logs) to 6e-8, gradients up to the order in
+    which the output layer's gradient adds the chunks' parts (measured: 9e-7 of the largest entry).
+    Chunks of 1 token take another matrix kernel (log-probs within 1e-6, not tested here)."""
+    model, processor = load(warm_tiny_dir)
+    never_ids, _ = ids_of(processor)
+    rows = list(datasets.load_from_disk(toy_data_dir)["validation"].select(range(4)))  # one with an image
+    generator = torch.Generator().manual_seed(0)
+    samples = [s for row in rows for length in (5, 11, 17)
+               for s in grpo.build_samples(processor, [row], [(torch.randint(0, 500, (length,), generator=generator)
+                                                               .tolist(), True)])]
+    batch = grpo.collate(samples, processor.tokenizer.pad_token_id, "cpu")
+    n, C = batch["completion_ids"].shape
+
+    # The whole computation, written out: every completion position's logits at once.
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=batch["pixel_values"],
+                image_grid_thw=batch["image_grid_thw"], use_cache=False, logits_to_keep=C + 1)
+    logits = out.logits[:, :-1].float() / 0.7
+    assert logits.shape == (n, C, model.config.text_config.vocab_size)
+    logits[..., never_ids] = -math.inf
+    whole = logits.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    whole_entropy = torch.special.entr(logits.softmax(-1)).sum(-1).detach()
+    whole.sum().backward()
+    whole_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    shapes, token_logprobs = [], grpo.token_logprobs
+    monkeypatch.setattr(grpo, "token_logprobs", lambda logits, *a: (shapes.append(tuple(logits.shape)),
+                                                                    token_logprobs(logits, *a))[1])
+    for chunk in (7, 64, 0):
+        shapes.clear()
+        logp, entropy = grpo.completion_logprobs(model, batch, 0.7, never_ids, with_entropy=True, chunk_tokens=chunk)
+        assert torch.equal(logp, whole.detach()), chunk
+        torch.testing.assert_close(entropy, whole_entropy, rtol=0, atol=1e-6)  # measured: 6e-8 (logged only)
+        logp.sum().backward()
+        for a, b in zip(whole_grads, [p.grad for p in model.parameters()]):
+            assert (a - b).abs().max() <= 1e-5 * a.abs().max(), chunk
+            assert chunk or torch.equal(a, b)  # one piece: the very computation of old
+        model.zero_grad()
+        # The logits that exist at once: one chunk's (forward, and again one by one in the backward;
+        # a single piece is not recomputed).
+        rows_at_once = chunk or n * C
+        assert max(rows for rows, _ in shapes) == rows_at_once
+        assert len(shapes) == (2 if chunk else 1) * math.ceil(n * C / rows_at_once)
+
+
 def hand_sample(processor, row, completion: str, advantage: float = 0.0) -> grpo.Sample:
     completion_ids = processor.tokenizer(completion + "<|im_end|>")["input_ids"]
     sample = grpo.build_samples(processor, [row], [(completion_ids, False)])[0]
@@ -473,13 +522,14 @@ def test_killed_run_resumes_identically(warm_tiny_dir, four_rows, tmp_path):
     with open(os.path.join(killed, "metrics.jsonl"), "a") as f:
         f.write('{"step": 3, "rew')  # a line the kill tore
     with one_thread():
-        # The uninterrupted run saves every step and keeps the newest two checkpoints.
+        # The uninterrupted run saves every step and keeps the newest two checkpoints; its last
+        # step writes final/ alone (a finished run is never resumed: no optimizer state).
         uninterrupted = grpo.main(["--output_dir", str(tmp_path / "uninterrupted"), "--save_steps", "1",
                                    "--save_total_limit", "2", *common])
         resumed = grpo.main(["--output_dir", killed, "--save_steps", "2", "--resume", "latest", *common])
-    assert sorted(os.listdir(tmp_path / "uninterrupted")) == ["checkpoint-2", "checkpoint-3", "final",
+    assert sorted(os.listdir(tmp_path / "uninterrupted")) == ["checkpoint-1", "checkpoint-2", "final",
                                                              "metrics.jsonl", "run.json"]
-    assert sorted(os.listdir(tmp_path / "uninterrupted" / "checkpoint-3")) == sorted(
+    assert sorted(os.listdir(tmp_path / "uninterrupted" / "checkpoint-2")) == sorted(
         os.listdir(tmp_path / "uninterrupted" / "final") + ["trainer_state.json", "training_state"])
     assert not os.path.exists(os.path.join(killed, "checkpoint-3.tmp"))
     metrics_a, metrics_b = read_metrics(tmp_path / "uninterrupted"), read_metrics(killed)
@@ -510,6 +560,16 @@ def test_run_folders_afresh_refused_finished(tiny_model_dir, four_rows, tmp_path
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         grpo.main([*args[:5], str(tmp_path / "other"), *args[6:], "--resume", run])
     assert listing(run) == before
+
+
+def test_save_final_false_writes_nothing_at_the_end(tiny_model_dir, four_rows, tmp_path):
+    """--save_final False (benchmarks/gpu_check.py): the run trains and logs, and writes no model at
+    its end; the checkpoints --save_steps asks for are still written."""
+    run = tmp_path / "run"
+    assert grpo.main(["--model", tiny_model_dir, "--data", four_rows, "--output_dir", str(run), "--max_steps", "2",
+                      "--mini_batch_size", "4", "--save_steps", "1", "--save_final", "False", *RUN_ARGS]) is None
+    assert sorted(os.listdir(run)) == ["checkpoint-1", "metrics.jsonl", "run.json"]
+    assert [m["step"] for m in read_metrics(run)] == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -452,3 +452,12 @@ def test_a_run_skips_a_bad_row_and_writes_nothing_next_to_its_input(tiny_model_d
     assert [m["step"] for m in read_metrics(out)] == [1, 2]
     assert (out / "final" / "model.safetensors").exists()
     assert snapshot(tmp_path / "data") == before
+
+
+def test_save_final_false_writes_nothing_at_the_end(tiny_model_dir, toy_data_dir, tmp_path):
+    """--save_final False (benchmarks/gpu_check.py): the steps run and are logged, no model is written
+    at the end; the checkpoints --save_steps asks for are still written."""
+    run_sft(tiny_model_dir, toy_data_dir, tmp_path, "--global_batch_size", "8", "--per_device_batch_size", "8",
+            "--max_steps", "2", "--save_steps", "1", "--save_final", "False")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-2", "metrics.jsonl", "run.json"]
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
