@@ -137,28 +137,36 @@ QWEN_7B ?= Qwen/Qwen2.5-VL-7B-Instruct
 M23K ?= UCSC-VLAA/MedVLThinker-m23k-tokenized
 PMC_VQA ?= UCSC-VLAA/MedVLThinker-pmc_vqa
 PMC_TRACES ?= UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized
+# The training recipes run under FSDP (docs/real_path.md section 6d). Per GPU at the paper's longest
+# lengths (benchmarks/plan.py, 8 x 80 GB): under DDP the 7B's fp32 weights, gradients and Adam states
+# alone are 124 GiB, and the 3B peaks at 79.4 GiB even with --micro_batch_size 1 (fp32 states
+# 56 GiB, bf16 reference 7 GiB, KV cache of a generate call 13.5 GiB): no margin. Under FSDP, with
+# grpo.py's defaults (micro-batch 8, log-probs in chunks of 2048 tokens, the policy gathered in bf16
+# once per rollout): about 37 GiB for the 3B and 70 GiB for the 7B. TRAIN_CONFIG=configs/ddp.yaml
+# goes back to DDP (then add --micro_batch_size 1 to GRPO_ARGS for the 3B).
+TRAIN_CONFIG ?= configs/fsdp.yaml
 
 eval-3b:
 	$(MAKE) eval RUN=$(RUNS)/eval-3b MODEL=$(QWEN_3B) PAPER="Qwen2.5-VL-3B=49.14"
 
 # RL(m23k): 5 epochs over the filtered m23k (about 16.5k rows: 320 steps of 256 prompts).
 reproduce-3b:
-	$(MAKE) rl RUN=$(RUNS)/reproduce-3b MODEL=$(QWEN_3B) \
+	$(MAKE) rl RUN=$(RUNS)/reproduce-3b MODEL=$(QWEN_3B) ACCELERATE_CONFIG=$(TRAIN_CONFIG) \
 	  TRAIN_DATA=$(M23K) PAPER="3B RL(m23k)=53.19"
 
 reproduce-7b:
-	$(MAKE) rl RUN=$(RUNS)/reproduce-7b MODEL=$(QWEN_7B) PASS_MODEL=$(QWEN_3B) \
+	$(MAKE) rl RUN=$(RUNS)/reproduce-7b MODEL=$(QWEN_7B) PASS_MODEL=$(QWEN_3B) ACCELERATE_CONFIG=$(TRAIN_CONFIG) \
 	  TRAIN_DATA=$(M23K) PAPER="7B RL(m23k)=54.88"
 
 # RL(PMC): 1 epoch over the filtered PMC-VQA (about 115.5k rows: 451 steps).
 reproduce-3b-pmc:
-	$(MAKE) rl RUN=$(RUNS)/reproduce-3b-pmc MODEL=$(QWEN_3B) \
+	$(MAKE) rl RUN=$(RUNS)/reproduce-3b-pmc MODEL=$(QWEN_3B) ACCELERATE_CONFIG=$(TRAIN_CONFIG) \
 	  TRAIN_DATA=$(PMC_VQA) GRPO_ARGS="$(GRPO_ARGS) --epochs 1" PAPER="3B RL(PMC)=52.28"
 
 # SFT(PMC) on the GPT-4o traces: FSDP, global batch 16, released checkpoint from epoch 3.
 reproduce-3b-sft:
 	$(MAKE) sft RUN=$(RUNS)/reproduce-3b-sft MODEL=$(QWEN_3B) \
-	  TRAIN_DATA=$(PMC_TRACES) ACCELERATE_CONFIG=configs/fsdp.yaml \
+	  TRAIN_DATA=$(PMC_TRACES) ACCELERATE_CONFIG=$(TRAIN_CONFIG) \
 	  SFT_ARGS="--num_epochs 3" PAPER="3B SFT(PMC)=50.16"
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +187,7 @@ define synther
 .PHONY: $(1)
 $(1):
 	$$(MAKE) rl RUN=$$(RUNS)/$(1) MODEL=$$(QWEN_$(2)) TRAIN_DATA=$$(MEDSYNVQA)-$(3) FILTER=0 \
+	  ACCELERATE_CONFIG=$$(TRAIN_CONFIG) \
 	  NUM_GPUS=$$(if $$(filter command line environment,$$(origin NUM_GPUS)),$$(NUM_GPUS),$(6)) \
 	  GRPO_ARGS="$$(GRPO_ARGS) $$(SYNTHER_GRPO_ARGS) --rollout_batch_size $(4) --mini_batch_size $(5)" \
 	  PAPER="$(2) RL(MedSynVQA-$(3))=$(7)"
