@@ -20,7 +20,8 @@ def make(*args, timeout=300) -> str:
 
 def test_make_n_reproduce_3b_shows_the_papers_pipeline():
     out = make("-n", "reproduce-3b", "RUNS=/tmp/never-run")
-    launch = ".venv/bin/accelerate launch --config_file configs/ddp.yaml --num_processes 8"
+    # Training recipes run every stage under FSDP2 (TRAIN_CONFIG; evaluate.py does not wrap its model).
+    launch = ".venv/bin/accelerate launch --config_file configs/fsdp.yaml --num_processes 8"
     assert (f"{launch} evaluate.py --model Qwen/Qwen2.5-VL-3B-Instruct --data "
             "UCSC-VLAA/MedVLThinker-m23k-tokenized --split train") in out
     assert "--n 16 --temperature 1.0 --max_new_tokens 4096" in out  # pass counts (docs/method.md section 7)
