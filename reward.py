@@ -51,6 +51,21 @@ def never_generate_ids(tokenizer) -> list[int]:
     return [vocab[token] for token in NEVER_GENERATE if token in vocab]
 
 
+def generation_kwargs(temperature: float, top_p: float, max_new_tokens: int, never_ids: list[int]) -> dict:
+    """`generate` settings, every one explicit (docs/method.md section 9); temperature 0 = greedy.
+
+    generate() fills a setting left unset from the checkpoint's generation_config.json, and the
+    Qwen2.5-VL checkpoints ship near-greedy defaults and a repetition penalty; with do_sample=True
+    transformers would also apply top_k=50. The paper's sampler used none of these: softmax(logits /
+    T) cut by top_p, which is also what grpo.py's log-prob pass computes. `never_ids` are suppressed
+    (never_generate_ids), as the training log-softmax masks them.
+    """
+    common = dict(max_new_tokens=max_new_tokens, repetition_penalty=1.0, suppress_tokens=never_ids)
+    if temperature > 0:
+        return dict(common, do_sample=True, temperature=temperature, top_k=0, top_p=top_p, min_p=None)
+    return dict(common, do_sample=False, num_beams=1, temperature=None, top_k=None, top_p=None)
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Rows: the schema, checked once before any model work (docs/method.md section 2)
 # ---------------------------------------------------------------------------------------------

@@ -672,3 +672,13 @@ def test_parse_args_config_file_then_flags(tmp_path):
     assert parse_args(Args, ["--data", "d"]).learning_rate == 1e-6  # no file: the defaults
     with pytest.raises(SystemExit, match=r"unknown setting\(s\) \['lerning_rate'\]"):
         parse_args(Args, [str(tmp_path / "bad.yaml")])
+
+
+def test_generation_kwargs_explicit():
+    from reward import generation_kwargs
+
+    sampled = generation_kwargs(1.0, 1.0, 64, [7, 9])
+    assert sampled == dict(max_new_tokens=64, repetition_penalty=1.0, suppress_tokens=[7, 9],
+                           do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None)
+    greedy = generation_kwargs(0.0, 1.0, 64, [7])
+    assert greedy["do_sample"] is False and greedy["num_beams"] == 1 and greedy["repetition_penalty"] == 1.0
