@@ -11,7 +11,27 @@ It prints one markdown table (docs/real_path.md holds its output and the reasoni
 The arithmetic follows what grpo.py does, not an idealised trainer: the policy is loaded in fp32
 (accelerate's bf16 mixed precision computes in bf16), the frozen reference is a bf16 copy on every
 GPU (not sharded), prompts are repeated G times before generate, log-probs keep only the completion's
-logits (`logits_to_keep`), gradient checkpointing recomputes each layer's forward.
+logits (`logits_to_keep`) and log-softmax them --logprob_chunk_tokens at a time (one chunk's logits
+alive), gradient checkpointing recomputes each layer's forward, and under FSDP2 (configs/fsdp.yaml)
+the whole policy is gathered in bf16 once per rollout (`--fsdp_version 1`: grpo.py's v1 path, the
+root unit in fp32 and every layer all-gathered at every decode step).
+
+Worked by hand (the defaults; GiB = 2^30 bytes; N = 3,754,622,976 for the 3B, 8,292,166,656 for
+the 7B; sequences padded to 2048 + 4096 = 6144 tokens):
+- one chunk of logits: 2048 tokens x 151,936 entries x 14 bytes = 4,356,308,992 B = 4.06 GiB (3B);
+  x 152,064 for the 7B: 4.06 GiB. Unchunked (--logprob_chunk_tokens 0): 8 x 4096 tokens, 64.9 GiB.
+- whole policy gathered in bf16 (FSDP2): 2 x N = 6.99 GiB (3B), 15.45 GiB (7B).
+- 3B, FSDP2 peak: states 16 x N / 8 = 6.99 GiB + reference 2 x N = 6.99 + reserve 3 = 16.99; generate:
+  6.99 (gathered) + KV cache 2 x 36 layers x 256 (2 kv heads x 128) x 2 bytes = 36,864 B/token
+  x 64 sequences x 6144 tokens = 13.50 GiB = 20.49, so 37.48 GiB (printed 37.5); the update is
+  smaller: layer inputs 36 x 49,152 tokens x 2048 x 2 B = 6.75, one layer 49,152 x (8 x 2048 + 2 x
+  256 + 4 x 11008) x 2 B = 5.58, one chunk 4.06, gathered units 8 B x 349,380,864 (root: embedding,
+  norm, vision patch embedding and merger) + 4 B x 77,076,992 (2 decoder layers) = 2.89; 19.28.
+- 3B, DDP peak: 16 x N = 55.95 + 6.99 + 3 = 65.94, + generate: 13.50 KV cache + autocast's bf16
+  copies of the decoder layers and output layer, 2 x (2,774,771,712 + 311,164,928) B = 5.75 GiB,
+  = 85.19 GiB: does not fit, whatever the micro-batch (the generate call sets it). It takes
+  --generation_batch_size 4 (5.75 + 6.75 = 12.50) and --micro_batch_size 5 at most (layer inputs
+  4.22 + autocast's copies 5.75 + one chunk 4.06 at the end of the forward = 14.03): 79.97 of 80.
 """
 
 import math
@@ -80,6 +100,14 @@ class PlanArgs:
     micro_batch_size: int = field(default=8, metadata={"help": "Sequences per forward/backward (grpo.py default)."})
     reserve_gib: float = field(default=3.0, metadata={
         "help": "ASSUMPTION: memory per GPU not available to tensors (CUDA context, NCCL buffers, fragmentation)."})
+    fsdp_version: int = field(default=2, metadata={
+        "help": "configs/fsdp.yaml's fsdp_version. 2 (the default): grpo.py gathers the whole policy in bf16 "
+                "once per rollout (grpo.full_parameters). 1: the root unit (embedding, output layer, vision "
+                "patch embedding and merger) gathered in fp32 for the rollout, every decoder layer "
+                "all-gathered in bf16 at every decode step."})
+    logprob_chunk_tokens: int = field(default=2048, metadata={
+        "help": "grpo.py --logprob_chunk_tokens: completion tokens whose logits exist at a time (0: all of "
+                "the micro-batch's)."})
     logit_bytes: int = field(default=14, metadata={
         "help": "ASSUMPTION: bytes per completion logit alive in a training micro-batch: bf16 logits (2), "
                 "fp32 logits / T kept for log-softmax (4), fp32 softmax for the entropy (4), its gradient (4)."})
@@ -165,7 +193,20 @@ def step_flops(config, p: dict, args: PlanArgs) -> dict:
 
 
 def memory(config, p: dict, args: PlanArgs) -> dict:
-    """Bytes per GPU (peaks at the max lengths: a micro-batch is padded to its longest sequence)."""
+    """Bytes per GPU (peaks at the max lengths: a micro-batch is padded to its longest sequence).
+
+    Phases: generate (gathered parameters + one call's KV cache) and the update (activations of a
+    micro-batch + FSDP's gathered units), on top of the states, the reference and the reserve.
+    Autocast: accelerate runs the forward in one torch.autocast region, which caches the bf16 cast
+    of every fp32 parameter that requires grad until the region ends (also under no_grad); under
+    DDP that is a bf16 copy of the decoder layers and the output layer in every forward, generate's
+    decode steps included. Under FSDP the gathered parameters are bf16 already (no cast), except
+    v1's root unit, gathered in fp32 for generate: its output layer is cast.
+    """
+    if args.fsdp_version not in (1, 2):
+        raise SystemExit(f"--fsdp_version: 1 or 2, got {args.fsdp_version}")
+    if args.logprob_chunk_tokens < 0:
+        raise SystemExit("--logprob_chunk_tokens: 0 (no chunks) or more")
     text = config.text_config
     head_dim = text.hidden_size // text.num_attention_heads
     h, L, I, V = text.hidden_size, text.num_hidden_layers, text.intermediate_size, text.vocab_size
@@ -173,39 +214,75 @@ def memory(config, p: dict, args: PlanArgs) -> dict:
     total, g = p["total"], args.n_gpus
     S = args.max_prompt_tokens + args.max_new_tokens
     kv_per_token = 2 * L * kv_width * 2  # K and V, every layer, bf16
-    seqs_per_call = args.generation_batch_size * args.group_size
-    tokens = args.micro_batch_size * S
+    per_token_train = L * h * 2 + (8 * h + 2 * kv_width + 4 * I) * 2  # layer inputs + one layer's working set
+    vision_runs = args.image_tokens > 0  # under DDP the vision tower runs only on images
+
+    def logits(sequences: int, new_tokens: int) -> float:
+        """One piece of grpo.logprob_head: min(chunk, all completion tokens of the micro-batch)."""
+        tokens = sequences * new_tokens
+        return min(args.logprob_chunk_tokens or tokens, tokens) * V * args.logit_bytes
+
+    def kv_cache(prompts_per_call: int) -> float:
+        return kv_per_token * prompts_per_call * args.group_size * S
+
     out = dict(
         master=4 * total / g, grads=4 * total / g, adam=8 * total / g,  # FSDP full shard, fp32
         ddp_states=16 * total,                                          # the same, unsharded (DDP)
         reference=2 * total,                                            # bf16 copy on every GPU
-        # generate under FSDP v1: the root unit gathered in fp32 (summon_full_params), one layer in bf16
-        gathered=4 * p["root"] + 2 * 2 * p["largest_unit"],
-        kv_cache=kv_per_token * seqs_per_call * S,
-        kv_cache_mean=kv_per_token * seqs_per_call * (args.mean_prompt_tokens + args.mean_new_tokens),
+        # Generate. FSDP2: every unit unsharded in bf16 for the whole rollout. v1: the root unit in
+        # fp32 (summon_full_params), its output layer cast to bf16 by autocast, 2 layers in bf16
+        # (the one running and the one prefetched).
+        gathered=(2 * total if args.fsdp_version == 2
+                  else 4 * p["root"] + 2 * p["head"] + 2 * 2 * p["largest_unit"]),
+        # The update, FSDP: the root unit stays unsharded in bf16 through forward and backward, with
+        # its gradient (bf16, then fp32 for the reduce-scatter), and 2 units in bf16.
+        update_gathered=(2 + 2 + 4) * p["root"] + 2 * 2 * p["largest_unit"],
+        # DDP: autocast's bf16 copies (decoder layers, output layer; the vision tower when it runs).
+        autocast_copies=2 * (p["layers"] + p["head"] + (p["vision"] if vision_runs else 0)),
+        kv_cache=kv_cache(args.generation_batch_size),
+        kv_cache_mean=kv_per_token * args.generation_batch_size * args.group_size
+        * (args.mean_prompt_tokens + args.mean_new_tokens),
         kv_per_token=kv_per_token,
         # Training micro-batch: checkpointed layer inputs (bf16), one layer's recomputed activations
         # (norms, q/k/v, attention out, residuals, gate/up/act/product: ~ 8h + 2kv + 4I values, bf16),
-        # and the completion logits.
-        checkpoints=L * tokens * h * 2,
-        layer_working=tokens * (8 * h + 2 * kv_width + 4 * I) * 2,
-        logits=args.micro_batch_size * args.max_new_tokens * V * args.logit_bytes,
-        logits_mean=args.micro_batch_size * args.mean_new_tokens * V * args.logit_bytes,
+        # and one piece of the completion logits.
+        checkpoints=L * args.micro_batch_size * S * h * 2,
+        layer_working=args.micro_batch_size * S * (8 * h + 2 * kv_width + 4 * I) * 2,
+        logits=logits(args.micro_batch_size, args.max_new_tokens),
+        logits_unchunked=args.micro_batch_size * args.max_new_tokens * V * args.logit_bytes,
+        logits_mean=logits(args.micro_batch_size, args.mean_new_tokens),
     )
     reserve = args.reserve_gib * GIB
     base_fsdp = out["master"] + out["grads"] + out["adam"] + out["reference"] + reserve
     base_ddp = out["ddp_states"] + out["reference"] + reserve
-    train_peak = out["checkpoints"] + out["layer_working"] + out["logits"]
-    out["peak_fsdp"] = base_fsdp + max(out["gathered"] + out["kv_cache"], train_peak)
-    out["peak_ddp"] = base_ddp + max(out["kv_cache"], train_peak)
+
+    def update_fsdp(m: int) -> float:
+        return per_token_train * m * S + logits(m, args.max_new_tokens) + out["update_gathered"]
+
+    def update_ddp(m: int) -> float:
+        # End of the forward: the layer inputs, autocast's copies and a layer's or a chunk's working
+        # set; in the backward the copies are gone (each recomputed layer casts its own, freed after).
+        inputs, layer, chunk = L * h * 2 * m * S, (8 * h + 2 * kv_width + 4 * I) * 2 * m * S, logits(m, args.max_new_tokens)
+        return inputs + max(out["autocast_copies"] + max(layer, chunk), layer + chunk)
+
+    out["update_fsdp"], out["update_ddp"] = update_fsdp(args.micro_batch_size), update_ddp(args.micro_batch_size)
+    out["generate_fsdp"] = out["gathered"] + out["kv_cache"]
+    out["generate_ddp"] = out["autocast_copies"] + out["kv_cache"]
+    out["peak_fsdp"] = base_fsdp + max(out["generate_fsdp"], out["update_fsdp"])
+    out["peak_ddp"] = base_ddp + max(out["generate_ddp"], out["update_ddp"])
     # The largest batch sizes that fit at the max lengths: what a reader changes first.
-    per_prompt_kv = kv_per_token * args.group_size * S
-    per_sequence = (L * h * 2 + (8 * h + 2 * kv_width + 4 * I) * 2) * S + args.max_new_tokens * V * args.logit_bytes
     budget = args.gpu_memory_gib * GIB
-    out["fit_generation_fsdp"] = max(0, int((budget - base_fsdp - out["gathered"]) // per_prompt_kv))
-    out["fit_generation_ddp"] = max(0, int((budget - base_ddp) // per_prompt_kv))
-    out["fit_micro_fsdp"] = max(0, int((budget - base_fsdp) // per_sequence))
-    out["fit_micro_ddp"] = max(0, int((budget - base_ddp) // per_sequence))
+
+    def largest(fits) -> int:
+        n = 0
+        while n < 4096 and fits(n + 1):
+            n += 1
+        return n
+
+    out["fit_generation_fsdp"] = largest(lambda b: base_fsdp + out["gathered"] + kv_cache(b) <= budget)
+    out["fit_generation_ddp"] = largest(lambda b: base_ddp + out["autocast_copies"] + kv_cache(b) <= budget)
+    out["fit_micro_fsdp"] = largest(lambda m: base_fsdp + update_fsdp(m) <= budget)
+    out["fit_micro_ddp"] = largest(lambda m: base_ddp + update_ddp(m) <= budget)
     return out
 
 
@@ -217,19 +294,24 @@ def step_times(config, p: dict, mem: dict, flops: dict, args: PlanArgs) -> dict:
     max_new_tokens decode steps, every step over all its sequences.
     HBM floor: each decode step reads the decoder layers and the output layer once in bf16 and the
     call's whole KV cache so far.
-    FSDP floor: each decode step all-gathers every decoder layer ((g - 1)/g of its bf16 bytes per
-    GPU), unless that overlaps with compute.
+    All-gathers (per GPU, (g - 1)/g of the bf16 bytes at --link_gbs): FSDP2 gathers the whole policy
+    once per rollout; FSDP v1 every decoder layer at every decode step (unless that overlaps with
+    compute) and the root unit once, in fp32.
     """
     peak = args.peak_tflops * 1e12
     sequences_per_call = args.generation_batch_size * args.group_size
     calls = math.ceil(args.prompts * args.group_size / args.n_gpus / sequences_per_call)
     steps = calls * args.max_new_tokens
     kv_read = mem["kv_per_token"] * sequences_per_call * (args.mean_prompt_tokens + args.max_new_tokens / 2)
-    link = 2 * p["layers"] * (args.n_gpus - 1) / args.n_gpus
+    share = (args.n_gpus - 1) / args.n_gpus
+    if args.fsdp_version == 2:
+        gather_bytes = 2 * p["total"] * share
+    else:
+        gather_bytes = steps * 2 * p["layers"] * share + 4 * p["root"] * share
     return dict(
         generate=flops["generate"] / (args.n_gpus * peak * args.generate_mfu),
         generate_hbm=steps * (2 * (p["layers"] + p["head"]) + kv_read) / (args.hbm_tbs * 1e12),
-        generate_gather=steps * link / (args.link_gbs * 1e9), calls=calls,
+        generate_gather=gather_bytes / (args.link_gbs * 1e9), calls=calls,
         logprob=flops["logprob"] / (args.n_gpus * peak * args.train_mfu),
         update=flops["update"] / (args.n_gpus * peak * args.train_mfu),
     )
@@ -268,12 +350,16 @@ def plan(args: PlanArgs) -> tuple[list[str], dict]:
     add("embedding / output layer", [f"{r[P]['embedding'] / 1e6:.0f}M / " + ("tied" if r[P]["tied"] else f"{r[P]['head'] / 1e6:.0f}M")
                                      for r in results])
     add("vision tower", [fmt_count(v) for v in col("vision", P)])
+    fsdp = "FSDP2" if args.fsdp_version == 2 else "FSDP v1"
+    chunk = args.logprob_chunk_tokens
     add(f"**Memory per GPU, GiB** ({args.n_gpus} x {args.gpu}, {args.gpu_memory_gib:g} GiB)", ["" for _ in names])
     add("fp32 master weights (FSDP full shard)", gib(col("master", M)), "4 bytes x N / GPUs")
     add("fp32 gradients (FSDP)", gib(col("grads", M)), "4 bytes x N / GPUs")
     add("Adam states m, v (FSDP)", gib(col("adam", M)), "8 bytes x N / GPUs")
     add("reference model (bf16, every GPU)", gib(col("reference", M)), "grpo.py loads it unsharded")
-    add("generate: gathered params (FSDP)", gib(col("gathered", M)), "root unit fp32 + 2 layers bf16")
+    add(f"generate: gathered params ({fsdp})", gib(col("gathered", M)),
+        "whole policy in bf16, 2 bytes x N, once per rollout" if args.fsdp_version == 2
+        else "root unit fp32 + its output layer cast to bf16 + 2 layers bf16")
     add(f"KV cache per generate call ({args.generation_batch_size} x {args.group_size} sequences, max lengths)",
         gib(col("kv_cache", M)), f"{args.max_prompt_tokens} + {args.max_new_tokens} tokens, bf16")
     add("KV cache per generate call, mean lengths", gib(col("kv_cache_mean", M)),
@@ -281,17 +367,31 @@ def plan(args: PlanArgs) -> tuple[list[str], dict]:
     add(f"activations: checkpointed layer inputs ({args.micro_batch_size} seqs, max lengths)",
         gib(col("checkpoints", M)), "bf16, layers x tokens x hidden")
     add("activations: one layer recomputed", gib(col("layer_working", M)), "~(8h + 2kv + 4I) bf16 values per token")
-    add(f"completion logits ({args.micro_batch_size} x {args.max_new_tokens} tokens)", gib(col("logits", M)),
-        f"{args.logit_bytes} bytes per vocab entry")
-    add(f"completion logits, mean length ({args.mean_new_tokens})", gib(col("logits_mean", M)))
+    if chunk and chunk < args.micro_batch_size * args.max_new_tokens:
+        add(f"completion logits, one chunk of {chunk} tokens", gib(col("logits", M)),
+            f"{args.logit_bytes} bytes per vocab entry; all {args.micro_batch_size} x {args.max_new_tokens} at once: "
+            + " / ".join(gib(col("logits_unchunked", M))))
+    else:
+        add(f"completion logits ({args.micro_batch_size} x {args.max_new_tokens} tokens)", gib(col("logits", M)),
+            f"{args.logit_bytes} bytes per vocab entry")
+        add(f"completion logits, mean length ({args.mean_new_tokens})", gib(col("logits_mean", M)))
+    add(f"update: gathered units ({fsdp})", gib(col("update_gathered", M)),
+        "root bf16 + its gradient bf16 and fp32, 2 layers bf16")
+    add("autocast's bf16 weight copies (DDP, every forward)", gib(col("autocast_copies", M)),
+        "2 bytes x (decoder layers + output layer)")
     fits = lambda v: f"{v / GIB:.1f}" + (" (fits)" if v / GIB <= args.gpu_memory_gib else " (**does not fit**)")  # noqa: E731
-    add("peak, FSDP full shard (configs/fsdp.yaml)", [fits(v) for v in col("peak_fsdp", M)],
+    add(f"peak, {fsdp} full shard (configs/fsdp.yaml" + (")" if args.fsdp_version == 2 else ", fsdp_version: 1)"), [fits(v) for v in col("peak_fsdp", M)],
         f"states + reference + {args.reserve_gib:g} reserved + max(generate, update)")
-    add("peak, DDP (configs/ddp.yaml)", [fits(v) for v in col("peak_ddp", M)], "states 16 bytes x N, unsharded")
-    add("largest --generation_batch_size that fits, FSDP / DDP",
+    add(f"  {fsdp}: generate / update", [f"{r[M]['generate_fsdp'] / GIB:.1f} / {r[M]['update_fsdp'] / GIB:.1f}"
+                                        for r in results])
+    add("peak, DDP (configs/ddp.yaml)", [fits(v) for v in col("peak_ddp", M)],
+        "states 16 bytes x N, unsharded; autocast's copies in both phases")
+    add("  DDP: generate / update", [f"{r[M]['generate_ddp'] / GIB:.1f} / {r[M]['update_ddp'] / GIB:.1f}"
+                                        for r in results])
+    add(f"largest --generation_batch_size that fits, {fsdp} / DDP",
         [f"{r[M]['fit_generation_fsdp']} / {r[M]['fit_generation_ddp']}" for r in results],
         f"prompts per call, x {args.group_size} sequences, max lengths")
-    add("largest --micro_batch_size that fits, FSDP / DDP",
+    add(f"largest --micro_batch_size that fits, {fsdp} / DDP",
         [f"{r[M]['fit_micro_fsdp']} / {r[M]['fit_micro_ddp']}" for r in results], "sequences, max lengths")
     add(f"**FLOPs per step** (mean lengths {args.mean_prompt_tokens} + {args.mean_new_tokens})", ["" for _ in names])
     pf = lambda values: [f"{v / 1e15:,.1f} PFLOP" for v in values]  # noqa: E731
@@ -305,17 +405,25 @@ def plan(args: PlanArgs) -> tuple[list[str], dict]:
     add(f"generation at MFU {args.generate_mfu:g}", sec(col("generate", T)))
     add("  floor: HBM reads of decoding", sec(col("generate_hbm", T)),
         f"{results[0][T]['calls']} calls/GPU x {args.max_new_tokens} decode steps: weights + KV cache")
-    add("  floor: FSDP all-gathers in decoding", sec(col("generate_gather", T)),
-        f"every layer per decode step at {args.link_gbs:g} GB/s, if not overlapped")
+    if args.fsdp_version == 2:
+        add("  FSDP2: all-gather of the whole policy", [f"{v:.2f} s" for v in col("generate_gather", T)],
+            f"once per rollout, bf16, at {args.link_gbs:g} GB/s")
+    else:
+        add("  floor: FSDP v1 all-gathers in decoding", sec(col("generate_gather", T)),
+            f"every layer per decode step at {args.link_gbs:g} GB/s, if not overlapped")
     add(f"log-prob passes at MFU {args.train_mfu:g}", sec(col("logprob", T)))
     add(f"update at MFU {args.train_mfu:g}", sec(col("update", T)))
-    totals = [r[T]["generate"] + r[T]["logprob"] + r[T]["update"] for r in results]
-    add("step (at the MFUs)", sec(totals))
+    once = args.fsdp_version == 2  # v1's per-step gathers: taken as overlapped here, waited on below
+    totals = [r[T]["generate"] + once * r[T]["generate_gather"] + r[T]["logprob"] + r[T]["update"] for r in results]
+    add("step (at the MFUs)", sec(totals), "FSDP2: + the one all-gather" if args.fsdp_version == 2 else
+        "decoding's all-gathers taken as overlapped")
     add(f"run of {args.steps} steps", [f"{v * args.steps / 3600:,.1f} h" for v in totals])
-    gathered = [r[T]["generate_gather"] + r[T]["logprob"] + r[T]["update"] for r in results]
-    add("step, FSDP, decoding waiting on its all-gathers", sec(gathered),
-        "the gather floor instead of generation at its MFU")
-    add(f"run of {args.steps} steps, FSDP, so", [f"{v * args.steps / 3600:,.1f} h" for v in gathered])
+    if args.fsdp_version == 1:
+        gathered = [max(r[T]["generate"], r[T]["generate_gather"]) + r[T]["logprob"] + r[T]["update"]
+                    for r in results]
+        add("step, FSDP v1, decoding waiting on its all-gathers", sec(gathered),
+            "the gather floor instead of generation at its MFU")
+        add(f"run of {args.steps} steps, FSDP v1, so", [f"{v * args.steps / 3600:,.1f} h" for v in gathered])
     return names, rows
 
 

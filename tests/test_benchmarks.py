@@ -41,6 +41,34 @@ def test_flops_and_memory_by_hand():
     assert m["kv_per_token"] == 2 * L * 2 * 128 * 2  # K and V, 2 kv heads of 128, bf16
     assert m["kv_cache"] == m["kv_per_token"] * 2 * 15  # one prompt x G = 2 sequences
     assert m["adam"] == 8 * p["total"] / 2 and m["reference"] == 2 * p["total"]
+    # 5 completion tokens fit in one chunk of 2048: one piece, as without chunks.
+    assert m["logits"] == m["logits_unchunked"] == 5 * 151936 * 14
+
+
+def test_memory_of_the_paper_step_by_hand():
+    """The 3B at the defaults (FSDP2, chunks of 2048), worked out in plan.py's docstring."""
+    args = plan.PlanArgs()
+    config = plan.build_config("3B")
+    p = plan.count_parameters(config)
+    N = 3_754_622_976
+    assert p["root"] == 349_380_864 and p["largest_unit"] == 77_076_992
+    m = plan.memory(config, p, args)
+    assert m["logits"] == 2048 * 151936 * 14 == 4_356_308_992  # one chunk, not 8 x 4096 tokens
+    assert m["logits_unchunked"] == 8 * 4096 * 151936 * 14
+    assert m["gathered"] == 2 * N  # the whole policy in bf16, once per rollout
+    kv = 2 * 36 * 256 * 2 * 64 * 6144  # K and V, 36 layers, 2 kv heads of 128, bf16, 64 sequences
+    base = 16 * N / 8 + 2 * N + 3 * plan.GIB
+    assert m["peak_fsdp"] == base + 2 * N + kv and round(m["peak_fsdp"] / plan.GIB, 2) == 37.48
+    update = 36 * 49152 * 2048 * 2 + 49152 * (8 * 2048 + 2 * 256 + 4 * 11008) * 2 + 4_356_308_992 \
+        + 8 * 349_380_864 + 4 * 77_076_992
+    assert m["update_fsdp"] == update and round(update / plan.GIB, 2) == 19.28
+    # DDP: unsharded states, and autocast's bf16 copies of the decoder layers and output layer.
+    copies = 2 * (2_774_771_712 + 151936 * 2048)
+    assert m["peak_ddp"] == 16 * N + 2 * N + 3 * plan.GIB + copies + kv and round(m["peak_ddp"] / plan.GIB, 2) == 85.19
+    assert (m["fit_micro_fsdp"], m["fit_generation_fsdp"], m["fit_generation_ddp"]) == (36, 33, 4)
+    # FSDP v1: the root unit in fp32, its output layer cast to bf16, 2 layers in bf16.
+    v1 = plan.memory(config, p, plan.PlanArgs(fsdp_version=1))
+    assert v1["gathered"] == 4 * 349_380_864 + 2 * 151936 * 2048 + 4 * 77_076_992
 
 
 def test_plan_prints_a_markdown_table(capsys):
@@ -48,10 +76,22 @@ def test_plan_prints_a_markdown_table(capsys):
     out = capsys.readouterr().out
     assert out.startswith("| | Qwen2.5-VL-3B | Qwen2.5-VL-7B | how |")
     for row in ("| parameters | 3,754,622,976 (3.75B) | 8,292,166,656 (8.29B)", "Adam states",
-                "KV cache per generate call", "update (forward + backward)", "run of 320 steps"):
+                "KV cache per generate call", "update (forward + backward)", "run of 320 steps",
+                "| generate: gathered params (FSDP2) | 7.0 | 15.4 |",
+                "| completion logits, one chunk of 2048 tokens | 4.1 | 4.1 |",
+                "| peak, FSDP2 full shard (configs/fsdp.yaml) | 37.5 (fits) | 70.3 (fits) |",
+                "| peak, DDP (configs/ddp.yaml) | 85.2 (**does not fit**) | 176.2 (**does not fit**) |",
+                "|   FSDP2: all-gather of the whole policy | 0.01 s | 0.03 s |"):
         assert row in out, row
-    with pytest.raises(SystemExit):
-        plan.main(["--models", "72B"])
+    assert "FSDP v1" not in out
+    plan.main(["--models", "3B", "--fsdp_version", "1", "--logprob_chunk_tokens", "0"])
+    out = capsys.readouterr().out
+    for row in ("| completion logits (8 x 4096 tokens) | 64.9 |", "|   floor: FSDP v1 all-gathers in decoding | 177 s |",
+                "| step, FSDP v1, decoding waiting on its all-gathers | 197 s |"):
+        assert row in out, row
+    for bad in (["--models", "72B"], ["--fsdp_version", "3"]):
+        with pytest.raises(SystemExit):
+            plan.main(bad)
 
 
 def test_gpu_check_runs_on_the_cpu(tmp_path):
