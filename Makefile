@@ -26,17 +26,23 @@ TRAIN_DATA ?= UCSC-VLAA/MedVLThinker-m23k-tokenized
 TRAIN_SPLIT ?= train
 EVAL_DATA ?= UCSC-VLAA/MedVLThinker-Eval
 EVAL_SPLIT ?= test
-# Difficulty filter: 16 samples at T 1.0, up to 4096 new tokens; keep pass counts 1..7.
-PASS_ARGS ?= --n 16 --temperature 1.0 --max_new_tokens 4096 --batch_size 16
+# Each stage reads the paper's settings from a file in configs/ (its first argument); the *_ARGS
+# flags come after it and override it.
+# Difficulty filter: 16 samples at T 1.0, up to 4096 new tokens (configs/passcount.yaml); keep pass
+# counts 1..7.
+PASS_CONFIG ?= configs/passcount.yaml
+PASS_ARGS ?=
 MIN_PASS ?= 1
 MAX_PASS ?= 7
 # FILTER=0 trains on TRAIN_DATA as it is (MedSynVQA is curated already): no pass counts.
 FILTER ?= 1
-# grpo.py's defaults are the paper's settings; scale knobs go here (--max_steps, --rollout_batch_size, ...).
-GRPO_ARGS ?= --eval_every 25 --eval_data $(EVAL_DATA) --eval_split $(EVAL_SPLIT) --eval_limit 400
-# sft.py's defaults are the paper's settings.
+# Scale knobs go in GRPO_ARGS (--max_steps, --rollout_batch_size, ...).
+GRPO_CONFIG ?= configs/grpo_m23k.yaml
+GRPO_ARGS ?= --eval_data $(EVAL_DATA) --eval_split $(EVAL_SPLIT)
+SFT_CONFIG ?= configs/sft_pmc.yaml
 SFT_ARGS ?=
-EVAL_ARGS ?= --max_new_tokens 4096 --batch_size 32
+EVAL_CONFIG ?= configs/eval.yaml
+EVAL_ARGS ?=
 # Paper row printed beside ours: NAME=AVG.
 PAPER ?=
 # GPUs: the accelerate config sets the machine; NUM_GPUS overrides its process count.
@@ -71,7 +77,7 @@ rl: install $(RUN)/eval-grpo/results.json
 
 $(RUN)/passcounts/results.json:
 	@echo "== [rl 1/4] pass counts: $(PASS_MODEL) on $(TRAIN_DATA):$(TRAIN_SPLIT)"
-	$(LAUNCH) evaluate.py --model $(PASS_MODEL) --data $(TRAIN_DATA) --split $(TRAIN_SPLIT) \
+	$(LAUNCH) evaluate.py $(PASS_CONFIG) --model $(PASS_MODEL) --data $(TRAIN_DATA) --split $(TRAIN_SPLIT) \
 	  --output_dir $(RUN)/passcounts $(PASS_ARGS)
 
 $(RUN)/filtered/curate_stats.json: $(RUN)/passcounts/results.json
@@ -96,12 +102,12 @@ endif
 # during a save leaves, and then asked grpo.py to resume from nothing (issue 11).
 $(RUN)/grpo/final/config.json: $(GRPO_DEPS)
 	@echo "== [rl 3/4] GRPO from $(MODEL)"
-	$(LAUNCH) grpo.py --model $(MODEL) $(GRPO_DATA) --output_dir $(RUN)/grpo $(GRPO_ARGS) \
+	$(LAUNCH) grpo.py $(GRPO_CONFIG) --model $(MODEL) $(GRPO_DATA) --output_dir $(RUN)/grpo $(GRPO_ARGS) \
 	  --resume latest
 
 $(RUN)/eval-grpo/results.json: $(RUN)/grpo/final/config.json
 	@echo "== [rl 4/4] evaluation of the GRPO model on $(EVAL_DATA):$(EVAL_SPLIT)"
-	$(LAUNCH) evaluate.py --model $(RUN)/grpo/final --data $(EVAL_DATA) --split $(EVAL_SPLIT) \
+	$(LAUNCH) evaluate.py $(EVAL_CONFIG) --model $(RUN)/grpo/final --data $(EVAL_DATA) --split $(EVAL_SPLIT) \
 	  --output_dir $(RUN)/eval-grpo $(EVAL_ARGS)
 
 sft: install $(RUN)/eval-sft/results.json
@@ -110,12 +116,12 @@ sft: install $(RUN)/eval-sft/results.json
 # sft.py's "--resume latest" starts afresh when there is no checkpoint yet.
 $(RUN)/sft/final/config.json:
 	@echo "== [sft 1/2] SFT of $(MODEL) on $(TRAIN_DATA):$(TRAIN_SPLIT)"
-	$(LAUNCH) sft.py --model $(MODEL) --data $(TRAIN_DATA) --split $(TRAIN_SPLIT) \
+	$(LAUNCH) sft.py $(SFT_CONFIG) --model $(MODEL) --data $(TRAIN_DATA) --split $(TRAIN_SPLIT) \
 	  --output_dir $(RUN)/sft $(SFT_ARGS) --resume latest
 
 $(RUN)/eval-sft/results.json: $(RUN)/sft/final/config.json
 	@echo "== [sft 2/2] evaluation of the SFT model on $(EVAL_DATA):$(EVAL_SPLIT)"
-	$(LAUNCH) evaluate.py --model $(RUN)/sft/final --data $(EVAL_DATA) --split $(EVAL_SPLIT) \
+	$(LAUNCH) evaluate.py $(EVAL_CONFIG) --model $(RUN)/sft/final --data $(EVAL_DATA) --split $(EVAL_SPLIT) \
 	  --output_dir $(RUN)/eval-sft $(EVAL_ARGS)
 
 # Evaluation of $(MODEL) as it is (the paper's base rows).
@@ -124,7 +130,7 @@ eval: install $(RUN)/eval-base/results.json
 
 $(RUN)/eval-base/results.json:
 	@echo "== evaluation of $(MODEL) on $(EVAL_DATA):$(EVAL_SPLIT)"
-	$(LAUNCH) evaluate.py --model $(MODEL) --data $(EVAL_DATA) --split $(EVAL_SPLIT) \
+	$(LAUNCH) evaluate.py $(EVAL_CONFIG) --model $(MODEL) --data $(EVAL_DATA) --split $(EVAL_SPLIT) \
 	  --output_dir $(RUN)/eval-base $(EVAL_ARGS)
 
 # ---------------------------------------------------------------------------------------------
@@ -139,8 +145,8 @@ PMC_VQA ?= UCSC-VLAA/MedVLThinker-pmc_vqa
 PMC_TRACES ?= UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized
 # The training recipes run under FSDP (docs/real_path.md section 6d). Per GPU at the paper's longest
 # lengths (benchmarks/plan.py, 8 x 80 GB): under DDP the 7B's fp32 weights, gradients and Adam states
-# alone are 124 GiB, and the 3B peaks at 79.4 GiB even with --micro_batch_size 1 (fp32 states
-# 56 GiB, bf16 reference 7 GiB, KV cache of a generate call 13.5 GiB): no margin. Under FSDP, with
+# alone are 124 GiB, and the 3B peaks at 85.2 GiB (fp32 states 56 GiB, bf16 reference 7 GiB,
+# autocast's bf16 weight copies 5.7 GiB, KV cache of a generate call 13.5 GiB): it does not fit. Under FSDP, with
 # grpo.py's defaults (micro-batch 8, log-probs in chunks of 2048 tokens, the policy gathered in bf16
 # once per rollout): about 37 GiB for the 3B and 70 GiB for the 7B. TRAIN_CONFIG=configs/ddp.yaml
 # goes back to DDP (then add --micro_batch_size 1 to GRPO_ARGS for the 3B).
@@ -161,7 +167,7 @@ reproduce-7b:
 # RL(PMC): 1 epoch over the filtered PMC-VQA (about 115.5k rows: 451 steps).
 reproduce-3b-pmc:
 	$(MAKE) rl RUN=$(RUNS)/reproduce-3b-pmc MODEL=$(QWEN_3B) ACCELERATE_CONFIG=$(TRAIN_CONFIG) \
-	  TRAIN_DATA=$(PMC_VQA) GRPO_ARGS="$(GRPO_ARGS) --epochs 1" PAPER="3B RL(PMC)=52.28"
+	  TRAIN_DATA=$(PMC_VQA) GRPO_CONFIG=configs/grpo_pmc.yaml PAPER="3B RL(PMC)=52.28"
 
 # SFT(PMC) on the GPT-4o traces: FSDP, global batch 16, released checkpoint from epoch 3.
 reproduce-3b-sft:
@@ -174,22 +180,21 @@ reproduce-3b-sft:
 # The numbers are from the official scripts, github.com/UCSC-VLAA/MedVLSynther, train/*.sh (cited
 # above each line; docs/recipes.md has the table). All of them: verl GRPO on the MedSynVQA set as it
 # is (FILTER=0: no pass counts), 8 samples per prompt, lr 1e-6, KL loss (k3) 0.01, responses up to
-# 4096 tokens, prompts never dropped (max_prompt_length 80000, no overlong filter), 1 epoch, 1 node.
-# They differ in prompts per step (train_batch_size), mini-batch (ppo_mini_batch_size) and GPUs.
+# 4096 tokens, prompts never dropped (max_prompt_length 80000, no overlong filter), 1 epoch, 1 node
+# (configs/grpo_synther.yaml). They differ in prompts per step (train_batch_size), mini-batch
+# (ppo_mini_batch_size) and GPUs: each target passes its own after the file.
 # NUM_GPUS defaults to the script's GPU count; NUM_GPUS=N on the command line still overrides it.
 # ---------------------------------------------------------------------------------------------
 MEDSYNVQA ?= MedVLSynther/MedSynVQA
-SYNTHER_GRPO_ARGS = --epochs 1 --group_size 8 --learning_rate 1e-6 --beta 0.01 --max_new_tokens 4096 \
-  --max_prompt_length 80000
 
 # $(call synther,TARGET,SIZE,DATA SUFFIX,PROMPTS PER STEP,MINI-BATCH,GPUS,PAPER AVG)
 define synther
 .PHONY: $(1)
 $(1):
 	$$(MAKE) rl RUN=$$(RUNS)/$(1) MODEL=$$(QWEN_$(2)) TRAIN_DATA=$$(MEDSYNVQA)-$(3) FILTER=0 \
-	  ACCELERATE_CONFIG=$$(TRAIN_CONFIG) \
+	  ACCELERATE_CONFIG=$$(TRAIN_CONFIG) GRPO_CONFIG=configs/grpo_synther.yaml \
 	  NUM_GPUS=$$(if $$(filter command line environment,$$(origin NUM_GPUS)),$$(NUM_GPUS),$(6)) \
-	  GRPO_ARGS="$$(GRPO_ARGS) $$(SYNTHER_GRPO_ARGS) --rollout_batch_size $(4) --mini_batch_size $(5)" \
+	  GRPO_ARGS="$$(GRPO_ARGS) --rollout_batch_size $(4) --mini_batch_size $(5)" \
 	  PAPER="$(2) RL(MedSynVQA-$(3))=$(7)"
 endef
 
