@@ -1,24 +1,33 @@
 """GRPO from scratch in plain PyTorch: the RLVR stage of MedVLThinker (arXiv 2508.02669).
 
 The paper trains Qwen2.5-VL on multiple-choice questions with a binary, verifiable reward
-(reward.py) and Group Relative Policy Optimization (GRPO). One training step, as below
-(docs/method.md section 5 has every formula; the defaults of `Arguments` are the paper's settings):
+(reward.py) and Group Relative Policy Optimization (GRPO). One training step, numbered as the
+sections of this file (docs/method.md section 5 has every formula; the defaults of `Args` are the
+paper's settings):
 
-1. take B prompts; sample G completions for each at temperature T (the rollout);
-2. score each completion with `reward.reward`: 1 for a well-formatted, correct answer, else 0;
-3. advantage of a completion = its reward against its group: A_i = (r_i - mean) / (std + 1e-6);
+1. take the step's B prompts (each epoch a fixed permutation of the data);
+2. sample G completions for each at temperature T (the rollout);
+3. score each completion with `reward.reward` (1 for a well-formatted, correct answer, else 0) and
+   give it its reward against its group as advantage: A_i = (r_i - mean) / (std + 1e-6);
 4. log-probs of the sampled tokens under the sampling policy (logp_old) and under the frozen
    starting model (logp_ref), once, without gradients;
 5. B / mini-batch optimizer steps, each minimising over the tokens of its mini-batch
        token-mean of  max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high))  [capped at -A c when A < 0]
                       + beta * k3(logp_ref, logp),            rho = exp(logp - logp_old),
-   with gradient accumulation over micro-batches and data parallelism over processes.
+   with gradient accumulation over micro-batches and data parallelism over processes;
+6. log the step's metrics, and every --eval_every steps the greedy accuracy on a held-out slice.
 
-Run on one process (`python grpo.py --model M --data D --output_dir DIR`) or on several with
-`accelerate launch --config_file configs/{single_gpu,ddp,fsdp}.yaml grpo.py ...`. Which prompts share
-a generate call, each call's sampling seed, and which prompts form each mini-batch are functions of
-positions in the step's batch only, never of the number of processes, so one process and several
-sample the same completions and reach the same weights (up to floating-point summation order).
+`main`, at the end of the file, is the table of contents: the loop is these six steps. A reader of
+the algorithm may skip the last two sections: section 7 lists every place where processes meet (the
+rollout calls one of its functions, `full_parameters`), section 8 is plumbing (set-up, the numerical
+guard, checkpoints, logs). Every other function is defined before its first use.
+
+Run on one process (`python grpo.py --model M --data D --output_dir DIR`, or `python grpo.py
+config.yaml` with flags overriding the file) or on several with `accelerate launch --config_file
+configs/{single_gpu,ddp,fsdp}.yaml grpo.py ...`. Which prompts share a generate call, each call's
+sampling seed, and which prompts form each mini-batch are functions of positions in the step's batch
+only, never of the number of processes, so one process and several sample the same completions and
+reach the same weights (up to floating-point summation order).
 
 Before any model work every row is checked once, and the output folder is claimed for this run
 (docs/method.md section 10). Everything a run computes is kept when it stops: `DIR/metrics.jsonl` (a
@@ -53,14 +62,14 @@ from accelerate.utils import broadcast_object_list, gather_object
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, get_scheduler
+from transformers import AutoModelForImageTextToText, AutoProcessor, get_scheduler
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 import reward
 
 
 @dataclass
-class Arguments:
+class Args:
     """Defaults are the paper's settings (docs/method.md section 5); better variants are flags, off by
     default."""
 
@@ -105,14 +114,19 @@ class Arguments:
     loss_agg: str = field(default="token-mean", metadata={"help": "token-mean or seq-mean-token-mean."})
     gradient_checkpointing: bool = True
     # Length of training (paper, m23k: 5 epochs = 320 steps; PMC-VQA: 1 epoch).
-    epochs: int = 5
+    num_epochs: int = field(default=5, metadata={
+        "aliases": ["--epochs"], "help": "Passes over the data (--epochs: the old name, still accepted)."})
     max_steps: int = field(default=-1, metadata={"help": "> 0: this many steps, not epochs."})
-    seed: int = 42
+    seed: int = field(default=42, metadata={
+        "help": "Seeds the data order (a permutation per epoch) and every generate call's sampler."})
     # Validation: greedy accuracy on a held-out slice (the paper used 400 items of the eval set).
     eval_every: int = field(default=0, metadata={"help": "Validate every N steps, first and last; 0: never."})
     eval_data: str | None = field(default=None, metadata={"help": "Default: --data."})
     eval_split: str = "validation"
     eval_limit: int = 400
+    eval_seed: int = field(default=42, metadata={
+        "help": "Seed of the shuffle that picks the --eval_limit rows (apart from --seed, so that runs of "
+                "every --seed validate on one slice)."})
     eval_batch_size: int = field(default=32, metadata={"help": "Prompts per greedy generate call."})
     # Checkpoints and logs.
     save_steps: int = 50
@@ -138,7 +152,14 @@ class Arguments:
         "help": "Warn when for this many steps in a row no completion has the answer format and every "
                 "group's rewards are equal (0: never)."})
 
+    @property
+    def updates_per_step(self) -> int:
+        """B / M: optimizer steps per rollout (the paper: 256 / 128 = 2)."""
+        return self.rollout_batch_size // self.mini_batch_size
+
     def check(self, world_size: int):
+        if self.temperature <= 0:
+            raise ValueError("--temperature must be above 0: GRPO samples, and its log-probs divide by it")
         if self.group_size < 2:
             raise ValueError("--group_size must be at least 2: a group of one has no baseline")
         if self.rollout_batch_size % self.mini_batch_size:
@@ -156,7 +177,9 @@ class Arguments:
             raise ValueError("--logprob_chunk_tokens must be 0 (no chunks) or more")
 
 
-# Arguments that never change what a run computes, so they stay out of its fingerprint
+Arguments = Args  # the old name, which tests/test_bf16.py still uses
+
+# Fields of Args that never change what a run computes, so they stay out of its fingerprint
 # (reward.claim_output_dir): where things are (the fingerprints of the data and the model path stand
 # for them), how often and how much is saved or logged, how a batch is cut into forward passes (the
 # loss is exact under any split), the guard's thresholds, and --on_bad_row (with "error" a run with
@@ -171,7 +194,7 @@ TRAINER_STATE = "trainer_state.json"
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Prompts: rows checked once, then read step by step
+# 1. Prompts: every row checked once, then the step's B prompts
 # ---------------------------------------------------------------------------------------------
 
 
@@ -192,7 +215,7 @@ def prompt_length(row, processor, base_dir: str) -> int:
     return n_tokens
 
 
-def usable_prompts(dataset, data: str, split: str, processor, args: Arguments, accelerator):
+def usable_prompts(dataset, data: str, split: str, processor, args: Args, accelerator):
     """The rows that can be prompts, and the skipped ones as reward.check_rows lists them.
 
     Every row passes `reward.check_rows` once, before any model work (docs/method.md section 10): a
@@ -208,7 +231,7 @@ def usable_prompts(dataset, data: str, split: str, processor, args: Arguments, a
         good, bad = reward.check_rows(dataset, args.on_bad_row, base_dir,
                                       progress=partial(tqdm, desc=f"checking {where}", leave=False))
         kept = []
-        for i in good:
+        for i in tqdm(good, desc=f"measuring the prompts of {where}", leave=False):
             row = dataset[i]
             n_tokens = prompt_length(row, processor, base_dir)
             if n_tokens <= args.max_prompt_length:
@@ -231,17 +254,18 @@ def usable_prompts(dataset, data: str, split: str, processor, args: Arguments, a
     return dataset.select(kept, keep_in_memory=True), bad
 
 
-def validation_slice(args: Arguments):
-    """The validation set: a fixed random slice of --eval_limit rows (seed 42; eval sets are ordered
-    by benchmark), held in memory so that no index file is written into the data's folder."""
+def validation_slice(args: Args):
+    """The validation set: a fixed random slice of --eval_limit rows (shuffled with --eval_seed: eval
+    sets are ordered by benchmark), held in memory so that no index file is written into the data's
+    folder."""
     eval_set = reward.load_split(args.eval_data or args.data, args.eval_split)
     if args.eval_limit < len(eval_set):
-        eval_set = eval_set.shuffle(seed=42, keep_in_memory=True).select(range(args.eval_limit),
-                                                                           keep_in_memory=True)
+        eval_set = eval_set.shuffle(seed=args.eval_seed, keep_in_memory=True)
+        eval_set = eval_set.select(range(args.eval_limit), keep_in_memory=True)
     return eval_set
 
 
-def step_rows(dataset, step: int, args: Arguments, base_dir: str) -> list[dict]:
+def step_rows(dataset, step: int, args: Args, base_dir: str) -> list[dict]:
     """The B prompts of a step, in the step's order, their images decoded (reward.check_row).
 
     Each epoch is a permutation drawn from (seed, epoch); the step number is the data position, so a
@@ -256,7 +280,7 @@ def step_rows(dataset, step: int, args: Arguments, base_dir: str) -> list[dict]:
     return [reward.check_row(dataset[int(i)], base_dir) for i in batch]
 
 
-def update_share(args: Arguments, rank: int, world: int) -> list[int]:
+def update_share(args: Args, rank: int, world: int) -> list[int]:
     """Positions, among the step's B prompts, of the prompts whose groups this process updates on.
 
     Mini-batch k is prompts [kM, (k+1)M) of the step whatever the number W of processes (M =
@@ -285,25 +309,17 @@ class Sample:
     truncated: bool  # no end-of-turn token within max_new_tokens
     answer_label: str = ""
     answer: str = ""
-    dataset_name: str = ""
-    text: str = ""
-    reward: float = 0.0
-    advantage: float = 0.0
-    old_logp: torch.Tensor | None = None  # [C]
-    ref_logp: torch.Tensor | None = None  # [C]
+    text: str = ""  # the completion, decoded
+    reward: float = 0.0  # step 3 (`score`)
+    advantage: float = 0.0  # step 3
+    old_logp: torch.Tensor | None = None  # [C], step 4 (`old_and_ref_logprobs`)
+    ref_logp: torch.Tensor | None = None  # [C], step 4
 
 
-def sampling_kwargs(args: Arguments, never_ids: list[int]) -> dict:
-    """Every sampling setting explicit (docs/method.md section 9): otherwise generate uses top_k=50
-    and the checkpoint's own defaults (Qwen ships near-greedy ones and a repetition penalty), and the
-    sampled distribution is no longer the softmax(logits / T) that the log-prob pass computes."""
-    return dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=args.top_p, min_p=None,
-                repetition_penalty=1.0, max_new_tokens=args.max_new_tokens, suppress_tokens=never_ids)
-
-
-def greedy_kwargs(args: Arguments, never_ids: list[int]) -> dict:
-    return dict(do_sample=False, num_beams=1, repetition_penalty=1.0, max_new_tokens=args.max_new_tokens,
-                suppress_tokens=never_ids, temperature=None, top_k=None, top_p=None)
+def sampling_kwargs(args: Args, never_ids: list[int]) -> dict:
+    """The rollout's generate settings, every one explicit (reward.generation_kwargs): the sampled
+    distribution is the softmax(logits / T) cut by top_p that the log-prob pass computes."""
+    return reward.generation_kwargs(args.temperature, args.top_p, args.max_new_tokens, never_ids)
 
 
 def sampling_seed(seed: int, step: int, prompt_position: int) -> int:
@@ -353,9 +369,494 @@ def build_samples(processor, rows: list[dict], completions: list[tuple[list[int]
                 prompt_ids=inputs["input_ids"][0], mm_token_type_ids=inputs["mm_token_type_ids"][0],
                 pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
                 completion_ids=torch.tensor(ids, dtype=torch.long), truncated=truncated,
-                answer_label=row["answer_label"], answer=row["answer"],
-                dataset_name=row.get("dataset_name", ""), text=texts[j]))
+                answer_label=row["answer_label"], answer=row["answer"], text=texts[j]))
     return samples
+
+
+@torch.no_grad()
+def rollout(model, accelerator, processor, rows: list[dict], group_size: int, batch_size: int,
+            gen_kwargs: dict, eos_ids: list[int], seed: tuple[int, int] | None = None,
+            desc: str | None = None) -> list[tuple[list[int], bool]]:
+    """G completions of every row, on every process; row i's are completions [i G, (i + 1) G).
+
+    Batching is a function of positions in `rows` only, so the rollout is the same on any number of
+    processes (docs/method.md section 5): generate call k takes rows [k b, (k + 1) b) (b =
+    batch_size), each repeated G times, left padded; call k runs on process k mod W, its sampler
+    seeded from (run seed, step, k b); then every process receives every completion (token ids
+    only, a few bytes a token). seed: (run seed, step), or None when greedy. Each completion is (its
+    tokens up to and including the first end-of-turn token, truncated: no end token within
+    max_new_tokens). desc: a progress bar of that name over the main process's prompts.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()  # gradient checkpointing is off in eval mode, so generate keeps its KV cache
+    world, rank = accelerator.num_processes, accelerator.process_index
+    # FSDP (v1) gathers layers inside generate (full_parameters): every process must join every
+    # all-gather, so each makes the same number of calls (the extra ones repeat the first call and
+    # are dropped) and keeps stepping until all are done (synced_gpus). FSDP2 has gathered it all.
+    sync = accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2 and world > 1
+    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+    calls = list(range(0, len(rows), batch_size))
+    mine = calls[rank::world]
+    padding = calls[:1] * (math.ceil(len(calls) / world) - len(mine)) if sync else []
+    local = []
+    bar = tqdm(total=sum(len(rows[start:start + batch_size]) for start in mine), desc=desc, unit="prompt",
+               leave=False, disable=desc is None or not accelerator.is_main_process)
+    with full_parameters(model, accelerator):
+        for k, start in enumerate(mine + padding):
+            chunk = [row for row in rows[start:start + batch_size] for _ in range(group_size)]
+            texts, images = reward.chat_prompts(processor, chunk)
+            inputs = processor(text=texts, images=images or None, padding=True, padding_side="left",
+                               return_tensors="pt").to(accelerator.device)
+            with torch.random.fork_rng(devices=cuda):
+                if seed is not None:
+                    torch.manual_seed(sampling_seed(*seed, start))
+                sequences = unwrapped.generate(**inputs, **gen_kwargs, synced_gpus=sync)
+            if k < len(mine):
+                local.append((start, cut_completions(sequences[:, inputs["input_ids"].shape[1]:], eos_ids)))
+                bar.update(len(chunk) // group_size)
+    bar.close()
+    unwrapped.train(was_training)
+    by_start = dict(gather_object(local))
+    return [completion for start in calls for completion in by_start[start]]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Rewards and advantages
+# ---------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool = True) -> torch.Tensor:
+    """A_i = (r_i - mean_g r) / (std_g r + 1e-6), std unbiased; r_i - mean_g r without scaling.
+
+    `rewards` [N] holds groups of `group_size` adjacent samples; returns [N]. A group whose rewards
+    are all equal gets A = 0: it teaches nothing. `scale_rewards=False` is Dr. GRPO's variant.
+    """
+    grouped = rewards.view(-1, group_size)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards:
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-6)
+    return advantages.view(-1)
+
+
+def score(samples: list[Sample], group_size: int, scale_rewards: bool) -> None:
+    """Each sample's reward (`reward.reward`) and its advantage within its group (`group_advantages`);
+    `samples` holds whole groups of `group_size` adjacent samples."""
+    for s in samples:
+        s.reward = reward.reward(s.text, s.answer_label, s.answer)
+    advantages = group_advantages(torch.tensor([s.reward for s in samples]), group_size, scale_rewards)
+    for s, advantage in zip(samples, advantages.tolist()):
+        s.advantage = advantage
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Log-probs of the sampled tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def collate(samples: list[Sample], pad_id: int, device) -> dict:
+    """A micro-batch: prompts left-padded, completions right-padded, images concatenated.
+
+    Positions are left to the model, from `attention_mask` and `mm_token_type_ids` (zeros for the
+    completion): Qwen2.5-VL's 3-D positions for a batch with images, plain ones otherwise. Those
+    count text-only rows from the first column rather than from the first real token as generate
+    does; rotary attention depends only on relative positions, so the log-probs are the same (the
+    test compares them with generate's scores).
+    """
+    n = len(samples)
+    P = max(len(s.prompt_ids) for s in samples)
+    C = max(len(s.completion_ids) for s in samples)
+    input_ids = torch.full((n, P + C), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, P + C), dtype=torch.long)
+    mm_token_type_ids = torch.zeros((n, P + C), dtype=torch.long)  # completion tokens are text: 0
+    for i, s in enumerate(samples):
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        input_ids[i, P - p:P], input_ids[i, P:P + c] = s.prompt_ids, s.completion_ids
+        attention_mask[i, P - p:P + c] = 1
+        mm_token_type_ids[i, P - p:P] = s.mm_token_type_ids
+    with_images = [s for s in samples if s.pixel_values is not None]
+    batch = dict(
+        input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
+        # A micro-batch without images sends no pixel_values at all (docs/method.md section 9).
+        pixel_values=torch.cat([s.pixel_values for s in with_images]) if with_images else None,
+        image_grid_thw=torch.cat([s.image_grid_thw for s in with_images]) if with_images else None,
+    )
+    batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
+    batch["completion_ids"] = batch["input_ids"][:, P:]
+    batch["completion_mask"] = batch["attention_mask"][:, P:].bool()
+    return batch
+
+
+def pad_rows(rows: list[torch.Tensor], mask: torch.Tensor, device) -> torch.Tensor:
+    """Per-sample 1-D tensors right-padded (with 0, masked out anyway) to the micro-batch's [n, C]."""
+    out = torch.zeros(mask.shape, device=device)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row.to(device)
+    return out
+
+
+def token_logprobs(logits, targets, temperature: float, never_ids: list[int], with_entropy: bool):
+    """log_softmax(logits / T)[target] with the never-generated ids at -inf, in fp32; [..., V] -> [...].
+    With entropy: the entropy of each distribution too (without gradient, for the logs), else zeros."""
+    logits = logits.float() / temperature
+    logits[..., never_ids] = -math.inf
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    entropy = torch.zeros_like(logp.detach())
+    if with_entropy:
+        with torch.no_grad():
+            entropy = torch.special.entr(logits.softmax(-1)).sum(-1)
+    return logp, entropy
+
+
+@contextlib.contextmanager
+def logprob_head(model, targets, temperature: float, never_ids: list[int], chunk_tokens: int,
+                 with_entropy: bool):
+    """While open, the model's output layer returns the log-probs of `targets` [n, C] (and the
+    entropies) as [n, C, 2] instead of logits [n, C + 1, V], computed `chunk_tokens` tokens at a time.
+
+    Why: the logits of a micro-batch are [n, C, V] (V = 151,936 for Qwen2.5-VL), about 14 bytes per
+    entry alive between the output layer, the fp32 copy, the log-softmax and its backward: 65 GiB for
+    8 completions of 4096 tokens (docs/real_path.md). Chunked, only one chunk's logits exist at a
+    time: each chunk is projected, log-softmaxed and reduced to one number per token, and under
+    gradient it runs in torch.utils.checkpoint, so its logits are computed again in the backward pass
+    instead of being kept. Every token's log-prob is that of the whole computation (the log-softmax
+    is per token; tests/test_grpo.py compares them bit for bit; the output layer's gradient adds the
+    chunks' parts in another order). A micro-batch of at most `chunk_tokens` completion tokens is one
+    piece, computed exactly as without chunks (the toy demo's 32 x 64 tokens, for one). The swap is
+    inside the model's own forward, so DDP's and FSDP's hooks and accelerate's autocast see an
+    ordinary forward pass.
+    """
+    head = getattr(model, "module", model).get_output_embeddings()  # under DDP/FSDP: the wrapped model's
+    project = head.forward
+
+    def piece(hidden, ids):
+        logp, entropy = token_logprobs(project(hidden), ids, temperature, never_ids, with_entropy)
+        return torch.stack([logp, entropy], -1)
+
+    def forward(hidden):  # [n, C + 1, H]: position t predicts token t + 1
+        n, C = targets.shape
+        hidden, ids = hidden[:, :-1].reshape(n * C, -1), targets.reshape(-1)
+        size = chunk_tokens or max(n * C, 1)
+        pieces = []
+        for start in range(0, n * C, size):
+            args = (hidden[start:start + size], ids[start:start + size])
+            if torch.is_grad_enabled() and size < n * C:  # one chunk: nothing to gain from recomputing
+                pieces.append(checkpoint(piece, *args, use_reentrant=False))
+            else:
+                pieces.append(piece(*args))
+        return torch.cat(pieces).view(n, C, 2)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward  # the class's forward again
+
+
+def completion_logprobs(model, batch: dict, temperature: float, never_ids: list[int],
+                        with_entropy: bool = False, chunk_tokens: int = 0):
+    """log pi(o_t | q, o_<t) for the completion positions only: log_softmax(logits / T)[o_t].
+
+    docs/method.md section 5: the logits are divided by the sampling temperature T, and the ids the
+    sampler suppresses are set to -inf, so these are the log-probs of the distribution sampled from.
+    Only the C + 1 last hidden states reach the vocabulary projection (`logits_to_keep`), and they
+    reach it `chunk_tokens` tokens at a time (`logprob_head`; 0: all at once): no [batch, prompt +
+    completion, vocab] logits ever exist, nor [batch, completion, vocab] ones with chunks. Returns
+    logp [n, C] (and, when asked, the entropy of each position's distribution, without gradient, for
+    the logs).
+    """
+    with logprob_head(model, batch["completion_ids"], temperature, never_ids, chunk_tokens, with_entropy):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    mm_token_type_ids=batch["mm_token_type_ids"],
+                    pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                    use_cache=False, logits_to_keep=batch["completion_ids"].shape[1] + 1)
+    logp, entropy = out.logits.unbind(-1)
+    return (logp, entropy) if with_entropy else logp
+
+
+@torch.no_grad()
+def sequence_logprobs(model, samples: list[Sample], args: Args, pad_id: int, never_ids: list[int],
+                      device) -> list[torch.Tensor]:
+    """logp of every sample's completion, micro-batch by micro-batch, without gradients."""
+    out = []
+    for start in range(0, len(samples), args.micro_batch_size):
+        micro = samples[start:start + args.micro_batch_size]
+        batch = collate(micro, pad_id, device)
+        logp = completion_logprobs(model, batch, args.temperature, never_ids,
+                                   chunk_tokens=args.logprob_chunk_tokens).cpu()
+        out += [row[:len(s.completion_ids)] for row, s in zip(logp, micro)]
+    return out
+
+
+def old_and_ref_logprobs(model, ref_model, samples: list[Sample], args: Args, pad_id: int,
+                         never_ids: list[int], device) -> None:
+    """logp_old (the sampling policy's) and logp_ref (the frozen reference's) of every sample, once
+    per rollout, without gradients. With one mini-batch per rollout there is no logp_old pass: the
+    policy has not moved since sampling, and `accumulate_gradients` uses the detached current logp."""
+    model.eval()
+    if args.updates_per_step > 1:
+        for s, logp in zip(samples, sequence_logprobs(model, samples, args, pad_id, never_ids, device)):
+            s.old_logp = logp
+    if ref_model is not None:
+        for s, logp in zip(samples, sequence_logprobs(ref_model, samples, args, pad_id, never_ids, device)):
+            s.ref_logp = logp
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The update: the GRPO objective, token-mean over micro-batches and processes
+# ---------------------------------------------------------------------------------------------
+
+
+def policy_loss(logp, old_logp, advantages, mask, eps_low: float, eps_high: float, dual_clip: float):
+    """Per-token clipped surrogate with verl's dual clip; [N, L], zero where mask is False.
+
+        rho  = exp(clamp(logp - old_logp, -20, 20))
+        loss = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high))
+        loss = min(loss, -A c)   where A < 0   (dual clip, c = dual_clip)
+
+    `advantages` [N] is broadcast to every token of its sequence. Not aggregated.
+    """
+    A = advantages.unsqueeze(-1)
+    rho = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
+    loss = torch.max(-A * rho, -A * torch.clamp(rho, 1 - eps_low, 1 + eps_high))
+    loss = torch.where(A < 0, torch.min(loss, -A * dual_clip), loss)
+    return torch.where(mask, loss, torch.zeros_like(loss))
+
+
+def clipped_tokens(logp, old_logp, advantages, mask, eps_low: float, eps_high: float, dual_clip: float):
+    """Which tokens each clip silenced (their gradient is zero), for the logs of `policy_loss`.
+
+    clip_low: A < 0 and rho < 1 - eps_low; clip_high: A > 0 and rho > 1 + eps_high;
+    dual: A < 0 and rho > c (then -A rho > -A c and the cap holds).
+    """
+    A = advantages.unsqueeze(-1)
+    rho = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
+    return {"clip_low": (A < 0) & (rho < 1 - eps_low) & mask,
+            "clip_high": (A > 0) & (rho > 1 + eps_high) & mask,
+            "clip_dual": (A < 0) & (rho > dual_clip) & mask}
+
+
+def kl_k3(logp, ref_logp):
+    """Per-token k3 estimate of KL(pi || pi_ref), verl's "low_var_kl" (docs/method.md section 5):
+
+        d = clamp(ref_logp - logp, -20, 20);   kl = clamp(exp(d) - d - 1, -10, 10)
+    """
+    d = torch.clamp(ref_logp - logp, -20.0, 20.0)
+    return torch.clamp(torch.exp(d) - d - 1, -10.0, 10.0)
+
+
+# What `accumulate_gradients` returns for the logs, each summed over the tokens of a mini-batch on
+# every process: the loss, the k3 KL, the tokens each clip silenced, the entropy, the tokens.
+STATS = ("loss", "kl", "clip_low", "clip_high", "clip_dual", "entropy", "tokens")
+
+
+def accumulate_gradients(model, accelerator, samples: list[Sample], args: Args, pad_id: int,
+                         never_ids: list[int], on_policy: bool) -> dict[str, torch.Tensor]:
+    """Backward of one mini-batch's loss, micro-batch by micro-batch; returns its STATS, summed
+    over its micro-batches and over processes (fp32 scalars).
+
+    Token-mean, exact under accumulation and data parallelism: with T the number of completion
+    tokens of the mini-batch on all processes (all-reduced before any backward) and W processes,
+    each micro-batch m backpropagates  W * sum_{tokens of m} loss_t / T.  DDP averages gradients over
+    the W processes, so the sum over micro-batches and processes is  grad( sum_all loss_t / T ).
+    seq-mean-token-mean: each micro-batch backpropagates  W * sum_{seq i of m} mean_t loss_it / S,
+    with S the number of sequences of the mini-batch on all processes.
+    When on_policy (one mini-batch per rollout), logp_old is the detached current logp: the
+    policy has not moved since sampling, so rho = 1 and its separate pass would only recompute it.
+    """
+    device, world = accelerator.device, accelerator.num_processes
+    local = [sum(len(s.completion_ids) for s in samples), len(samples)]
+    n_tokens, n_seqs = accelerator.reduce(torch.tensor(local, dtype=torch.float, device=device), "sum")
+    totals = torch.zeros(len(STATS), device=device)
+    size = args.micro_batch_size
+    micro_batches = [samples[i:i + size] for i in range(0, len(samples), size)]
+    for k, micro in enumerate(micro_batches):
+        batch = collate(micro, pad_id, device)
+        mask = batch["completion_mask"]
+        advantages = torch.tensor([s.advantage for s in micro], device=device)
+        # Gradients are all-reduced on the last micro-batch only. FSDP must reduce-scatter every
+        # time (not syncing would keep full unsharded gradients), so it always syncs.
+        last = k == len(micro_batches) - 1
+        no_sync = not last and accelerator.distributed_type != DistributedType.FSDP
+        with accelerator.no_sync(model) if no_sync else contextlib.nullcontext():
+            logp, entropy = completion_logprobs(model, batch, args.temperature, never_ids, with_entropy=True,
+                                                chunk_tokens=args.logprob_chunk_tokens)
+            old_logp = logp.detach() if on_policy else pad_rows([s.old_logp for s in micro], mask, device)
+            per_token = policy_loss(logp, old_logp, advantages, mask, args.eps_low, args.eps_high,
+                                    args.dual_clip)
+            kl = torch.zeros_like(logp)
+            if args.beta > 0:
+                kl = torch.where(mask, kl_k3(logp, pad_rows([s.ref_logp for s in micro], mask, device)), kl)
+                per_token = per_token + args.beta * kl
+            if args.loss_agg == "token-mean":
+                loss = per_token.sum() * world / n_tokens
+            else:
+                loss = (per_token.sum(-1) / mask.sum(-1)).sum() * world / n_seqs
+            accelerator.backward(loss)
+        clipped = clipped_tokens(logp.detach(), old_logp, advantages, mask, args.eps_low, args.eps_high,
+                                 args.dual_clip)
+        stats = dict(loss=loss.detach() / world, kl=kl.detach().sum(), clip_low=clipped["clip_low"].sum(),
+                     clip_high=clipped["clip_high"].sum(), clip_dual=clipped["clip_dual"].sum(),
+                     entropy=(entropy.detach() * mask).sum(), tokens=mask.sum())
+        totals += torch.stack([stats[name] for name in STATS]).float()
+    return dict(zip(STATS, accelerator.reduce(totals, "sum")))
+
+
+@dataclass
+class Updates:
+    """What the optimizer steps of one training step leave for its metrics."""
+
+    sums: dict[str, torch.Tensor]  # STATS of the applied optimizer steps, summed
+    grad_norms: list[float]  # of the applied optimizer steps
+    skips: list[str]  # why each skipped optimizer step was skipped
+
+
+def update(model, accelerator, optimizer, scheduler, samples: list[Sample], args: Args, pad_id: int,
+           never_ids: list[int], guard) -> Updates:
+    """B / M optimizer steps; step k trains on this process's share of mini-batch k.
+
+    An optimizer step whose loss or gradient norm is not finite is skipped (the numerical guard,
+    `Guard`): its gradients are dropped, and neither AdamW nor the scheduler steps. The loss is
+    summed over processes and the norm is global, so all processes decide alike.
+    """
+    model.train()
+    n = len(samples) // args.updates_per_step
+    done = Updates({name: torch.zeros((), device=accelerator.device) for name in STATS}, [], [])
+    for k in range(args.updates_per_step):
+        stats = accumulate_gradients(model, accelerator, samples[k * n:(k + 1) * n], args, pad_id, never_ids,
+                                     on_policy=args.updates_per_step == 1)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        if torch.isfinite(stats["loss"]) and torch.isfinite(grad_norm):
+            optimizer.step()
+            scheduler.step()
+            done.sums = {name: done.sums[name] + stats[name] for name in STATS}
+            done.grad_norms.append(float(grad_norm))
+            guard.skipped_in_a_row = 0
+        else:
+            done.skips.append(f"update {k + 1} of {args.updates_per_step}: loss {float(stats['loss']):.4g}, "
+                              f"grad_norm {float(grad_norm):.4g}")
+            guard.skipped_in_a_row += 1
+        optimizer.zero_grad(set_to_none=True)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Logs and validation
+# ---------------------------------------------------------------------------------------------
+
+
+def synced_time(device) -> float:
+    """time.perf_counter() once the GPU has finished what was queued: CUDA kernels run
+    asynchronously, so without the synchronize a phase's time would stop before its last kernels."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS, kB on Linux
+
+
+class Timer:
+    """Seconds per phase of a training step (`lap`), each phase's queued GPU work included; the
+    peak memory is counted from the start of the step."""
+
+    def __init__(self, device):
+        self.device, self.times = device, {}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.start = synced_time(device)
+
+    def lap(self, name: str) -> None:
+        now = synced_time(self.device)
+        self.times[name], self.start = now - self.start, now
+
+
+def step_record(accelerator, step: int, epoch: float, samples: list[Sample], updates: Updates,
+                times: dict, lr: float, group_size: int) -> dict:
+    """A step's line of metrics.jsonl: the rollout's statistics over every process's samples, the
+    update's per token of its applied optimizer steps (None when every one was skipped), and the
+    slowest process's time per phase and peak memory."""
+    device = accelerator.device
+    per_sample = accelerator.gather(torch.tensor(
+        [[s.reward, float(reward.is_correct(reward.extract_answer(s.text), s.answer_label, s.answer)),
+          float(reward.format_ok(s.text)), len(s.completion_ids), float(s.truncated)]
+         for s in samples], device=device)).cpu()
+    rewards, correct, formatted, lengths, truncated = per_sample.unbind(1)
+    slowest = accelerator.gather(torch.tensor([[times["generate"], times["logprob"], times["update"],
+                                                peak_memory_gb(device)]], device=device)).max(0).values
+    time_generate, time_logprob, time_update, memory = slowest.tolist()
+    sums, applied = updates.sums, len(updates.grad_norms)
+    tokens = sums["tokens"].clamp(min=1)
+
+    def per_token(name):  # None when every update of the step was skipped
+        return (sums[name] / tokens).item() if applied else None
+
+    return {
+        "step": step, "epoch": epoch,
+        "reward": rewards.mean().item(), "accuracy": correct.mean().item(),
+        "format_rate": formatted.mean().item(),
+        "zero_advantage_groups": (rewards.view(-1, group_size).std(dim=1) == 0).float().mean().item(),
+        "loss": (sums["loss"] / applied).item() if applied else None, "kl": per_token("kl"),
+        "clip_low": per_token("clip_low"), "clip_high": per_token("clip_high"),
+        "clip_dual": per_token("clip_dual"), "entropy": per_token("entropy"),
+        "completion_length": lengths.mean().item(), "completion_length_max": lengths.max().item(),
+        "truncated": truncated.mean().item(),
+        "grad_norm": float(np.mean(updates.grad_norms)) if applied else None,
+        "skipped": bool(updates.skips),
+        **({"skip_reason": "; ".join(updates.skips)} if updates.skips else {}),
+        "lr": lr,
+        "time_generate": time_generate, "time_logprob": time_logprob, "time_update": time_update,
+        "tokens_per_s": lengths.sum().item() / max(time_generate, 1e-9),
+        "peak_memory_gb": memory,
+    }
+
+
+def validate(model, accelerator, processor, rows, args: Args, never_ids, eos_ids) -> dict:
+    """Greedy accuracy with the evaluation rule (reward.extract_answer, docs/method.md section 4).
+
+    `rollout` gives every process every completion, so all of them compute the same numbers. The
+    progress bar counts the main process's prompts (all of them on one process).
+    """
+    greedy = reward.generation_kwargs(0, args.top_p, args.max_new_tokens, never_ids)  # temperature 0
+    completions = rollout(model, accelerator, processor, rows, 1, args.eval_batch_size, greedy, eos_ids,
+                          desc="validating")
+    texts = processor.batch_decode([ids for ids, _ in completions], skip_special_tokens=True)
+    correct = torch.tensor([float(reward.is_correct(reward.extract_answer(text), row["answer_label"],
+                                                    row["answer"])) for text, row in zip(texts, rows)])
+    names = [row.get("dataset_name", "") for row in rows]
+    metrics = {"val_accuracy": correct.mean().item()}
+    for name in sorted(set(names)):
+        metrics[f"val_accuracy/{name}"] = correct[[n == name for n in names]].mean().item()
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Distributed: every place where processes meet (a reader of the algorithm may skip this)
+# ---------------------------------------------------------------------------------------------
+# On one process each is a no-op. With W processes (DDP, or FSDP with configs/fsdp.yaml):
+#  - rows: the main process checks them, the others receive its verdict (`usable_prompts`);
+#  - rollout: generate call k runs on process k mod W, then every process receives every completion
+#    (`rollout`, gather_object); under FSDP the policy's whole parameters are gathered around
+#    generate (`full_parameters`), and under FSDP v1 every process makes the same number of
+#    generate calls, with synced_gpus (`rollout`);
+#  - update: each process trains on its block of every mini-batch (`update_share`); the mini-batch's
+#    token and sequence counts are all-reduced before any backward, each process's loss is scaled by
+#    W (DDP and FSDP average gradients), and gradients are synchronised on the last micro-batch only,
+#    on every one under FSDP (`accumulate_gradients`); the logged sums are all-reduced and the
+#    gradient norm is global, so every process skips the same optimizer steps (`update`);
+#  - DDP: find_unused_parameters, since a micro-batch without images leaves the vision tower without
+#    gradient (`main`); the scheduler is not prepared, or accelerate would step it once per process
+#    (`load_models`);
+#  - FSDP: a forward without images sends a dummy image through the vision tower, so that every
+#    process issues the same all-gathers (`run_vision_on_every_forward`); gradients are reduced in
+#    fp32 (`fsdp_mixed_precision`);
+#  - logs: per-sample values and timings gathered (`step_record`), the file written by the main
+#    process (`log`); validation gives every process every completion (`validate`);
+#  - checkpoints: every process saves its training state and joins the gathering of the weights,
+#    the main process writes the files, barriers around (`save_checkpoint`, `save_model`, `resume`).
 
 
 def run_vision_on_every_forward(model) -> None:
@@ -463,315 +964,9 @@ def full_parameters(model, accelerator):
             model.set_reshard_after_forward(False, recurse=False)  # the root's, as fully_shard sets it
 
 
-@torch.no_grad()
-def rollout(model, accelerator, processor, rows: list[dict], group_size: int, batch_size: int,
-            gen_kwargs: dict, eos_ids: list[int], seed: tuple[int, int] | None = None
-            ) -> list[tuple[list[int], bool]]:
-    """G completions of every row, on every process; row i's are completions [i G, (i + 1) G).
-
-    Batching is a function of positions in `rows` only, so the rollout is the same on any number of
-    processes (docs/method.md section 5): generate call k takes rows [k b, (k + 1) b) (b =
-    batch_size), each repeated G times, left padded; call k runs on process k mod W, its sampler
-    seeded from (run seed, step, k b); then every process receives every completion (token ids
-    only, a few bytes a token). seed None: greedy. Each completion is (its tokens up to and
-    including the first end-of-turn token, truncated: no end token within max_new_tokens).
-    """
-    unwrapped = accelerator.unwrap_model(model)
-    was_training = unwrapped.training
-    unwrapped.eval()  # gradient checkpointing is off in eval mode, so generate keeps its KV cache
-    world, rank = accelerator.num_processes, accelerator.process_index
-    # FSDP (v1) gathers layers inside generate (full_parameters): every process must join every
-    # all-gather, so each makes the same number of calls (the extra ones repeat the first call and
-    # are dropped) and keeps stepping until all are done (synced_gpus). FSDP2 has gathered it all.
-    sync = accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2 and world > 1
-    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
-    calls = list(range(0, len(rows), batch_size))
-    mine = calls[rank::world]
-    padding = calls[:1] * (math.ceil(len(calls) / world) - len(mine)) if sync else []
-    local = []
-    with full_parameters(model, accelerator):
-        for k, start in enumerate(mine + padding):
-            chunk = [row for row in rows[start:start + batch_size] for _ in range(group_size)]
-            texts, images = reward.chat_prompts(processor, chunk)
-            inputs = processor(text=texts, images=images or None, padding=True, padding_side="left",
-                               return_tensors="pt").to(accelerator.device)
-            with torch.random.fork_rng(devices=cuda):
-                if seed is not None:
-                    torch.manual_seed(sampling_seed(seed[0], seed[1], start))
-                sequences = unwrapped.generate(**inputs, **gen_kwargs, synced_gpus=sync)
-            if k < len(mine):
-                local.append((start, cut_completions(sequences[:, inputs["input_ids"].shape[1]:], eos_ids)))
-    unwrapped.train(was_training)
-    by_start = dict(gather_object(local))
-    return [completion for start in calls for completion in by_start[start]]
-
-
 # ---------------------------------------------------------------------------------------------
-# 3. Log-probs of the sampled tokens
+# 8. Plumbing: set-up, the numerical guard, checkpoints, logs (a reader of the algorithm may skip it)
 # ---------------------------------------------------------------------------------------------
-
-
-def collate(samples: list[Sample], pad_id: int, device) -> dict:
-    """A micro-batch: prompts left-padded, completions right-padded, images concatenated.
-
-    Positions are left to the model, from `attention_mask` and `mm_token_type_ids` (zeros for the
-    completion): Qwen2.5-VL's 3-D positions for a batch with images, plain ones otherwise. Those
-    count text-only rows from the first column rather than from the first real token as generate
-    does; rotary attention depends only on relative positions, so the log-probs are the same (the
-    test compares them with generate's scores).
-    """
-    n = len(samples)
-    P = max(len(s.prompt_ids) for s in samples)
-    C = max(len(s.completion_ids) for s in samples)
-    input_ids = torch.full((n, P + C), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, P + C), dtype=torch.long)
-    mm_token_type_ids = torch.zeros((n, P + C), dtype=torch.long)  # completion tokens are text: 0
-    for i, s in enumerate(samples):
-        p, c = len(s.prompt_ids), len(s.completion_ids)
-        input_ids[i, P - p:P], input_ids[i, P:P + c] = s.prompt_ids, s.completion_ids
-        attention_mask[i, P - p:P + c] = 1
-        mm_token_type_ids[i, P - p:P] = s.mm_token_type_ids
-    with_images = [s for s in samples if s.pixel_values is not None]
-    batch = dict(
-        input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
-        # A micro-batch without images sends no pixel_values at all (docs/method.md section 9).
-        pixel_values=torch.cat([s.pixel_values for s in with_images]) if with_images else None,
-        image_grid_thw=torch.cat([s.image_grid_thw for s in with_images]) if with_images else None,
-    )
-    batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
-    batch["completion_ids"] = batch["input_ids"][:, P:]
-    batch["completion_mask"] = batch["attention_mask"][:, P:].bool()
-    return batch
-
-
-def token_logprobs(logits, targets, temperature: float, never_ids: list[int], with_entropy: bool):
-    """log_softmax(logits / T)[target] with the never-generated ids at -inf, in fp32; [..., V] -> [...].
-    With entropy: the entropy of each distribution too (without gradient, for the logs), else zeros."""
-    logits = logits.float() / temperature
-    logits[..., never_ids] = -math.inf
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    entropy = torch.zeros_like(logp.detach())
-    if with_entropy:
-        with torch.no_grad():
-            entropy = torch.special.entr(logits.softmax(-1)).sum(-1)
-    return logp, entropy
-
-
-@contextlib.contextmanager
-def logprob_head(model, targets, temperature: float, never_ids: list[int], chunk_tokens: int,
-                 with_entropy: bool):
-    """While open, the model's output layer returns the log-probs of `targets` [n, C] (and the
-    entropies) as [n, C, 2] instead of logits [n, C + 1, V], computed `chunk_tokens` tokens at a time.
-
-    Why: the logits of a micro-batch are [n, C, V] (V = 151,936 for Qwen2.5-VL), about 14 bytes per
-    entry alive between the output layer, the fp32 copy, the log-softmax and its backward: 65 GiB for
-    8 completions of 4096 tokens (docs/real_path.md). Chunked, only one chunk's logits exist at a
-    time: each chunk is projected, log-softmaxed and reduced to one number per token, and under
-    gradient it runs in torch.utils.checkpoint, so its logits are computed again in the backward pass
-    instead of being kept. Every token's log-prob is that of the whole computation (the log-softmax
-    is per token; tests/test_grpo.py compares them bit for bit; the output layer's gradient adds the
-    chunks' parts in another order). A micro-batch of at most `chunk_tokens` completion tokens is one
-    piece, computed exactly as without chunks (the toy demo's 32 x 64 tokens, for one). The swap is inside the model's own forward, so
-    DDP's and FSDP's hooks and accelerate's autocast see an ordinary forward pass.
-    """
-    head = getattr(model, "module", model).get_output_embeddings()  # under DDP/FSDP: the wrapped model's
-    project = head.forward
-
-    def piece(hidden, ids):
-        logp, entropy = token_logprobs(project(hidden), ids, temperature, never_ids, with_entropy)
-        return torch.stack([logp, entropy], -1)
-
-    def forward(hidden):  # [n, C + 1, H]: position t predicts token t + 1
-        n, C = targets.shape
-        hidden, ids = hidden[:, :-1].reshape(n * C, -1), targets.reshape(-1)
-        size = chunk_tokens or max(n * C, 1)
-        pieces = []
-        for start in range(0, n * C, size):
-            args = (hidden[start:start + size], ids[start:start + size])
-            if torch.is_grad_enabled() and size < n * C:  # one chunk: nothing to gain from recomputing
-                pieces.append(checkpoint(piece, *args, use_reentrant=False))
-            else:
-                pieces.append(piece(*args))
-        return torch.cat(pieces).view(n, C, 2)
-
-    head.forward = forward
-    try:
-        yield
-    finally:
-        del head.forward  # the class's forward again
-
-
-def completion_logprobs(model, batch: dict, temperature: float, never_ids: list[int],
-                        with_entropy: bool = False, chunk_tokens: int = 0):
-    """log pi(o_t | q, o_<t) for the completion positions only: log_softmax(logits / T)[o_t].
-
-    docs/method.md section 5: the logits are divided by the sampling temperature T, and the ids the
-    sampler suppresses are set to -inf, so these are the log-probs of the distribution sampled from.
-    Only the C + 1 last hidden states reach the vocabulary projection (`logits_to_keep`), and they
-    reach it `chunk_tokens` tokens at a time (`logprob_head`; 0: all at once): no [batch, prompt +
-    completion, vocab] logits ever exist, nor [batch, completion, vocab] ones with chunks. Returns
-    logp [n, C] (and, when asked, the entropy of each position's distribution, without gradient, for
-    the logs).
-    """
-    with logprob_head(model, batch["completion_ids"], temperature, never_ids, chunk_tokens, with_entropy):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    mm_token_type_ids=batch["mm_token_type_ids"],
-                    pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                    use_cache=False, logits_to_keep=batch["completion_ids"].shape[1] + 1)
-    logp, entropy = out.logits.unbind(-1)
-    return (logp, entropy) if with_entropy else logp
-
-
-@torch.no_grad()
-def sequence_logprobs(model, samples: list[Sample], args: Arguments, pad_id: int, never_ids: list[int],
-                      device) -> list[torch.Tensor]:
-    """logp of every sample's completion, micro-batch by micro-batch, without gradients."""
-    out = []
-    for start in range(0, len(samples), args.micro_batch_size):
-        micro = samples[start:start + args.micro_batch_size]
-        batch = collate(micro, pad_id, device)
-        logp = completion_logprobs(model, batch, args.temperature, never_ids,
-                                   chunk_tokens=args.logprob_chunk_tokens).cpu()
-        out += [row[:len(s.completion_ids)] for row, s in zip(logp, micro)]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. The GRPO objective (docs/method.md section 5)
-# ---------------------------------------------------------------------------------------------
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool = True) -> torch.Tensor:
-    """A_i = (r_i - mean_g r) / (std_g r + 1e-6), std unbiased; r_i - mean_g r without scaling.
-
-    `rewards` [N] holds groups of `group_size` adjacent samples; returns [N]. A group whose rewards
-    are all equal gets A = 0: it teaches nothing. `scale_rewards=False` is Dr. GRPO's variant.
-    """
-    grouped = rewards.view(-1, group_size)
-    advantages = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale_rewards:
-        advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-6)
-    return advantages.view(-1)
-
-
-def policy_loss(logp, old_logp, advantages, mask, eps_low: float, eps_high: float, dual_clip: float):
-    """Per-token clipped surrogate with verl's dual clip; [N, L], zero where mask is False.
-
-        rho  = exp(clamp(logp - old_logp, -20, 20))
-        loss = max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high))
-        loss = min(loss, -A c)   where A < 0   (dual clip, c = dual_clip)
-
-    `advantages` [N] is broadcast to every token of its sequence. Not aggregated.
-    """
-    A = advantages.unsqueeze(-1)
-    rho = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
-    loss = torch.max(-A * rho, -A * torch.clamp(rho, 1 - eps_low, 1 + eps_high))
-    loss = torch.where(A < 0, torch.min(loss, -A * dual_clip), loss)
-    return torch.where(mask, loss, torch.zeros_like(loss))
-
-
-def clipped_tokens(logp, old_logp, advantages, mask, eps_low: float, eps_high: float, dual_clip: float):
-    """Which tokens each clip silenced (their gradient is zero), for the logs of `policy_loss`.
-
-    clip_low: A < 0 and rho < 1 - eps_low; clip_high: A > 0 and rho > 1 + eps_high;
-    dual: A < 0 and rho > c (then -A rho > -A c and the cap holds).
-    """
-    A = advantages.unsqueeze(-1)
-    rho = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
-    return {"clip_low": (A < 0) & (rho < 1 - eps_low) & mask,
-            "clip_high": (A > 0) & (rho > 1 + eps_high) & mask,
-            "clip_dual": (A < 0) & (rho > dual_clip) & mask}
-
-
-def kl_k3(logp, ref_logp):
-    """Per-token k3 estimate of KL(pi || pi_ref), verl's "low_var_kl" (docs/method.md section 5):
-
-        d = clamp(ref_logp - logp, -20, 20);   kl = clamp(exp(d) - d - 1, -10, 10)
-    """
-    d = torch.clamp(ref_logp - logp, -20.0, 20.0)
-    return torch.clamp(torch.exp(d) - d - 1, -10.0, 10.0)
-
-
-def accumulate_gradients(model, accelerator, samples: list[Sample], args: Arguments, pad_id: int,
-                         never_ids: list[int], on_policy: bool) -> torch.Tensor:
-    """Backward of one mini-batch's loss, micro-batch by micro-batch; returns summed statistics.
-
-    Token-mean, exact under accumulation and data parallelism: with T the number of completion
-    tokens of the mini-batch on all processes (all-reduced before any backward) and W processes,
-    each micro-batch m backpropagates  W * sum_{tokens of m} loss_t / T.  DDP averages gradients over
-    the W processes, so the sum over micro-batches and processes is  grad( sum_all loss_t / T ).
-    seq-mean-token-mean: each micro-batch backpropagates  W * sum_{seq i of m} mean_t loss_it / S,
-    with S the number of sequences of the mini-batch on all processes.
-    When on_policy (one mini-batch per rollout), logp_old is the detached current logp: the
-    policy has not moved since sampling, so rho = 1 and its separate pass would only recompute it.
-    """
-    device, world = accelerator.device, accelerator.num_processes
-    local = [sum(len(s.completion_ids) for s in samples), len(samples)]
-    n_tokens, n_seqs = accelerator.reduce(torch.tensor(local, dtype=torch.float, device=device), "sum")
-    stats = torch.zeros(7, device=device)  # loss, kl, clip low/high/dual, entropy, tokens
-    size = args.micro_batch_size
-    micro_batches = [samples[i:i + size] for i in range(0, len(samples), size)]
-    for k, micro in enumerate(micro_batches):
-        batch = collate(micro, pad_id, device)
-        mask = batch["completion_mask"]
-        advantages = torch.tensor([s.advantage for s in micro], device=device)
-        # Gradients are all-reduced on the last micro-batch only. FSDP must reduce-scatter every
-        # time (not syncing would keep full unsharded gradients), so it always syncs.
-        last = k == len(micro_batches) - 1
-        no_sync = not last and accelerator.distributed_type != DistributedType.FSDP
-        with accelerator.no_sync(model) if no_sync else contextlib.nullcontext():
-            logp, entropy = completion_logprobs(model, batch, args.temperature, never_ids, with_entropy=True,
-                                                chunk_tokens=args.logprob_chunk_tokens)
-            old_logp = logp.detach() if on_policy else pad_rows([s.old_logp for s in micro], mask, device)
-            per_token = policy_loss(logp, old_logp, advantages, mask, args.eps_low, args.eps_high,
-                                    args.dual_clip)
-            kl = torch.zeros_like(logp)
-            if args.beta > 0:
-                kl = torch.where(mask, kl_k3(logp, pad_rows([s.ref_logp for s in micro], mask, device)), kl)
-                per_token = per_token + args.beta * kl
-            if args.loss_agg == "token-mean":
-                loss = per_token.sum() * world / n_tokens
-            else:
-                loss = (per_token.sum(-1) / mask.sum(-1)).sum() * world / n_seqs
-            accelerator.backward(loss)
-        clipped = clipped_tokens(logp.detach(), old_logp, advantages, mask, args.eps_low, args.eps_high,
-                                 args.dual_clip)
-        stats += torch.stack([loss.detach() / world, kl.detach().sum(), clipped["clip_low"].sum(),
-                              clipped["clip_high"].sum(), clipped["clip_dual"].sum(),
-                              (entropy * mask).sum(), mask.sum()]).float()
-    return stats
-
-
-def pad_rows(rows: list[torch.Tensor], mask: torch.Tensor, device) -> torch.Tensor:
-    """Per-sample 1-D tensors right-padded (with 0, masked out anyway) to the micro-batch's [n, C]."""
-    out = torch.zeros(mask.shape, device=device)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = row.to(device)
-    return out
-
-
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Validation, the numerical guard, checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-def validate(model, accelerator, processor, rows, args: Arguments, never_ids, eos_ids) -> dict:
-    """Greedy accuracy with the evaluation rule (reward.extract_answer, docs/method.md section 4).
-
-    `rollout` gives every process every completion, so all of them compute the same numbers.
-    """
-    completions = rollout(model, accelerator, processor, rows, 1, args.eval_batch_size,
-                          greedy_kwargs(args, never_ids), eos_ids)
-    texts = processor.batch_decode([ids for ids, _ in completions], skip_special_tokens=True)
-    correct = torch.tensor([float(reward.is_correct(reward.extract_answer(text), row["answer_label"],
-                                                    row["answer"])) for text, row in zip(texts, rows)])
-    names = [row.get("dataset_name", "") for row in rows]
-    metrics = {"val_accuracy": correct.mean().item()}
-    for name in sorted(set(names)):
-        metrics[f"val_accuracy/{name}"] = correct[[n == name for n in names]].mean().item()
-    return metrics
 
 
 def precision(mixed_precision: str) -> str:
@@ -783,25 +978,11 @@ def precision(mixed_precision: str) -> str:
     return mixed_precision
 
 
-def synced_time(device) -> float:
-    """time.perf_counter() once the GPU has finished what was queued: CUDA kernels run
-    asynchronously, so without the synchronize a phase's time would stop before its last kernels."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def peak_memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS, kB on Linux
-
-
 @dataclass
 class Guard:
     """The numerical guard of a run (docs/method.md section 10); saved with every checkpoint.
 
-    - An optimizer step whose loss or gradient norm is not finite is skipped (in `main`): its
+    - An optimizer step whose loss or gradient norm is not finite is skipped (in `update`): its
       gradients are dropped and AdamW does not step, since one NaN in its moments would reach every
       weight for good. All processes decide alike: both numbers are reduced over processes first.
     - `max_skipped` skipped optimizer steps in a row stop the run, naming the step and the last
@@ -841,30 +1022,38 @@ class Guard:
         return None
 
 
-def sampling_failure(err: RuntimeError, step: int, model, learning_rate: float) -> str:
-    """Why generate found no finite probabilities at `step` (torch's "probability tensor contains
-    inf/nan"): the weights the updates left, named, instead of a traceback from inside generate."""
-    weights = [p.detach() for p in model.parameters()]
-    nonfinite = sum(int((~w.isfinite()).sum()) for w in weights)
-    largest = max(float(w.abs().max()) for w in weights if w.numel())
-    policy = "the starting model (--model)" if step == 1 else f"the policy after step {step - 1}"
-    cause = (f"{nonfinite} of its weights are not finite" if nonfinite else
-             f"its weights are finite but reach |w| = {largest:.3g}, and its activations overflow")
-    return (f"grpo.py stopped at step {step}: sampling failed ({err}): {policy} gives non-finite "
+@contextlib.contextmanager
+def named_sampling_failure(step: int, model, learning_rate: float):
+    """Why generate found no finite probabilities at `step` (torch.multinomial's "probability tensor
+    contains inf/nan": the updates diverged): a SystemExit naming the weights the updates left,
+    instead of a traceback from inside generate."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "probability tensor contains" not in str(err):
+            raise
+        weights = [p.detach() for p in model.parameters()]
+        nonfinite = sum(int((~w.isfinite()).sum()) for w in weights)
+        largest = max(float(w.abs().max()) for w in weights if w.numel())
+        policy = "the starting model (--model)" if step == 1 else f"the policy after step {step - 1}"
+        cause = (f"{nonfinite} of its weights are not finite" if nonfinite else
+                 f"its weights are finite but reach |w| = {largest:.3g}, and its activations overflow")
+        raise SystemExit(
+            f"grpo.py stopped at step {step}: sampling failed ({err}): {policy} gives non-finite "
             f"probabilities; {cause}. The updates diverged: lower --learning_rate (now {learning_rate:g}) "
-            f"and start over, or resume from an earlier checkpoint.")
+            f"and start over, or resume from an earlier checkpoint.") from None
 
 
-def fingerprint(args: Arguments, dataset, eval_set) -> dict:
+def fingerprint(args: Args, dataset, eval_set) -> dict:
     """What makes a run this run (reward.claim_output_dir): the stage, every setting that changes
-    what it computes (all Arguments but NOT_SETTINGS), its data and its starting model."""
+    what it computes (all Args but NOT_SETTINGS), its data and its starting model."""
     return {"stage": "grpo", "model": args.model,
             "settings": {k: v for k, v in asdict(args).items() if k not in NOT_SETTINGS},
             "data": {"train": reward.data_fingerprint(dataset),
                      "validation": None if eval_set is None else reward.data_fingerprint(eval_set)}}
 
 
-def saved_dtype(args: Arguments, mixed_precision: str) -> torch.dtype:
+def saved_dtype(args: Args, mixed_precision: str) -> torch.dtype:
     """The dtype of the model files a run writes. auto: bf16 after a bf16 run, as the hub's Qwen2.5-VL
     and MedVLThinker checkpoints are, half the size of fp32, and losing nothing a bf16 forward pass
     sees (it computes with bf16 copies of the weights); fp32 after an fp32 run, so that CPU runs (the
@@ -905,18 +1094,19 @@ def save_model(accelerator, model, processor, folder: str, dtype: torch.dtype) -
     processor.save_pretrained(folder)
 
 
-def save_checkpoint(accelerator, model, processor, args: Arguments, step: int, state: dict | None,
-                    dtype: torch.dtype = torch.float32):
-    """DIR/checkpoint-{step} (given the trainer state) or DIR/final (state None), docs/method.md
-    section 10: the model and processor via save_pretrained in `dtype` (loadable like a hub id); a
-    checkpoint also holds training_state/ (accelerate: the fp32 weights, optimizer, scheduler, every
-    process's RNG: what resuming reads) and trainer_state.json. Everything is written into a .tmp
+def save_checkpoint(accelerator, model, processor, args: Args, step: int, guard: Guard | None):
+    """DIR/checkpoint-{step} after `step`, or DIR/final (guard None), docs/method.md section 10: the
+    model and processor via save_pretrained in --save_dtype (`saved_dtype`; loadable like a hub id);
+    a checkpoint also holds training_state/ (accelerate: the fp32 weights, optimizer, scheduler,
+    every process's RNG) and trainer_state.json (the step and the guard's counts): what `resume`
+    reads. Everything is written into a .tmp
     folder, then renamed with os.replace: the rename is the completeness marker, so a run killed
     while saving leaves only a .tmp folder, which resuming ignores and removes. Then checkpoints
     beyond --save_total_limit go, oldest first, with transformers' rotate_checkpoints (accelerate's
     ProjectConfiguration(total_limit) rotates only its own checkpoints/checkpoint_{i} layout, not
     this one).
     """
+    state = None if guard is None else {"step": step, "guard": asdict(guard)}
     folder = os.path.join(args.output_dir, "final" if state is None else f"checkpoint-{step}")
     tmp = folder + ".tmp"
     if accelerator.is_main_process:
@@ -924,6 +1114,7 @@ def save_checkpoint(accelerator, model, processor, args: Arguments, step: int, s
     accelerator.wait_for_everyone()
     if state is not None:
         accelerator.save_state(os.path.join(tmp, TRAINING_STATE))
+    dtype = saved_dtype(args, accelerator.mixed_precision)
     save_model(accelerator, model, processor, tmp, dtype)  # full weights, gathered under FSDP
     if accelerator.is_main_process and state is not None:
         with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
@@ -937,9 +1128,9 @@ def save_checkpoint(accelerator, model, processor, args: Arguments, step: int, s
     accelerator.wait_for_everyone()
 
 
-def resume(accelerator, args: Arguments, metrics_path: str) -> dict:
-    """Where this run continues (docs/method.md section 10): the trainer state of the checkpoint
-    whose training state is now loaded, or {"step": 0} for a fresh start.
+def resume(accelerator, args: Args, metrics_path: str) -> tuple[int, Guard]:
+    """Where this run continues (docs/method.md section 10): the step of the checkpoint whose
+    training state is now loaded and the guard's counts at that step, or step 0 and a fresh guard.
 
     --resume latest takes the newest complete checkpoint (transformers' get_last_checkpoint matches
     `checkpoint-<digits>` only, never the .tmp folder of a save a kill interrupted; those are removed)
@@ -982,22 +1173,23 @@ def resume(accelerator, args: Arguments, metrics_path: str) -> dict:
             f.writelines(kept)
         os.replace(metrics_path + ".tmp", metrics_path)
     accelerator.wait_for_everyone()  # no process logs before the file is rewritten
-    return state
+    guard = Guard(**{**state.get("guard", {}), "max_skipped": args.max_skipped_steps,
+                     "collapse_steps": args.collapse_steps})
+    return state["step"], guard
 
 
-def main(argv: list[str] | None = None):
-    (args,) = HfArgumentParser(Arguments).parse_args_into_dataclasses(argv)
-    accelerator = Accelerator(
-        mixed_precision=precision(args.mixed_precision),  # bf16: autocast, on a GPU or a CPU
-        log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir,
-        # A process whose micro-batch has no image leaves the vision tower without gradient.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    args.check(accelerator.num_processes)
-    dtype = saved_dtype(args, accelerator.mixed_precision)
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+def log(accelerator, metrics_path: str, record: dict) -> None:
+    """A line of metrics.jsonl (written by the main process) and the tracker's numbers (--report_to)."""
+    if accelerator.is_main_process:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
-    # The data and this run's folder, before any model work (docs/method.md section 10): another
-    # run's folder is refused; a finished run resumed is left untouched.
+
+def load_data(args: Args, accelerator):
+    """The processor, the usable training rows and the validation rows (`usable_prompts`), before
+    any model work, and this run's folder claimed (docs/method.md section 10): another run's folder
+    is refused. None when the run was resumed and is finished (final/ exists): nothing to do."""
     dataset = reward.load_split(args.data, args.split)
     eval_set = validation_slice(args) if args.eval_every > 0 else None
     final_dir = os.path.join(args.output_dir, "final")
@@ -1007,7 +1199,7 @@ def main(argv: list[str] | None = None):
     accelerator.wait_for_everyone()
     if args.resume is not None and os.path.isdir(final_dir):
         accelerator.print(f"{args.output_dir}: this run is finished ({final_dir} exists); nothing to do")
-        return final_dir
+        return None
     processor = AutoProcessor.from_pretrained(args.model)
     dataset, skipped = usable_prompts(dataset, args.data, args.split, processor, args, accelerator)
     eval_rows = []
@@ -1019,157 +1211,109 @@ def main(argv: list[str] | None = None):
         eval_rows = [reward.check_row(row, reward.data_dir(eval_data)) for row in eval_set]
     if skipped and accelerator.is_main_process:
         reward.write_bad_rows(skipped, args.output_dir)
-    steps_per_epoch = len(dataset) // args.rollout_batch_size
-    if steps_per_epoch == 0:
+    if len(dataset) < args.rollout_batch_size:
         raise ValueError(f"{args.data}:{args.split} has {len(dataset)} usable rows, fewer than "
                          f"--rollout_batch_size {args.rollout_batch_size}")
-    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
+    return processor, dataset, eval_rows
 
-    # The policy is trained in fp32 (bf16 compute through accelerate's mixed precision); the frozen
-    # reference only runs forward, in bf16 with --mixed_precision bf16. Both start from --model.
+
+def load_models(args: Args, accelerator, total_steps: int):
+    """The policy (prepared by accelerate: DDP or FSDP), the frozen reference (None when beta is 0),
+    AdamW and the learning-rate scheduler.
+
+    The policy is trained in fp32 (bf16 compute through accelerate's mixed precision); the frozen
+    reference only runs forward, in bf16 with --mixed_precision bf16. Both start from --model.
+    """
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
-    if accelerator.distributed_type == DistributedType.FSDP and world > 1:
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes > 1:
         run_vision_on_every_forward(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
     if args.beta > 0:
         ref_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-        ref_model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=ref_dtype).to(device).eval()
+        ref_model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=ref_dtype)
+        ref_model = ref_model.to(accelerator.device).eval()
         ref_model.requires_grad_(False)
     # Weight decay on every parameter, as verl's actor optimizer does.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    updates_per_step = args.rollout_batch_size // args.mini_batch_size
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
-                              num_warmup_steps=round(args.warmup_ratio * total_steps * updates_per_step),
-                              num_training_steps=total_steps * updates_per_step)
+                              num_warmup_steps=round(args.warmup_ratio * total_steps * args.updates_per_step),
+                              num_training_steps=total_steps * args.updates_per_step)
     fsdp_mixed_precision(accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Not prepared: accelerate would step it once per process per call. Registered so save_state keeps it.
     accelerator.register_for_checkpointing(scheduler)
+    return model, ref_model, optimizer, scheduler
 
-    pad_id = processor.tokenizer.pad_token_id
-    never_ids = reward.never_generate_ids(processor.tokenizer)
-    eos_ids = accelerator.unwrap_model(model).generation_config.eos_token_id
+
+def special_ids(processor, model, name: str) -> tuple[int, list[int], list[int]]:
+    """The pad id, the ids never generated (reward.never_generate_ids) and the end-of-turn ids, from
+    the model's generation_config as generate reads them."""
+    eos_ids = model.generation_config.eos_token_id
     eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
     if any(i is None for i in eos_ids) or not eos_ids:
-        raise ValueError(f"{args.model}: generation_config has no eos_token_id to end a completion")
+        raise ValueError(f"{name}: generation_config has no eos_token_id to end a completion")
+    return processor.tokenizer.pad_token_id, reward.never_generate_ids(processor.tokenizer), eos_ids
 
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None):
+    args = reward.parse_args(Args, argv)
+    accelerator = Accelerator(
+        mixed_precision=precision(args.mixed_precision),  # bf16: autocast, on a GPU or a CPU
+        log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir,
+        # A process whose micro-batch has no image leaves the vision tower without gradient.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    args.check(accelerator.num_processes)
+    data = load_data(args, accelerator)  # rows checked, run folder claimed: before any model work
+    if data is None:
+        return os.path.join(args.output_dir, "final")
+    processor, dataset, eval_rows = data
+    steps_per_epoch = len(dataset) // args.rollout_batch_size
+    total_steps = args.max_steps if args.max_steps > 0 else args.num_epochs * steps_per_epoch
+    model, ref_model, optimizer, scheduler = load_models(args, accelerator, total_steps)
+    pad_id, never_ids, eos_ids = special_ids(processor, accelerator.unwrap_model(model), args.model)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    state = resume(accelerator, args, metrics_path)
-    start_step = state["step"]
-    guard = Guard(**{**state.get("guard", {}), "max_skipped": args.max_skipped_steps,
-                     "collapse_steps": args.collapse_steps})
+    start_step, guard = resume(accelerator, args, metrics_path)
     accelerator.init_trackers("grpo", config={k: v for k, v in asdict(args).items() if v is not None})
-
-    def log(record: dict):
-        if accelerator.is_main_process:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
-
     if args.eval_every > 0 and start_step == 0:
-        log({"step": 0, **validate(model, accelerator, processor, eval_rows, args, never_ids, eos_ids)})
+        log(accelerator, metrics_path,
+            {"step": 0, **validate(model, accelerator, processor, eval_rows, args, never_ids, eos_ids)})
 
-    base_dir, G = reward.data_dir(args.data), args.group_size
-    share = update_share(args, rank, world)
+    device, base_dir, G = accelerator.device, reward.data_dir(args.data), args.group_size
+    share = update_share(args, accelerator.process_index, accelerator.num_processes)
     bar = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process, desc="grpo")
     for step in range(start_step, total_steps):
-        clock = synced_time(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-        # Rollout and rewards (steps 1-3 of the module docstring): every process receives every
-        # completion, then keeps the groups of its share of each mini-batch.
+        timer = Timer(device)
+        # 1. The step's B prompts, the same on every process.
         rows = step_rows(dataset, step, args, base_dir)
-        try:
+        # 2. G completions of each, sampled on all processes; every process receives all of them.
+        with named_sampling_failure(step + 1, model, args.learning_rate):
             completions = rollout(model, accelerator, processor, rows, G, args.generation_batch_size,
                                   sampling_kwargs(args, never_ids), eos_ids, seed=(args.seed, step))
-        except RuntimeError as err:  # torch.multinomial on NaN: the updates diverged
-            if "probability tensor contains" not in str(err):
-                raise
-            raise SystemExit(sampling_failure(err, step + 1, model, args.learning_rate)) from None
+        # 3. Rewards and advantages of the groups this process trains on.
         samples = build_samples(processor, [rows[i] for i in share],
                                 [c for i in share for c in completions[i * G:(i + 1) * G]])
-        for s in samples:
-            s.reward = reward.reward(s.text, s.answer_label, s.answer)
-        advantages = group_advantages(torch.tensor([s.reward for s in samples]), G, args.scale_rewards)
-        for s, advantage in zip(samples, advantages.tolist()):
-            s.advantage = advantage
-        time_generate = synced_time(device) - clock
-
-        # logp_old and logp_ref, once per rollout, without gradients (step 4).
-        clock = synced_time(device)
-        on_policy = updates_per_step == 1
-        model.eval()
-        if not on_policy:
-            for s, logp in zip(samples, sequence_logprobs(model, samples, args, pad_id, never_ids, device)):
-                s.old_logp = logp
-        if ref_model is not None:
-            ref_logps = sequence_logprobs(ref_model, samples, args, pad_id, never_ids, device)
-            for s, logp in zip(samples, ref_logps):
-                s.ref_logp = logp
-        time_logprob = synced_time(device) - clock
-
-        # The update: B / mini-batch optimizer steps, each over this process's share of a
-        # mini-batch (step 5). A step whose loss or gradient norm is not finite is skipped (Guard);
-        # the loss is summed over processes first and the norm is global, so all processes agree.
-        clock = synced_time(device)
-        model.train()
-        per_update = len(samples) // updates_per_step
-        stats, grad_norms, skips = torch.zeros(7, device=device), [], []
-        for k in range(updates_per_step):
-            update = accelerator.reduce(accumulate_gradients(
-                model, accelerator, samples[k * per_update:(k + 1) * per_update], args, pad_id, never_ids,
-                on_policy), reduction="sum")
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            if torch.isfinite(update[0]) and torch.isfinite(grad_norm):
-                optimizer.step()
-                scheduler.step()
-                stats += update
-                grad_norms.append(float(grad_norm))
-                guard.skipped_in_a_row = 0
-            else:
-                skips.append(f"update {k + 1} of {updates_per_step}: loss {float(update[0]):.4g}, "
-                             f"grad_norm {float(grad_norm):.4g}")
-                guard.skipped_in_a_row += 1
-            optimizer.zero_grad(set_to_none=True)
-        time_update = synced_time(device) - clock
-
-        # Logs: per-sample values gathered from every process, token statistics summed.
-        per_sample = accelerator.gather(torch.tensor(
-            [[s.reward, float(reward.is_correct(reward.extract_answer(s.text), s.answer_label, s.answer)),
-              float(reward.format_ok(s.text)), len(s.completion_ids), float(s.truncated), s.advantage]
-             for s in samples], device=device)).cpu()
-        group_std = per_sample[:, 0].view(-1, G).std(dim=1)
-        times = accelerator.gather(torch.tensor([[time_generate, time_logprob, time_update,
-                                                  peak_memory_gb(device)]], device=device)).max(0).values
-        tokens, applied = stats[6].clamp(min=1), len(grad_norms)
-
-        def per_token(i):  # None when every update of the step was skipped
-            return (stats[i] / tokens).item() if applied else None
-
-        record = {
-            "step": step + 1, "epoch": (step + 1) / steps_per_epoch,
-            "reward": per_sample[:, 0].mean().item(), "accuracy": per_sample[:, 1].mean().item(),
-            "format_rate": per_sample[:, 2].mean().item(),
-            "zero_advantage_groups": (group_std == 0).float().mean().item(),
-            "loss": (stats[0] / applied).item() if applied else None, "kl": per_token(1),
-            "clip_low": per_token(2), "clip_high": per_token(3), "clip_dual": per_token(4),
-            "entropy": per_token(5),
-            "completion_length": per_sample[:, 3].mean().item(),
-            "completion_length_max": per_sample[:, 3].max().item(),
-            "truncated": per_sample[:, 4].mean().item(),
-            "grad_norm": float(np.mean(grad_norms)) if applied else None,
-            "skipped": bool(skips), **({"skip_reason": "; ".join(skips)} if skips else {}),
-            "lr": scheduler.get_last_lr()[0],
-            "time_generate": times[0].item(), "time_logprob": times[1].item(), "time_update": times[2].item(),
-            "tokens_per_s": per_sample[:, 3].sum().item() / max(times[0].item(), 1e-9),
-            "peak_memory_gb": times[3].item(),
-        }
+        score(samples, G, args.scale_rewards)
+        timer.lap("generate")
+        # 4. logp_old and logp_ref, once per rollout, without gradients.
+        old_and_ref_logprobs(model, ref_model, samples, args, pad_id, never_ids, device)
+        timer.lap("logprob")
+        # 5. B / M optimizer steps (one whose loss or gradient norm is not finite is skipped).
+        updates = update(model, accelerator, optimizer, scheduler, samples, args, pad_id, never_ids, guard)
+        timer.lap("update")
+        # 6. The step's metrics, with the validation every --eval_every steps and at the end.
+        record = step_record(accelerator, step + 1, (step + 1) / steps_per_epoch, samples, updates,
+                             timer.times, scheduler.get_last_lr()[0], G)
         if args.eval_every > 0 and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             record.update(validate(model, accelerator, processor, eval_rows, args, never_ids, eos_ids))
-        log(record)
+        # Plumbing: the metrics line, the numerical guard, the progress bar, checkpoints.
+        log(accelerator, metrics_path, record)
         warning = guard.after_step(record)  # raises SystemExit after too many skipped steps in a row
         if warning:
             accelerator.print(warning)
@@ -1177,16 +1321,15 @@ def main(argv: list[str] | None = None):
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl'] or 0:.4f}",
                         **({"val": f"{record['val_accuracy']:.3f}"} if "val_accuracy" in record else {}))
         if args.save_steps > 0 and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
-            save_checkpoint(accelerator, model, processor, args, step + 1,
-                            {"step": step + 1, "guard": asdict(guard)}, dtype)
+            save_checkpoint(accelerator, model, processor, args, step + 1, guard)
 
     bar.close()
     # A finished run is never resumed (final/ says it is finished), so its end writes the model alone:
     # no optimizer state (for the 3B, 45 GB of fp32 weights and Adam moments, docs/real_path.md).
     if args.save_final:
-        save_checkpoint(accelerator, model, processor, args, total_steps, None, dtype)
+        save_checkpoint(accelerator, model, processor, args, total_steps, None)
     accelerator.end_training()
-    return final_dir if args.save_final else None
+    return os.path.join(args.output_dir, "final") if args.save_final else None
 
 
 if __name__ == "__main__":

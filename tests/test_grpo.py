@@ -105,6 +105,41 @@ def test_completion_mask_by_position_not_by_pad():
     assert grpo.completion_mask(ids, eos).long().tolist() == expected
 
 
+def test_generation_settings_are_the_ones_grpo_always_passed(monkeypatch):
+    """The rollout samples, and validation decodes, with reward.generation_kwargs; the settings are
+    key for key those grpo.py wrote out itself before (the demo's measured numbers depend on them)."""
+    args = grpo.Args(data="-", temperature=0.7, top_p=0.9, max_new_tokens=33)
+    never_ids = [5, 6]
+    assert grpo.sampling_kwargs(args, never_ids) == dict(
+        do_sample=True, temperature=0.7, top_k=0, top_p=0.9, min_p=None, repetition_penalty=1.0,
+        max_new_tokens=33, suppress_tokens=never_ids)
+    seen = {}
+
+    def rollout(model, accelerator, processor, rows, group_size, batch_size, gen_kwargs, eos_ids, **kwargs):
+        seen.update(gen_kwargs)
+        return []
+
+    monkeypatch.setattr(grpo, "rollout", rollout)
+    decoder = type("Decoder", (), {"batch_decode": staticmethod(lambda ids, **kwargs: [])})
+    grpo.validate(None, None, decoder, [], args, never_ids, [0])
+    assert seen == dict(do_sample=False, num_beams=1, repetition_penalty=1.0, max_new_tokens=33,
+                        suppress_tokens=never_ids, temperature=None, top_k=None, top_p=None)
+
+
+def test_arguments_old_flag_name_and_validation_slice(toy_data_dir):
+    """--epochs is still accepted as --num_epochs; the validation slice is the shuffle with
+    --eval_seed (42, the slice of every earlier run), whatever --seed is."""
+    assert reward.parse_args(grpo.Args, ["--data", "d", "--epochs", "2"]).num_epochs == 2
+    assert reward.parse_args(grpo.Args, ["--data", "d", "--num_epochs", "3"]).num_epochs == 3
+    full = reward.load_split(toy_data_dir, "validation")
+    before = full.shuffle(seed=42, keep_in_memory=True).select(range(5), keep_in_memory=True)
+    for seed in (0, 42):
+        chosen = grpo.validation_slice(grpo.Args(data=toy_data_dir, eval_limit=5, seed=seed))
+        assert chosen["dataset_index"] == before["dataset_index"]
+    other = grpo.validation_slice(grpo.Args(data=toy_data_dir, eval_limit=5, eval_seed=1))
+    assert other["dataset_index"] != before["dataset_index"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The tiny model
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +150,7 @@ def accelerator():
     return Accelerator()  # no GPU on the test machines; grpo.main() makes its own the same way
 
 
-def test_long_prompts_are_counted_skips_and_bad_rows_named(tiny_model_dir, toy_data_dir, accelerator):
+def test_long_prompts_are_counted_skips_and_bad_rows_named(tiny_model_dir, toy_data_dir, accelerator, capsys):
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     rows = datasets.load_from_disk(toy_data_dir)["validation"].select(range(3))  # text, text, image
 
@@ -130,16 +165,18 @@ def test_long_prompts_are_counted_skips_and_bad_rows_named(tiny_model_dir, toy_d
     assert list(lengths.values()).count(lengths[longest]) == 1
     broken = dict(rows[0], options="{not json", dataset_index=777)
     dataset = datasets.Dataset.from_list([rows[0], broken, rows[2], rows[1]], features=rows.features)
-    args = grpo.Arguments(data="-", max_prompt_length=lengths[longest] - 1, on_bad_row="skip")
+    args = grpo.Args(data="-", max_prompt_length=lengths[longest] - 1, on_bad_row="skip")
     kept, skipped = grpo.usable_prompts(dataset, "d", "train", processor, args, accelerator)
     order = [rows[0]["dataset_index"], rows[2]["dataset_index"], rows[1]["dataset_index"]]
     assert [r["dataset_index"] for r in kept] == [i for i in order if i != longest]
     assert [s["dataset_index"] for s in skipped] == [777, longest]
     assert "options is not valid JSON" in skipped[0]["reason"] and skipped[0]["data"] == "d:train"
     assert "max_prompt_length" in skipped[1]["reason"]
+    err = capsys.readouterr().err  # the row check and the prompt lengths each show a progress bar
+    assert "checking d:train" in err and "measuring the prompts of d:train" in err
     # --on_bad_row error (the default): a bad row is an error naming it; a long prompt stays a skip.
     with pytest.raises(reward.RowError, match="dataset_index=777"):
-        grpo.usable_prompts(dataset, "d", "train", processor, grpo.Arguments(data="-"), accelerator)
+        grpo.usable_prompts(dataset, "d", "train", processor, grpo.Args(data="-"), accelerator)
 
 
 @pytest.fixture(scope="module")
@@ -180,13 +217,26 @@ def ids_of(processor):
         processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
 
+def test_validation_shows_its_progress(tiny_model_dir, toy_data_dir, accelerator, capsys):
+    """Validation (rows x up to max_new_tokens, while the step's bar stands still) has its own bar,
+    over the prompts; it reports the accuracy overall and per benchmark."""
+    model, processor = load(tiny_model_dir)
+    never_ids, eos_ids = ids_of(processor)
+    rows = [reward.check_row(r) for r in datasets.load_from_disk(toy_data_dir)["validation"].select(range(3))]
+    args = grpo.Args(data="-", max_new_tokens=4, eval_batch_size=2)
+    metrics = grpo.validate(model, accelerator, processor, rows, args, never_ids, eos_ids)
+    assert set(metrics) == {"val_accuracy"} | {f"val_accuracy/{r['dataset_name']}" for r in rows}
+    err = capsys.readouterr().err
+    assert "validating:" in err and "0/3 [" in err
+
+
 def test_logprob_pass_equals_generate_scores(warm_tiny_dir, toy_data_dir):
     """log_softmax of generate's processed scores (temperature, suppressed ids) at the sampled tokens
     equals the training pass over prompt + completion, with and without images, left padded; the
     samples are built as in training (prompt tensors from the processor, one row at a time)."""
     model, processor = load(warm_tiny_dir)
     never_ids, eos_ids = ids_of(processor)
-    args = grpo.Arguments(data="-", temperature=0.7, max_new_tokens=20)
+    args = grpo.Args(data="-", temperature=0.7, max_new_tokens=20)
     rows = list(datasets.load_from_disk(toy_data_dir)["validation"].select(range(6)))  # 2 with an image
     lengths = []
     for batch_rows in (rows[:2], rows):  # text only, then mixed
@@ -290,7 +340,7 @@ def test_gradient_same_with_and_without_micro_batches(warm_tiny_dir, toy_data_di
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
     for s, a in zip(samples, grpo.group_advantages(rewards, 4)):
         s.advantage = a.item()
-    current = grpo.sequence_logprobs(model, samples, grpo.Arguments(data="-", micro_batch_size=12),
+    current = grpo.sequence_logprobs(model, samples, grpo.Args(data="-", micro_batch_size=12),
                                      pad_id, never_ids, "cpu")
     for s, logp in zip(samples, current):  # old and ref policies away from the current one: clips act
         s.old_logp = logp + torch.randn(logp.shape, generator=gen)
@@ -298,13 +348,13 @@ def test_gradient_same_with_and_without_micro_batches(warm_tiny_dir, toy_data_di
 
     def gradient(micro_batch_size):
         model.zero_grad()
-        args = grpo.Arguments(data="-", micro_batch_size=micro_batch_size, beta=0.1, loss_agg=loss_agg)
+        args = grpo.Args(data="-", micro_batch_size=micro_batch_size, beta=0.1, loss_agg=loss_agg)
         stats = grpo.accumulate_gradients(model, accelerator, samples, args, pad_id, never_ids,
                                           on_policy=False)
         return [p.grad.clone() for p in model.parameters() if p.grad is not None], stats
 
     whole, stats = gradient(12)
-    assert stats[2] > 0 and stats[3] > 0 and stats[4] > 0  # clip-low, clip-high and dual all occur
+    assert stats["clip_low"] > 0 and stats["clip_high"] > 0 and stats["clip_dual"] > 0  # all three occur
     # A naive reference: the mean over all tokens (or of per-sequence means) in one graph.
     model.zero_grad()
     batch = grpo.collate(samples, pad_id, "cpu")
@@ -339,7 +389,7 @@ def test_one_update_raises_the_rewarded_answer(warm_tiny_dir, toy_data_dir, acce
     rewards = torch.tensor([1.0, 1.0, 0.0, 0.0])
     for s, a in zip(samples, grpo.group_advantages(rewards, 4)):
         s.advantage = a.item()
-    for s, logp in zip(samples, grpo.sequence_logprobs(model, samples, grpo.Arguments(data="-"), pad_id,
+    for s, logp in zip(samples, grpo.sequence_logprobs(model, samples, grpo.Args(data="-"), pad_id,
                                                        never_ids, "cpu")):
         s.ref_logp = logp
     # The two completions differ in one token, the letter; the tokens they share get opposite
@@ -348,13 +398,13 @@ def test_one_update_raises_the_rewarded_answer(warm_tiny_dir, toy_data_dir, acce
                   if a != b)
 
     def letter_logps():
-        logps = grpo.sequence_logprobs(model, samples[1:3], grpo.Arguments(data="-"), pad_id, never_ids,
+        logps = grpo.sequence_logprobs(model, samples[1:3], grpo.Args(data="-"), pad_id, never_ids,
                                        "cpu")
         return [lp[letter].item() for lp in logps]
 
     before = letter_logps()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    grpo.accumulate_gradients(model, accelerator, samples, grpo.Arguments(data="-", micro_batch_size=2),
+    grpo.accumulate_gradients(model, accelerator, samples, grpo.Args(data="-", micro_batch_size=2),
                               pad_id, never_ids, on_policy=True)
     optimizer.step()
     after = letter_logps()
@@ -560,6 +610,22 @@ def test_run_folders_afresh_refused_finished(tiny_model_dir, four_rows, tmp_path
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         grpo.main([*args[:5], str(tmp_path / "other"), *args[6:], "--resume", run])
     assert listing(run) == before
+
+
+def test_config_file_then_flags(tiny_model_dir, four_rows, tmp_path):
+    """`python grpo.py config.yaml --flag x`: the file gives settings (the required --data among
+    them), flags after it override it; the old --epochs names --num_epochs."""
+    run = tmp_path / "run"
+    config = tmp_path / "grpo.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ndata: {four_rows}\noutput_dir: {run}\nnum_epochs: 3\n"
+                      "mini_batch_size: 4\nsave_steps: 0\nlearning_rate: 0.5\n")
+    done = subprocess.run([sys.executable, "grpo.py", str(config), "--epochs", "1", *RUN_ARGS], env=run_env(),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(run)] == [1]  # 1 epoch of 4 rows at B = 4, not 3
+    with open(run / "run.json") as f:
+        settings = json.load(f)["settings"]
+    assert (settings["num_epochs"], settings["mini_batch_size"], settings["learning_rate"]) == (1, 4, 1e-3)
 
 
 def test_save_final_false_writes_nothing_at_the_end(tiny_model_dir, four_rows, tmp_path):
