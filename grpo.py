@@ -177,7 +177,6 @@ class Args:
             raise ValueError("--logprob_chunk_tokens must be 0 (no chunks) or more")
 
 
-Arguments = Args  # the old name, which tests/test_bf16.py still uses
 
 # Fields of Args that never change what a run computes, so they stay out of its fingerprint
 # (reward.claim_output_dir): where things are (the fingerprints of the data and the model path stand

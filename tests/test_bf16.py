@@ -66,7 +66,7 @@ def test_bf16_logprobs_stay_close_to_fp32(warm_tiny_dir, toy_data_dir):  # noqa:
     texts, images = reward.chat_prompts(processor, rows)
     inputs = processor(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
     torch.manual_seed(0)
-    args = grpo.Arguments(data="-", temperature=1.0, max_new_tokens=24)
+    args = grpo.Args(data="-", temperature=1.0, max_new_tokens=24)
     out = fp32.generate(**inputs, **grpo.sampling_kwargs(args, never_ids))
     samples = grpo.build_samples(processor, rows, grpo.cut_completions(out[:, inputs["input_ids"].shape[1]:],
                                                                        eos_ids))
