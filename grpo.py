@@ -177,7 +177,6 @@ class Args:
             raise ValueError("--logprob_chunk_tokens must be 0 (no chunks) or more")
 
 
-
 # Fields of Args that never change what a run computes, so they stay out of its fingerprint
 # (reward.claim_output_dir): where things are (the fingerprints of the data and the model path stand
 # for them), how often and how much is saved or logged, how a batch is cut into forward passes (the
