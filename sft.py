@@ -7,6 +7,7 @@ that turns the random model into an "instruct" model for RL.
 
     python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct \
         --data UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized --output_dir out/sft
+    python sft.py configs/sft_pmc.yaml --output_dir out/sft   # settings from a file, flags override
     accelerate launch --config_file configs/fsdp.yaml sft.py ...   # the paper: 8 GPUs, FSDP
 
 The story, top to bottom:
@@ -15,10 +16,12 @@ The story, top to bottom:
    `--on_bad_row skip` a counted skip listed in `bad_rows.jsonl`. The output folder is then claimed
    for this run (`run.json`): another run's folder is never written into;
 1. every row becomes one sequence: the chat prompt of `reward.build_messages` (generation prompt
-   included) + the SFT target + the end-of-turn token; labels are the assistant tokens only;
+   included) + the SFT target + the end-of-turn token (the model's generation_config names it, as
+   for grpo.py); labels are the assistant tokens only;
 2. one pass over the data measures every sequence (images expand to their real number of tokens)
    and drops, and counts, those longer than `--max_length`;
-3. each optimizer step sees `--global_batch_size` sequences, split over processes and micro-batches;
+3. each optimizer step sees `--global_batch_size` sequences, split over processes and micro-batches
+   of `--micro_batch_size`;
    its loss is the sum of the token losses over the whole step divided by the number of label tokens
    of the whole step (every micro-batch, every process), so splitting never changes the gradient;
 4. AdamW, cosine schedule with warmup, gradient clipping, checkpoints that resume exactly
@@ -43,18 +46,16 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.tracking import get_available_trackers
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import (AutoModelForImageTextToText, AutoProcessor, HfArgumentParser,
-                          get_cosine_schedule_with_warmup)
+from transformers import AutoModelForImageTextToText, AutoProcessor, get_cosine_schedule_with_warmup
 from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 import reward
 
-# The chat template closes every turn with this token; generation stops on it, so it is trained.
-END_OF_TURN = "<|im_end|>"
 IGNORE = -100  # label of a position that carries no loss (prompt, padding); F.cross_entropy's default
 # Parameter names without weight decay: transformers' Trainer rule (Trainer.get_decay_parameter_names).
 NO_DECAY_NAMES = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
@@ -63,16 +64,16 @@ COLUMNS = reward.SCHEMA_COLUMNS + ("reasoning",)
 # The checkpoint contract (docs/method.md section 10): what a complete checkpoint-{step}/ holds.
 STATE_FILE = "trainer_state.json"
 TRAINING_STATE = "training_state"  # accelerator.save_state: optimizer, schedule, RNG, fp32 weights
-# SFTArgs fields that never change what is trained, so they stay out of the run's fingerprint: where
+# Args fields that never change what is trained, so they stay out of the run's fingerprint: where
 # things are, how often and how they are saved or logged, and how a step is split into micro-batches
 # (the loss is exact under any split, section 3 below). Every other field is a setting of the run.
 NOT_SETTINGS = ("model", "data", "output_dir", "resume", "save_steps", "save_total_limit", "report_to",
-                "dataloader_num_workers", "per_device_batch_size", "gradient_checkpointing", "on_bad_row",
+                "dataloader_num_workers", "micro_batch_size", "gradient_checkpointing", "on_bad_row",
                 "save_dtype", "save_final")
 
 
 @dataclass
-class SFTArgs:
+class Args:
     """Defaults are the paper's SFT settings (docs/method.md section 6) unless a comment says otherwise."""
 
     model: str = field(default="Qwen/Qwen2.5-VL-3B-Instruct",
@@ -90,9 +91,12 @@ class SFTArgs:
     max_grad_norm: float = 1.0
     global_batch_size: int = field(default=16, metadata={
         "help": "Sequences per optimizer step over all processes and micro-batches."})
-    per_device_batch_size: int = field(default=2, metadata={
-        "help": "Sequences per forward pass; gradient accumulation steps = global / (this x processes). "
-                "2 = the paper's 16 over 8 GPUs without accumulation."})
+    # --per_device_batch_size (the old name) is kept only because the demo section of the Makefile
+    # still passes it; delete the alias once that line says --micro_batch_size.
+    micro_batch_size: int = field(default=2, metadata={
+        "aliases": ["--per_device_batch_size"],
+        "help": "Sequences per forward pass, per process (as grpo.py's); gradient accumulation steps = "
+                "global / (this x processes). 2 = the paper's 16 over 8 GPUs without accumulation."})
     num_epochs: int = 5  # the released checkpoints are from epoch 3 (docs/method.md section 6)
     max_steps: int = field(default=-1, metadata={"help": "If > 0, train this many steps, not epochs."})
     max_length: int = field(default=8192, metadata={
@@ -115,7 +119,9 @@ class SFTArgs:
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps (0: only final/)."})
     save_total_limit: int | None = field(default=None, metadata={
         "help": "Keep only the newest N checkpoint-{step} folders (default: all, as transformers does)."})
-    report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb."})
+    report_to: str = field(default="none", metadata={
+        "help": "none | tensorboard | wandb: also log every step's metrics there (OUTPUT_DIR/sft for "
+                "tensorboard). The package must be installed (requirements.txt pins tensorboard)."})
     resume: str = field(default="", metadata={
         "help": "A checkpoint-{step} folder, or 'latest' (the newest complete one in --output_dir; "
                 "the run starts afresh when there is none)."})
@@ -138,7 +144,7 @@ def no_trace(row) -> str | None:
     return f"no reasoning trace to fine-tune on (reasoning is {row.get('reasoning')!r})"
 
 
-def usable_rows(data, args: SFTArgs, accelerator):
+def usable_rows(data, args: Args, accelerator):
     """The rows SFT can train on, and the bad ones as reward.check_rows lists them.
 
     A row is bad when it breaks a schema rule of `reward.check_rows` (question, options, label,
@@ -154,11 +160,23 @@ def usable_rows(data, args: SFTArgs, accelerator):
     return (data.select(good) if bad else data), bad
 
 
-def sft_texts(processor, rows, base_dir: str = "") -> tuple[list[str], list[str], list]:
+def end_of_turn(generation_config, tokenizer) -> str:
+    """The token that ends the assistant turn: the first end-of-sequence id of the model's
+    generation_config, a token generate stops on (grpo.py reads the same ids). Qwen2.5-VL-Instruct
+    (and the toy model, with either tokenizer) lists [<|im_end|>, <|endoftext|>]: <|im_end|>, the
+    token its chat template closes every turn with."""
+    ids = generation_config.eos_token_id
+    ids = ids if isinstance(ids, list) else [ids]
+    if not ids or ids[0] is None:
+        raise ValueError("the model's generation_config has no eos_token_id to end the SFT target with")
+    return tokenizer.convert_ids_to_tokens(ids[0])
+
+
+def sft_texts(processor, rows, end_of_turn: str, base_dir: str = "") -> tuple[list[str], list[str], list]:
     """Prompt texts, full texts (prompt + target + end-of-turn) and the flat list of images.
 
     full = chat_template(user turn, generation prompt) + "<think> r </think>\\n<answer> X </answer>"
-           + "<|im_end|>"
+           + end_of_turn ("<|im_end|>" for Qwen2.5-VL)
     with r the stripped trace (reward.sft_target, as the official conversion script writes it).
     The template writes "\\n" after every "<|im_end|>" to separate turns. Generation stops at
     "<|im_end|>", so the model never produces that newline: the sequence ends at "<|im_end|>", and
@@ -174,12 +192,12 @@ def sft_texts(processor, rows, base_dir: str = "") -> tuple[list[str], list[str]
     rows = [dict(row, images=[reward.open_image(item, base_dir) for item in row.get("images") or []])
             for row in rows]
     prompts, images = reward.chat_prompts(processor, rows)
-    fulls = [prompt + reward.sft_target(row["reasoning"], row["answer_label"]) + END_OF_TURN
+    fulls = [prompt + reward.sft_target(row["reasoning"], row["answer_label"]) + end_of_turn
              for prompt, row in zip(prompts, rows)]
     return prompts, fulls, images
 
 
-def tokenize(processor, rows, base_dir: str = "") -> dict:
+def tokenize(processor, rows, end_of_turn: str, base_dir: str = "") -> dict:
     """Token ids, attention mask, image inputs and labels for a batch of rows (right padded).
 
     Image placeholders expand to as many tokens as the image has patches, so prompt and full text
@@ -190,7 +208,7 @@ def tokenize(processor, rows, base_dir: str = "") -> dict:
     across the boundary; if a tokenizer ever did, the prefix check fails and names the row rather
     than shifting the labels by a token.
     """
-    prompts, fulls, images = sft_texts(processor, rows, base_dir)
+    prompts, fulls, images = sft_texts(processor, rows, end_of_turn, base_dir)
     prompt_batch = processor(text=prompts, images=images or None, return_tensors="pt", padding=True)
     batch = processor(text=fulls, images=images or None, return_tensors="pt", padding=True)
     n_prompt = prompt_batch["attention_mask"].sum(1)
@@ -205,16 +223,17 @@ def tokenize(processor, rows, base_dir: str = "") -> dict:
     return dict(batch, labels=labels)
 
 
-def collate(positions: list[int], data, lengths: list[int], processor, base_dir: str) -> dict:
+def collate(positions: list[int], data, lengths: list[int], processor, end_of_turn: str,
+            base_dir: str) -> dict:
     """One micro-batch of tensors for rows `positions` of `data`; their lengths must be the ones
     measured up front (a change would break the plan's token accounting silently)."""
-    batch = tokenize(processor, [data[i] for i in positions], base_dir)
+    batch = tokenize(processor, [data[i] for i in positions], end_of_turn, base_dir)
     assert batch["attention_mask"].sum(1).tolist() == [lengths[i] for i in positions], \
         "tokenization changed since measuring"
     return batch
 
 
-def prepare_data(args: SFTArgs, data, processor, accelerator):
+def prepare_data(args: Args, data, processor, end_of_turn: str, accelerator):
     """The checked rows, measured, with sequences longer than --max_length dropped (and counted).
 
     Returns (kept rows, their lengths in tokens, number dropped). One pass runs the processor on
@@ -234,7 +253,7 @@ def prepare_data(args: SFTArgs, data, processor, accelerator):
         lengths = []
         for start in tqdm(range(0, len(mine), 16), desc="measuring sequences",
                           disable=not accelerator.is_main_process):
-            batch = tokenize(processor, [data[i] for i in mine[start:start + 16]], base_dir)
+            batch = tokenize(processor, [data[i] for i in mine[start:start + 16]], end_of_turn, base_dir)
             lengths += batch["attention_mask"].sum(1).tolist()
     lengths = gather_object(lengths)
     kept = [i for i, n in enumerate(lengths) if n <= args.max_length]
@@ -248,14 +267,14 @@ def prepare_data(args: SFTArgs, data, processor, accelerator):
 # ---------------------------------------------------------------------------------------------
 
 
-def micro_batch_plan(n_rows: int, args: SFTArgs, start_step: int, total_steps: int,
+def micro_batch_plan(n_rows: int, args: Args, start_step: int, total_steps: int,
                      rank: int, world: int) -> list[list[int]]:
     """Row indices of this process's micro-batches, step by step, from start_step to total_steps.
 
     Every epoch is a permutation from a generator seeded with (seed + epoch), identical on every
     process, so no broadcast is needed. Step s of an epoch takes rows order[s*G : (s+1)*G] (G = global
     batch); process r takes the r-th of `world` equal slices of them and splits it into micro-batches
-    of --per_device_batch_size. A step therefore holds the same G rows for any number of processes;
+    of --micro_batch_size. A step therefore holds the same G rows for any number of processes;
     the incomplete last global batch of an epoch is dropped (the Trainer's drop_last). Resuming at
     step s only needs s.
     """
@@ -269,8 +288,8 @@ def micro_batch_plan(n_rows: int, args: SFTArgs, start_step: int, total_steps: i
             order, order_epoch = torch.randperm(n_rows, generator=generator).tolist(), epoch
         rows = order[position * global_batch:(position + 1) * global_batch]
         mine = rows[rank * per_process:(rank + 1) * per_process]
-        plan += [mine[i:i + args.per_device_batch_size]
-                 for i in range(0, per_process, args.per_device_batch_size)]
+        plan += [mine[i:i + args.micro_batch_size]
+                 for i in range(0, per_process, args.micro_batch_size)]
     return plan
 
 
@@ -322,7 +341,7 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> torch
 # ---------------------------------------------------------------------------------------------
 
 
-def precision(args: SFTArgs) -> str:
+def precision(args: Args) -> str:
     """accelerate's mixed_precision for --mixed_precision: auto is bf16 on a GPU, no (fp32) on a CPU."""
     if args.mixed_precision not in ("auto", "bf16", "no"):
         raise ValueError(f"--mixed_precision must be auto, bf16 or no, got {args.mixed_precision!r}")
@@ -331,7 +350,7 @@ def precision(args: SFTArgs) -> str:
     return args.mixed_precision
 
 
-def saved_dtype(args: SFTArgs, mixed_precision: str) -> torch.dtype:
+def saved_dtype(args: Args, mixed_precision: str) -> torch.dtype:
     """The dtype of the model files a run writes. auto: bf16 after a bf16 run, as the hub's Qwen2.5-VL
     and MedVLThinker checkpoints are, half the size of fp32, and losing nothing a bf16 forward pass
     sees (it computes with bf16 copies of the weights); fp32 after an fp32 run, so that CPU runs (the
@@ -401,7 +420,7 @@ def fsdp_mixed_precision(accelerator) -> None:
                                                         reduce_dtype=torch.float32, **extra)
 
 
-def load_model(args: SFTArgs):
+def load_model(args: Args):
     """Model (fp32 master weights; bf16 comes from accelerate's autocast) and processor."""
     processor = AutoProcessor.from_pretrained(args.model)
     processor.tokenizer.padding_side = "right"  # labels are placed by position from the left
@@ -414,7 +433,7 @@ def load_model(args: SFTArgs):
     return model, processor
 
 
-def build_optimizer(model, args: SFTArgs, total_steps: int):
+def build_optimizer(model, args: Args, total_steps: int):
     """AdamW with the paper's betas; cosine decay to 0 after a linear warmup of ceil(5%) of the steps.
 
     No weight decay on biases and norm weights, as transformers' Trainer does (its name rule).
@@ -430,9 +449,9 @@ def build_optimizer(model, args: SFTArgs, total_steps: int):
     return optimizer, scheduler
 
 
-def fingerprint(args: SFTArgs, data) -> dict:
+def fingerprint(args: Args, data) -> dict:
     """What makes a run this run (reward.claim_output_dir): the stage, every setting that changes
-    what is trained (all SFTArgs fields but NOT_SETTINGS), the input data and the model."""
+    what is trained (all Args fields but NOT_SETTINGS), the input data and the model."""
     settings = {k: v for k, v in asdict(args).items() if k not in NOT_SETTINGS}
     return {"stage": "sft", "settings": settings, "data": reward.data_fingerprint(data),
             "model": args.model}
@@ -505,7 +524,7 @@ def remove_stale_tmp(output_dir: str) -> None:
             shutil.rmtree(os.path.join(output_dir, name))
 
 
-def find_checkpoint(args: SFTArgs, accelerator) -> str | None:
+def find_checkpoint(args: Args, accelerator) -> str | None:
     """The folder to resume from: --resume itself, or with 'latest' the newest checkpoint-{step} of
     --output_dir (transformers' get_last_checkpoint: `checkpoint-\\d+` only, so never a .tmp), or
     None: start afresh, so that `--resume latest` is always safe to pass."""
@@ -569,11 +588,28 @@ def synced_time(device) -> float:
     return time.perf_counter()
 
 
-def peak_memory_gb() -> float:
-    """Peak GPU memory allocated by torch; on CPU, the peak resident memory of the process."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+def peak_memory_gb(device) -> float:
+    """Peak GPU memory allocated by torch; on CPU, the peak resident memory of the process. grpo.py
+    has the same four lines, so that each script stands alone: neither torch nor accelerate has one
+    call that covers both devices."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports kB
+
+
+def tracker(report_to: str) -> str | None:
+    """accelerate's log_with for --report_to. accelerate silently drops a tracker whose package is
+    not installed (the run then logs nothing there), so a missing one is an error here, before any
+    work."""
+    if report_to == "none":
+        return None
+    if report_to not in ("tensorboard", "wandb"):
+        raise ValueError(f"--report_to must be none, tensorboard or wandb, got {report_to!r}")
+    if report_to not in {str(t) for t in get_available_trackers()}:
+        raise SystemExit(f"--report_to {report_to}: the {report_to} package is not installed. Install it "
+                         f"(pip install {report_to}; requirements.txt pins tensorboard) or pass "
+                         f"--report_to none.")
+    return report_to
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,23 +618,22 @@ def peak_memory_gb() -> float:
 
 
 def main(argv=None):
-    (args,) = HfArgumentParser(SFTArgs).parse_args_into_dataclasses(args=argv)
-    if args.report_to not in ("none", "tensorboard", "wandb"):
-        raise ValueError(f"--report_to must be none, tensorboard or wandb, got {args.report_to!r}")
+    args = reward.parse_args(Args, argv)  # a YAML/JSON file first (configs/sft_pmc.yaml), flags override
+    log_with = tracker(args.report_to)
     if args.on_bad_row not in ("error", "skip"):
         raise ValueError(f"--on_bad_row must be error or skip, got {args.on_bad_row!r}")
     mixed_precision = precision(args)
     dtype = saved_dtype(args, mixed_precision)  # a wrong --save_dtype fails now, not after training
     accelerator = Accelerator(
         mixed_precision=mixed_precision,  # bf16: autocast, on a GPU or a CPU
-        log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir,
+        log_with=log_with, project_dir=args.output_dir,  # tensorboard: OUTPUT_DIR/sft/
         # A rank whose micro-batches hold no image leaves the vision tower unused (method.md section 9).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     world, rank = accelerator.num_processes, accelerator.process_index
-    if args.global_batch_size % (args.per_device_batch_size * world):
+    if args.global_batch_size % (args.micro_batch_size * world):
         raise ValueError(f"--global_batch_size {args.global_batch_size} is not a multiple of "
-                         f"--per_device_batch_size {args.per_device_batch_size} x {world} processes")
-    accumulation = args.global_batch_size // (args.per_device_batch_size * world)
+                         f"--micro_batch_size {args.micro_batch_size} x {world} processes")
+    accumulation = args.global_batch_size // (args.micro_batch_size * world)
     set_seed(args.seed)
 
     # The data and the run folder, before any model work (docs/method.md section 10).
@@ -627,9 +662,10 @@ def main(argv=None):
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
 
     model, processor = load_model(args)
+    eot = end_of_turn(model.generation_config, processor.tokenizer)
     if accelerator.distributed_type == DistributedType.FSDP and world > 1:
         run_vision_on_every_forward(model)
-    data, lengths, n_dropped = prepare_data(args, data, processor, accelerator)
+    data, lengths, n_dropped = prepare_data(args, data, processor, eot, accelerator)
     steps_per_epoch = len(data) // args.global_batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{args.data} [{args.split}]: {len(data)} usable rows, fewer than one global "
@@ -645,18 +681,18 @@ def main(argv=None):
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     start_step = resume_from(checkpoint, accelerator, plan_info, metrics_path)
-    if args.report_to != "none":
+    if log_with:
         accelerator.init_trackers("sft", config=asdict(args))
 
     plan = micro_batch_plan(len(data), args, start_step, total_steps, rank, world)
     # The loader yields positions; collate turns them into rows and tensors.
     loader = DataLoader(range(len(data)), batch_sampler=plan, num_workers=args.dataloader_num_workers,
                         collate_fn=partial(collate, data=data, lengths=lengths, processor=processor,
-                                           base_dir=reward.data_dir(args.data)))
+                                           end_of_turn=eot, base_dir=reward.data_dir(args.data)))
     batches = iter(loader)
     accelerator.print(f"{total_steps} steps ({steps_per_epoch} per epoch) of {args.global_batch_size} "
                       f"sequences = {world} processes x {accumulation} micro-batches x "
-                      f"{args.per_device_batch_size}; starting after step {start_step}")
+                      f"{args.micro_batch_size}; starting after step {start_step}")
     model.train()
     progress = tqdm(total=total_steps, initial=start_step, desc="sft",
                     disable=not accelerator.is_main_process)
@@ -674,7 +710,7 @@ def main(argv=None):
         seconds = synced_time(accelerator.device) - started
         metrics = {"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": loss.item(), "lr": lr,
                    "grad_norm": float(grad_norm), "tokens_per_s": n_tokens.item() / seconds,
-                   "peak_memory_gb": peak_memory_gb(), "dropped_too_long": n_dropped}
+                   "peak_memory_gb": peak_memory_gb(accelerator.device), "dropped_too_long": n_dropped}
         if accelerator.is_main_process:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")

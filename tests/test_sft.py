@@ -22,11 +22,16 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
 import reward
 import sft
 from conftest import ROOT, run_env
+
+
+# The end of the SFT target: the toy model's generation_config names <|im_end|> first, as Qwen2.5-VL's
+# does (test_the_end_of_turn_comes_from_the_generation_config).
+EOT = "<|im_end|>"
 
 
 def read_metrics(out) -> list[dict]:
@@ -96,7 +101,7 @@ def test_label_mask_is_exactly_the_assistant_turn(tiny_model_dir, toy_data_dir):
     target = "<think> 48 is below 60, so bradycardia. </think>\n<answer> A </answer><|im_end|>"
 
     # The text is the template's rendering of the whole conversation, minus the "\n" after <|im_end|>.
-    prompts, fulls, _ = sft.sft_texts(processor, [text_row])
+    prompts, fulls, _ = sft.sft_texts(processor, [text_row], EOT)
     conversation = reward.build_messages(text_row) + [
         {"role": "assistant", "content": [{"type": "text", "text": target[:-len("<|im_end|>")]}]}]
     assert fulls[0] + "\n" == processor.apply_chat_template(conversation, tokenize=False)
@@ -106,15 +111,15 @@ def test_label_mask_is_exactly_the_assistant_turn(tiny_model_dir, toy_data_dir):
     prompt_ids = tok(prompts[0])["input_ids"]
     assistant_ids = tok(target)["input_ids"]
     assert tok.convert_ids_to_tokens(assistant_ids[-3:]) == ["answer", ">", "<|im_end|>"]
-    batch = sft.tokenize(processor, [text_row])
+    batch = sft.tokenize(processor, [text_row], EOT)
     assert batch["input_ids"][0].tolist() == prompt_ids + assistant_ids
     assert batch["labels"][0].tolist() == [sft.IGNORE] * len(prompt_ids) + assistant_ids
 
     # An image row in a mixed, right-padded batch: its 4 image tokens are prompt, the padding of the
     # shorter row is ignored, and each row's labels equal those it gets alone.
     image_row = next(r for r in datasets.load_from_disk(toy_data_dir)["sft"] if r["images"])
-    alone = sft.tokenize(processor, [image_row])
-    mixed = sft.tokenize(processor, [image_row, text_row])
+    alone = sft.tokenize(processor, [image_row], EOT)
+    mixed = sft.tokenize(processor, [image_row, text_row], EOT)
     image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert (alone["input_ids"] == image_id).sum() == 4
     labelled = alone["labels"][0] != sft.IGNORE
@@ -129,16 +134,29 @@ def test_label_mask_is_exactly_the_assistant_turn(tiny_model_dir, toy_data_dir):
 
     # A row without a trace is an error that names it.
     with pytest.raises(reward.RowError, match="dataset_name='Hand' dataset_index=0.*no reasoning"):
-        sft.tokenize(processor, [dict(text_row, reasoning=None)])
+        sft.tokenize(processor, [dict(text_row, reasoning=None)], EOT)
+
+
+def test_the_end_of_turn_comes_from_the_generation_config(tiny_model_dir):
+    """The SFT target ends with the first end-of-sequence id of generation_config (grpo.py cuts
+    completions at the same ids): <|im_end|>, the token the chat template closes a turn with."""
+    tokenizer = AutoProcessor.from_pretrained(tiny_model_dir).tokenizer
+    config = GenerationConfig.from_pretrained(tiny_model_dir)
+    assert config.eos_token_id == tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert sft.end_of_turn(config, tokenizer) == EOT
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert sft.end_of_turn(GenerationConfig(eos_token_id=endoftext), tokenizer) == "<|endoftext|>"
+    with pytest.raises(ValueError, match="no eos_token_id"):
+        sft.end_of_turn(GenerationConfig(), tokenizer)
 
 
 def test_too_long_sequences_are_dropped_and_counted(tiny_model_dir, toy_data_dir):
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     rows = datasets.load_from_disk(toy_data_dir)["sft"]
-    lengths = [int(sft.tokenize(processor, [r])["attention_mask"].sum()) for r in rows]
+    lengths = [int(sft.tokenize(processor, [r], EOT)["attention_mask"].sum()) for r in rows]
     limit = sorted(lengths)[len(lengths) // 2]
-    args = sft.SFTArgs(model=tiny_model_dir, data=toy_data_dir, split="sft", max_length=limit)
-    kept, kept_lengths, dropped = sft.prepare_data(args, rows, processor, Accelerator(cpu=True))
+    args = sft.Args(model=tiny_model_dir, data=toy_data_dir, split="sft", max_length=limit)
+    kept, kept_lengths, dropped = sft.prepare_data(args, rows, processor, EOT, Accelerator(cpu=True))
     assert dropped == sum(n > limit for n in lengths) > 0
     assert sorted(kept["dataset_index"]) == [r["dataset_index"] for r, n in zip(rows, lengths) if n <= limit]
     assert kept_lengths == [n for n in lengths if n <= limit]  # whole sequences, never cut
@@ -155,20 +173,20 @@ def test_one_step_gradient_does_not_depend_on_micro_batching(tiny_model_dir, toy
     rows = [datasets.load_from_disk(toy_data_dir)["sft"][i] for i in range(8)]
     assert any(r["images"] for r in rows[:3]) and not any(r["images"] for r in rows[3:4])
 
-    whole = sft.tokenize(processor, rows)
+    whole = sft.tokenize(processor, rows, EOT)
     reference = model(**whole).loss
     reference.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
-    micro_batches = [sft.tokenize(processor, rows[a:b]) for a, b in ((0, 3), (3, 4), (4, 8))]
+    micro_batches = [sft.tokenize(processor, rows[a:b], EOT) for a, b in ((0, 3), (3, 4), (4, 8))]
     loss = sft.accumulate_gradients(model, micro_batches, Accelerator(cpu=True))
     torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-7, msg=name)
 
     # Gradient checkpointing recomputes activations: the same gradient.
-    checkpointed, _ = sft.load_model(sft.SFTArgs(model=tiny_model_dir, gradient_checkpointing=True))
+    checkpointed, _ = sft.load_model(sft.Args(model=tiny_model_dir, gradient_checkpointing=True))
     checkpointed.train()
     assert checkpointed.is_activation_checkpointing
     sft.accumulate_gradients(checkpointed, micro_batches, Accelerator(cpu=True))
@@ -177,7 +195,7 @@ def test_one_step_gradient_does_not_depend_on_micro_batching(tiny_model_dir, toy
 
     # The usual mistake, a mean of per-micro-batch means, is a different number here (one short
     # micro-batch of a single row weighs as much as seven rows).
-    uneven = [sft.tokenize(processor, rows[a:b]) for a, b in ((0, 1), (1, 8))]
+    uneven = [sft.tokenize(processor, rows[a:b], EOT) for a, b in ((0, 1), (1, 8))]
     with torch.no_grad():
         mean_of_means = sum(model(**mb).loss for mb in uneven) / len(uneven)
     assert abs(mean_of_means - reference) > 1e-3
@@ -185,7 +203,7 @@ def test_one_step_gradient_does_not_depend_on_micro_batching(tiny_model_dir, toy
 
 def test_two_processes_end_where_one_does(tiny_model_dir, toy_data_dir, tmp_path):
     # The plan: each step holds the same rows whatever the number of processes.
-    args = sft.SFTArgs(global_batch_size=8, per_device_batch_size=2)
+    args = sft.Args(global_batch_size=8, micro_batch_size=2)
     one = sft.micro_batch_plan(48, args, 0, 9, rank=0, world=1)
     two = [sft.micro_batch_plan(48, args, 0, 9, rank=r, world=2) for r in range(2)]
     for step in range(9):  # 9 steps cross an epoch boundary (6 steps per epoch)
@@ -199,9 +217,10 @@ def test_two_processes_end_where_one_does(tiny_model_dir, toy_data_dir, tmp_path
     subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "sft.py"),
+         # --per_device_batch_size: the old name of --micro_batch_size, which the demo still passes.
          *flags, "--per_device_batch_size", "2", "--output_dir", str(tmp_path / "two")],
         env=run_env(), cwd=ROOT, check=True, timeout=240, capture_output=True)
-    sft.main(flags + ["--per_device_batch_size", "4", "--output_dir", str(tmp_path / "one")])
+    sft.main(flags + ["--micro_batch_size", "4", "--output_dir", str(tmp_path / "one")])
 
     # Loss and gradient norm are logged after the all-reduce: a wrong factor of 2 shows here
     # (Adam and clipping would hide it in the parameters).
@@ -222,13 +241,13 @@ def test_loss_goes_down_and_the_final_model_loads(tiny_model_dir, toy_data_dir, 
     data = str(shutil.copytree(toy_data_dir, tmp_path.parent / f"{tmp_path.name}-data",
                                ignore=shutil.ignore_patterns("cache-*")))
     before = snapshot(data)
-    run_sft(tiny_model_dir, data, tmp_path, "--global_batch_size", "8", "--per_device_batch_size",
+    run_sft(tiny_model_dir, data, tmp_path, "--global_batch_size", "8", "--micro_batch_size",
             "8", "--max_steps", "20", "--save_steps", "10")
     # Nothing written next to the input (datasets' map/filter/cast would leave cache-*.arrow there).
     assert snapshot(data) == before
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["stage"] == "sft" and run["model"] == tiny_model_dir
-    assert run["settings"]["learning_rate"] == 3e-3 and "per_device_batch_size" not in run["settings"]
+    assert run["settings"]["learning_rate"] == 3e-3 and "micro_batch_size" not in run["settings"]
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == list(range(1, 21))
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gb"):
@@ -256,7 +275,7 @@ def test_loss_goes_down_and_the_final_model_loads(tiny_model_dir, toy_data_dir, 
 def test_kill_and_resume_ends_where_an_uninterrupted_run_does(tiny_model_dir, toy_data_dir, tmp_path,
                                                               monkeypatch):
     """The checkpoint contract of docs/method.md section 10, killed at the worst moments."""
-    flags = ("--global_batch_size", "4", "--per_device_batch_size", "2", "--max_steps", "4",
+    flags = ("--global_batch_size", "4", "--micro_batch_size", "2", "--max_steps", "4",
              "--save_steps", "2")
     run_sft(tiny_model_dir, toy_data_dir, tmp_path / "straight", *flags)
     checkpoints = sorted(p.name for p in (tmp_path / "straight").glob("checkpoint-*"))
@@ -308,7 +327,7 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_does(tiny_model_dir, to
     # another run, refused (a batch split is not a setting: it does not change results).
     finished = snapshot(killed)
     run_sft(tiny_model_dir, toy_data_dir, killed, *flags, "--resume", "latest")
-    run_sft(tiny_model_dir, toy_data_dir, killed, *flags, "--per_device_batch_size", "4",
+    run_sft(tiny_model_dir, toy_data_dir, killed, *flags, "--micro_batch_size", "4",
             "--resume", "latest")
     with pytest.raises(SystemExit, match="holds another run .*learning_rate"):
         sft.main(["--model", tiny_model_dir, "--data", toy_data_dir, "--split", "sft", "--output_dir",
@@ -319,9 +338,9 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_does(tiny_model_dir, to
 def test_optimizer_groups_and_frozen_vision(tiny_model_dir):
     """Weight decay on matrices and embeddings, not on biases and norms; --freeze_vision trains no
     vision parameter (the paper trains everything: the flag is off by default)."""
-    assert sft.SFTArgs().freeze_vision is False
-    model, _ = sft.load_model(sft.SFTArgs(model=tiny_model_dir, freeze_vision=True))
-    optimizer, scheduler = sft.build_optimizer(model, sft.SFTArgs(), total_steps=100)
+    assert sft.Args().freeze_vision is False
+    model, _ = sft.load_model(sft.Args(model=tiny_model_dir, freeze_vision=True))
+    optimizer, scheduler = sft.build_optimizer(model, sft.Args(), total_steps=100)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed, plain = ({names[id(p)] for p in g["params"]} for g in optimizer.param_groups)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-4, 0.0]
@@ -390,7 +409,7 @@ def test_a_bad_row_is_a_named_error_or_a_counted_skip(fault, toy_data_dir, tmp_p
     assert not out.exists()
 
     # --on_bad_row skip: the row is left out and counted; the others are kept in order.
-    args = sft.SFTArgs(data=data, split="sft", on_bad_row="skip")
+    args = sft.Args(data=data, split="sft", on_bad_row="skip")
     loaded = reward.load_split(data, "sft", columns=sft.COLUMNS)
     kept, bad = sft.usable_rows(loaded, args, Accelerator(cpu=True))
     assert [(b["position"], b["dataset_name"], b["dataset_index"]) for b in bad] == [(bad_at, name, index)]
@@ -418,15 +437,15 @@ def test_image_paths_in_a_data_file_are_read_relative_to_its_folder(suffix, tiny
     monkeypatch.chdir(tmp_path)  # paths are relative to the file's folder, not to the working directory
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     processor.tokenizer.padding_side = "right"
-    args = sft.SFTArgs(data=data, split="sft")
+    args = sft.Args(data=data, split="sft")
     loaded = reward.load_split(data, "sft", columns=sft.COLUMNS)
     kept, bad = sft.usable_rows(loaded, args, Accelerator(cpu=True))
     first = next(i for i, r in enumerate(rows) if r["images"])
     assert bad == [] and kept[first]["images"] == [f"images/{rows[first]['dataset_index']}-0.png"]
-    kept, lengths, _ = sft.prepare_data(args, kept, processor, Accelerator(cpu=True))
-    from_paths = sft.collate(list(range(8)), kept, lengths, processor, reward.data_dir(data))
+    kept, lengths, _ = sft.prepare_data(args, kept, processor, EOT, Accelerator(cpu=True))
+    from_paths = sft.collate(list(range(8)), kept, lengths, processor, EOT, reward.data_dir(data))
     saved = datasets.Dataset.from_list(rows, features=features)
-    expected = sft.tokenize(processor, [saved[i] for i in range(8)])
+    expected = sft.tokenize(processor, [saved[i] for i in range(8)], EOT)
     assert from_paths.keys() == expected.keys() and "pixel_values" in expected
     for key in expected:
         assert torch.equal(from_paths[key], expected[key]), key
@@ -442,7 +461,7 @@ def test_a_run_skips_a_bad_row_and_writes_nothing_next_to_its_input(tiny_model_d
     before = snapshot(tmp_path / "data")
 
     out = tmp_path / "out"
-    run_sft(tiny_model_dir, data, out, "--global_batch_size", "8", "--per_device_batch_size", "4",
+    run_sft(tiny_model_dir, data, out, "--global_batch_size", "8", "--micro_batch_size", "4",
             "--max_steps", "2", "--save_steps", "0", "--on_bad_row", "skip", "--resume", "latest")
     printed = capsys.readouterr().out
     assert "no checkpoint" in printed and "starts afresh" in printed and "1 bad row(s) skipped" in printed
@@ -457,7 +476,7 @@ def test_a_run_skips_a_bad_row_and_writes_nothing_next_to_its_input(tiny_model_d
 def test_save_final_false_writes_nothing_at_the_end(tiny_model_dir, toy_data_dir, tmp_path):
     """--save_final False (benchmarks/gpu_check.py): the steps run and are logged, no model is written
     at the end; the checkpoints --save_steps asks for are still written."""
-    run_sft(tiny_model_dir, toy_data_dir, tmp_path, "--global_batch_size", "8", "--per_device_batch_size", "8",
+    run_sft(tiny_model_dir, toy_data_dir, tmp_path, "--global_batch_size", "8", "--micro_batch_size", "8",
             "--max_steps", "2", "--save_steps", "1", "--save_final", "False")
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-2", "metrics.jsonl", "run.json"]
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
