@@ -6,19 +6,25 @@ distils reasoning traces from the first correct of 3 teacher samples. All three 
 row K times and grade each answer", so this one script does them (docs/method.md sections 4, 7, 8):
 
     python evaluate.py --model M --data D --split test --output_dir DIR                  # greedy
+    python evaluate.py configs/eval.yaml --model M --data D --output_dir DIR       # from a file
     python evaluate.py --model M --data D --split train --n 16 --temperature 1.0 --output_dir DIR
     accelerate launch evaluate.py --model M --data D --output_dir DIR                    # rows split
     python evaluate.py --regrade DIR/predictions.jsonl --output_dir DIR2                 # no model
     python evaluate.py --compare base=DIR1 grpo=DIR2 --output_dir DIR3                   # one table
 
-(`--out` is an alias of `--output_dir`.) DIR receives:
+A YAML or JSON file as the first argument gives settings (configs/eval.yaml, configs/passcount.yaml);
+flags after it override them. DIR receives:
 - `predictions.jsonl`, one line per row, in dataset order: `dataset_name`, `dataset_index`,
-  `answer_label`, `answer`, `options` (the row's, as an object), `responses` (the K decoded
+  `answer_label`, `answer`, `options` (the row's, as an object), `prompt` (the chat text given to
+  the processor, one <|image_pad|> per image before it expands), `responses` (the K decoded
   completions), `preds` (the answer each one gives by the evaluation rule), `correct` (0/1 each, the
   evaluation rule: the paper's tables), `pass_correct` (0/1 each, the pass-count grade of the
   official inference script: sum it for a pass count), `consistent` (see `grade`);
-- `results.json`: per benchmark accuracy, maj@K, pass@K, format and consistency rates, and the
-  unweighted average; a markdown table is printed;
+- `results.json`, in the shape lmms-eval and lm-evaluation-harness write: `results` (per benchmark:
+  accuracy, maj@K, pass@K, each with its standard error `<metric>_stderr`, format and consistency
+  rates, `n`), `config` (the run's settings), `git_hash` (this project's commit), `date`; and our own
+  keys: `benchmarks` (the same as `results`), `average` (the unweighted mean of the accuracies, as
+  the paper's tables) with `average_stderr`, `skipped`, `seconds`. A markdown table is printed;
 - `run.json` (what this run is: a changed data set or setting is refused, the same run resumes) and,
   with `--on_bad_row skip`, `bad_rows.jsonl` (docs/method.md section 10).
 
@@ -40,28 +46,32 @@ What the results depend on, and what holds exactly:
 
 import hashlib
 import json
+import math
 import os
+import subprocess
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
+import transformers
 from accelerate import Accelerator, InitProcessGroupKwargs
 from tqdm import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import reward
 
 
 @dataclass
-class EvalArgs:
+class Args:
+    # --out, the old name, stays only while tests/test_real_tokenizer.py and benchmarks/gpu_check.py
+    # still pass it (the Makefile, the demo included, and this script's own tests say --output_dir).
     output_dir: str = field(metadata={
-        "aliases": ["--out"],
-        "help": "Folder for predictions.jsonl, results.json, run.json (--out is an alias)."})
+        "aliases": ["--out"], "help": "Folder for predictions.jsonl, results.json, run.json."})
     model: str | None = field(default=None, metadata={"help": "Hub id or save_pretrained folder."})
     data: str | None = field(default=None, metadata={
         "help": "Hub id, save_to_disk folder, or a parquet/jsonl file in the schema of "
@@ -133,7 +143,7 @@ class Row:
     length: int  # prompt tokens
 
 
-def load_rows(args: EvalArgs, processor, show_progress: bool):
+def load_rows(args: Args, processor, show_progress: bool):
     """The split, checked once before any model work, and its rows with their prompt lengths.
 
     Returns (dataset, rows, bad rows, the data's fingerprint). reward.load_split refuses an empty
@@ -157,7 +167,9 @@ def load_rows(args: EvalArgs, processor, show_progress: bool):
     if bad:
         ds = ds.select(good)
     rows, batches = [], stored_rows(ds).iter(batch_size=64)
-    for i, row in enumerate(row for batch in batches for row in batch.to_pylist()):
+    stored = (row for batch in batches for row in batch.to_pylist())
+    for i, row in enumerate(tqdm(stored, total=len(ds), desc="measuring prompts", unit="row",
+                                 disable=not show_progress)):
         row = reward.check_row(row, base_dir)  # decoded, for the image sizes
         rows.append(Row(i, (row["dataset_name"], row["dataset_index"]), prompt_length(processor, row)))
     return ds, rows, bad, fingerprint
@@ -180,36 +192,16 @@ def batch_seed(seed: int, batch: list[Row]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_processor(args: EvalArgs):
+def load_processor(args: Args):
     processor = AutoProcessor.from_pretrained(args.model)
     processor.tokenizer.padding_side = "left"  # generation continues every prompt at its end
     return processor
 
 
-def load_model(args: EvalArgs, device):
+def load_model(args: Args, device):
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=getattr(torch, dtype))
     return model.to(device).eval()
-
-
-def generation_kwargs(args: EvalArgs, tokenizer) -> dict:
-    """Every sampling setting explicit (docs/method.md section 9).
-
-    generate() fills any setting left unset from the checkpoint's generation_config.json, and the
-    Qwen2.5-VL checkpoints ship near-greedy sampling defaults and a repetition penalty; with
-    do_sample=True transformers would also apply top_k=50. The paper's sampler (vLLM with explicit
-    SamplingParams) used none of these: temperature T, top_p, no top_k, no repetition penalty.
-    """
-    kwargs = dict(
-        max_new_tokens=args.max_new_tokens, repetition_penalty=1.0,
-        # A vision special in a completion makes the next forward pass fail ("Image features and
-        # image tokens do not match") and <|im_start|> would open a new turn: never generate them.
-        # GRPO masks the same ids, so sampling here and there draws from the same distribution.
-        suppress_tokens=reward.never_generate_ids(tokenizer),
-    )
-    if args.temperature > 0:
-        return dict(kwargs, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
-    return dict(kwargs, do_sample=False, temperature=1.0, top_p=1.0)  # greedy: no warper applies
 
 
 def generate(model, processor, rows: list[dict], n: int, gen_kwargs: dict, seed: int) -> list[list[str]]:
@@ -302,13 +294,25 @@ def mean(values) -> float | None:
     return 100.0 * sum(values) / len(values) if values else None
 
 
-def summarize(lines: list[dict]) -> tuple[dict, float | None]:
-    """Per benchmark (dataset_name, in order of first appearance) percentages, and the average.
+def stderr(values: list[float]) -> float | None:
+    """The standard error of mean(values), in percent: s / sqrt(n), with s the sample standard
+    deviation (n - 1 in its denominator), as lm-evaluation-harness and lmms-eval compute it. For 0/1
+    values with mean p it is sqrt(p (1 - p) / (n - 1)). None below two values."""
+    n = len(values)
+    if n < 2:
+        return None
+    m = sum(values) / n
+    return 100.0 * math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+
+
+def summarize(lines: list[dict]) -> dict:
+    """Per benchmark (dataset_name, in order of first appearance) percentages.
 
     accuracy = mean over rows of the fraction of correct responses (plain accuracy when K = 1);
-    maj@K and pass@K (K > 1) = share of rows whose majority vote / any response is correct;
-    format_rate = share of responses passing reward.format_ok; consistency = mean of non-null
-    `consistent` values. The average is the unweighted mean of the accuracies (as the paper).
+    maj@K and pass@K (K > 1) = share of rows whose majority vote / any response is correct; each
+    with its standard error (stderr) over rows: the K responses of a row are not independent, so
+    the row is the unit. format_rate = share of responses passing reward.format_ok; consistency =
+    mean of non-null `consistent` values.
     """
     ks = {len(line["responses"]) for line in lines}
     if len(ks) > 1:
@@ -319,27 +323,57 @@ def summarize(lines: list[dict]) -> tuple[dict, float | None]:
         groups.setdefault(line["dataset_name"], []).append(line)
     benchmarks = {}
     for name, group in groups.items():
-        stats = {"accuracy": mean(sum(g["correct"]) / k for g in group), "n": len(group)}
+        per_row = {"accuracy": [sum(g["correct"]) / k for g in group]}
         if k > 1:
-            stats[f"maj@{k}"] = mean(majority_correct(g) for g in group)
-            stats[f"pass@{k}"] = mean(max(g["correct"]) for g in group)
+            per_row[f"maj@{k}"] = [majority_correct(g) for g in group]
+            per_row[f"pass@{k}"] = [max(g["correct"]) for g in group]
+        stats = {}
+        for metric, values in per_row.items():
+            stats.update({metric: mean(values), f"{metric}_stderr": stderr(values)})
+            if metric == "accuracy":
+                stats["n"] = len(group)
         stats["format_rate"] = mean(reward.format_ok(r) for g in group for r in g["responses"])
         stats["consistency"] = mean(c for g in group for c in g["consistent"] if c is not None)
         benchmarks[name] = stats
-    average = sum(b["accuracy"] for b in benchmarks.values()) / len(benchmarks) if benchmarks else None
-    return benchmarks, average
+    return benchmarks
+
+
+def stderr_of_mean(errors: list) -> float | None:
+    """The standard error of the unweighted mean of B independent estimates with standard errors
+    e_b: sqrt(sum of e_b^2) / B. None if any e_b is None."""
+    if not errors or any(e is None for e in errors):
+        return None
+    return math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
+def average(benchmarks: dict) -> tuple[float | None, float | None]:
+    """The unweighted mean of the benchmark accuracies (the paper's Avg) and its standard error
+    (the benchmarks are independent samples)."""
+    if not benchmarks:
+        return None, None
+    value = sum(b["accuracy"] for b in benchmarks.values()) / len(benchmarks)
+    return value, stderr_of_mean([b.get("accuracy_stderr") for b in benchmarks.values()])
 
 
 def markdown_table(benchmarks: dict) -> str:
-    """Benchmarks as columns like the paper's tables, Avg last; one line per metric."""
+    """Benchmarks as columns like the paper's tables, Avg last; one line per metric. The Avg of a
+    `_stderr` line is the standard error of the Avg above it (average()).
+
+    Kept by hand: pandas' DataFrame.to_markdown needs the tabulate package, a dependency for these
+    ten lines, and still leaves the Avg column and the number format to write.
+    """
     names = list(benchmarks)
     metrics = [m for m in next(iter(benchmarks.values()), {}) if m != "n"]
     lines = ["| | " + " | ".join(names) + " | Avg |", "|---" * (len(names) + 2) + "|"]
     for metric in metrics:
-        values = [benchmarks[name][metric] for name in names]
+        values = [benchmarks[name].get(metric) for name in names]
         known = [v for v in values if v is not None]
         cells = ["-" if v is None else f"{v:.2f}" for v in values]
-        cells.append(f"{sum(known) / len(known):.2f}" if known else "-")
+        if metric.endswith("_stderr"):
+            avg = stderr_of_mean(values)
+        else:
+            avg = sum(known) / len(known) if known else None
+        cells.append("-" if avg is None else f"{avg:.2f}")
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -435,16 +469,38 @@ def write_lines(path: Path, lines: list[dict]):
     os.replace(tmp, path)
 
 
-def finish(out: Path, lines: list[dict], skipped: list[dict], info: dict, started: float):
-    """Write predictions.jsonl and results.json, print the table."""
+def git_hash() -> str | None:
+    """This project's commit (short), or None outside a git checkout or without git."""
+    try:
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if found.returncode != 0:
+        return None
+    return found.stdout.strip() or None
+
+
+def finish(out: Path, lines: list[dict], skipped: list[dict], info: dict, config: dict, started: float):
+    """Write predictions.jsonl and results.json, print the table.
+
+    results.json has the top-level keys of lmms-eval's (and lm-evaluation-harness's) results file:
+    `results` per task with each metric and its `<metric>_stderr`, `config`, `git_hash`, `date`;
+    our own keys stay beside them (`benchmarks`, the same as `results`, is what --compare reads).
+    """
     write_lines(out / "predictions.jsonl", lines)
-    benchmarks, average = summarize(lines)
-    results = {"benchmarks": benchmarks, "average": average,
+    benchmarks = summarize(lines)
+    avg, avg_stderr = average(benchmarks)
+    results = {"results": benchmarks, "config": config, "git_hash": git_hash(),
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+               "benchmarks": benchmarks, "average": avg, "average_stderr": avg_stderr,
                "skipped": {"count": len(skipped), "rows": skipped}, **info,
                "seconds": round(time.time() - started, 2)}
     write_json(out / "results.json", results)
+    error = "" if avg_stderr is None else f" (stderr {avg_stderr:.2f})"
     print(f"\n{info.get('model') or info.get('regraded_from')}: average accuracy "
-          f"{'-' if average is None else f'{average:.2f}'} over {len(benchmarks)} benchmark(s)")
+          f"{'-' if avg is None else f'{avg:.2f}'}{error} over {len(benchmarks)} benchmark(s)")
     print(markdown_table(benchmarks))
     return results
 
@@ -470,7 +526,7 @@ def regrade_line(line: dict, where: str) -> dict:
     return grade(line)
 
 
-def regrade(args: EvalArgs):
+def regrade(args: Args):
     """Grade saved responses again, with no model: a change of grading rule, or another tool's file."""
     started, out = time.time(), Path(args.output_dir)
     try:
@@ -483,10 +539,10 @@ def regrade(args: EvalArgs):
     # Regrading is deterministic, so the same run may write its files again; any other folder (a
     # generation run's, say) is refused rather than overwritten.
     reward.claim_output_dir(str(out), fingerprint, resume=True)
-    return finish(out, lines, [], {"regraded_from": args.regrade}, started)
+    return finish(out, lines, [], {"regraded_from": args.regrade}, {"regrade": args.regrade}, started)
 
 
-def evaluate(args: EvalArgs):
+def evaluate(args: Args):
     started, out = time.time(), Path(args.output_dir)
     # Generation never communicates across processes; only the barriers below do, and a rank
     # may reach the last one long after the others (gloo's and NCCL's default timeouts are 30/10 min).
@@ -517,7 +573,11 @@ def evaluate(args: EvalArgs):
     pending = [b for b in make_batches(rows, args.batch_size) if any(r.key not in done for r in b)]
     mine = pending[state.process_index :: state.num_processes]  # round robin: lengths balance
     model = load_model(args, state.device) if mine else None
-    gen_kwargs = generation_kwargs(args, processor.tokenizer)
+    # Every generate setting explicit, the same as grpo.py's (docs/method.md section 9): the paper's
+    # sampler (vLLM with explicit SamplingParams) used temperature T, top_p, no top_k and no
+    # repetition penalty, whatever the checkpoint's generation_config.json says; 0 = greedy.
+    gen_kwargs = reward.generation_kwargs(args.temperature, args.top_p, args.max_new_tokens,
+                                          reward.never_generate_ids(processor.tokenizer))
 
     stored = stored_rows(ds)
     part = out / f"predictions.rank{state.process_index}.jsonl"
@@ -532,11 +592,12 @@ def evaluate(args: EvalArgs):
                          for row in stored[[r.position for r in batch]].to_pylist()]
             responses = generate(model, processor, rows_read, args.n, gen_kwargs,
                                  batch_seed(args.seed, batch))
+            prompts, _ = reward.chat_prompts(processor, rows_read)
             new = []
-            for r, row, answered in zip(batch, rows_read, responses):
+            for r, row, prompt, answered in zip(batch, rows_read, prompts, responses):
                 if r.key not in done:
                     line = {k: row[k] for k in ("dataset_name", "dataset_index", "answer_label", "answer")}
-                    line.update(options=reward.parse_options(row), responses=answered)
+                    line.update(options=reward.parse_options(row), prompt=prompt, responses=answered)
                     new.append(grade(line))
             # One write per batch, flushed: a line is done once its newline is on disk.
             f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in new))
@@ -558,7 +619,7 @@ def evaluate(args: EvalArgs):
             raise RuntimeError(f"{len(missing)} rows have no predictions, e.g. {missing[:3]}")
         lines = [found[r.key] for r in rows]  # dataset order, whatever the processes did
         info = {"model": args.model, "data": args.data, "split": args.split, "settings": settings}
-        results = finish(out, lines, skipped, info, started)
+        results = finish(out, lines, skipped, info, dict(settings, data=args.data), started)
         for path in part_files(out):  # merged: predictions.jsonl now holds every line
             path.unlink()
     state.wait_for_everyone()
@@ -573,7 +634,7 @@ def named(items: list[str], flag: str) -> list[tuple[str, str]]:
     return [tuple(pair) for pair in pairs]
 
 
-def compare(args: EvalArgs):
+def compare(args: Args):
     """One row per model, benchmarks as columns and Avg last, like the paper's tables.
 
     A paper row has only its average (docs/method.md section 8 lists the paper's averages).
@@ -587,7 +648,8 @@ def compare(args: EvalArgs):
         if not path.exists():
             raise SystemExit(f"--compare {name}: {path} does not exist (run the evaluation first)")
         results = json.loads(path.read_text())
-        summary[name] = {"benchmarks": results["benchmarks"], "average": results["average"]}
+        summary[name] = {"benchmarks": results["benchmarks"], "average": results["average"],
+                         "average_stderr": results.get("average_stderr")}  # absent in older files
     names = list(dict.fromkeys(b for r in summary.values() for b in r["benchmarks"]))
     cell = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
     table = ["| model | " + " | ".join(names) + " | Avg |", "|---" * (len(names) + 2) + "|"]
@@ -643,7 +705,7 @@ def plot_curves(curves: list[str], path: Path):
 
 
 def main(argv=None):
-    (args,) = HfArgumentParser(EvalArgs).parse_args_into_dataclasses(argv)
+    args = reward.parse_args(Args, argv)  # a YAML/JSON file first (configs/eval.yaml), flags override
     if args.compare:
         return compare(args)
     if args.regrade:

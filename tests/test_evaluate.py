@@ -3,11 +3,13 @@
 
 import io
 import json
+import math
 import os
 import random
 import shutil
 import subprocess
 import sys
+from datetime import datetime
 
 import datasets
 import pytest
@@ -44,7 +46,7 @@ def run(model_dir, data_dir, out, *extra):
 
 
 def without_time(results: dict) -> dict:
-    return {k: v for k, v in results.items() if k != "seconds"}
+    return {k: v for k, v in results.items() if k not in ("seconds", "date")}
 
 
 def read(path) -> list[dict]:
@@ -88,9 +90,11 @@ def test_split(toy_data_dir):
 # --------------------------------------------------------------------------------------------
 
 
-def test_greedy_equals_one_row_at_a_time_generate(model_dir, toy_data_dir, tmp_path):
+def test_greedy_equals_one_row_at_a_time_generate(model_dir, toy_data_dir, tmp_path, capsys):
     results = run(model_dir, toy_data_dir, tmp_path, "--batch_size", 8)
     lines = read(tmp_path / "predictions.jsonl")
+    progress = capsys.readouterr().err  # no stage sits silent: each pass over the rows shows a bar
+    assert "checking rows: 100%" in progress and "measuring prompts: 100%" in progress
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -105,6 +109,7 @@ def test_greedy_equals_one_row_at_a_time_generate(model_dir, toy_data_dir, tmp_p
         out = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False, suppress_tokens=never)
         response = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         assert (line["dataset_name"], line["dataset_index"]) == (row["dataset_name"], row["dataset_index"])
+        assert line["prompt"] == text  # what the processor was given, before the image tokens expand
         assert line["responses"] == [response]
         assert line["preds"] == [reward.extract_answer(response)]
         graded = reward.is_correct(line["preds"][0], row["answer_label"], row["answer"])
@@ -180,20 +185,35 @@ def test_regrade_gives_hand_computed_metrics(tmp_path, capsys):
     assert y["accuracy"] == pytest.approx(50.0) and y["maj@3"] == 50.0 and y["pass@3"] == 100.0
     assert y["format_rate"] == 0.0 and y["consistency"] is None
     assert results["average"] == pytest.approx((100 / 3 + 50) / 2)  # unweighted over benchmarks
+    # Standard errors over rows (the unit: a row's K responses are not independent): s / sqrt(n),
+    # s with n - 1. X's rows score 2/3 and 0: s = sqrt(2 (1/3)^2 / 1), / sqrt(2) = 1/3. Y's: 2/3, 1/3.
+    assert x["accuracy_stderr"] == pytest.approx(100 / 3) and y["accuracy_stderr"] == pytest.approx(100 / 6)
+    assert x["maj@3_stderr"] == pytest.approx(50.0)  # 0/1 values: sqrt(p (1 - p) / (n - 1)), p = 1/2
+    assert y["pass@3_stderr"] == 0.0  # both rows 1
+    # The average's: sqrt(sum of the squared standard errors) / B.
+    assert results["average_stderr"] == pytest.approx(math.hypot(100 / 3, 100 / 6) / 2)
+    # lmms-eval's keys beside ours.
+    assert results["results"] == results["benchmarks"] and results["config"] == {"regrade": str(source)}
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert results["git_hash"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert datetime.fromisoformat(results["date"]).tzinfo is not None
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
     assert results["skipped"] == {"count": 0, "rows": []}
     table = capsys.readouterr().out
     assert "| | X | Y | Avg |" in table and "| maj@3 | 50.00 | 50.00 | 50.00 |" in table
+    assert "| accuracy_stderr | 33.33 | 16.67 | 18.63 |" in table
     assert "| consistency | 60.00 | - | 60.00 |" in table
 
     # Regrading its own output changes nothing.
     again = evaluate.main(["--regrade", str(tmp_path / "out" / "predictions.jsonl"),
                            "--output_dir", str(tmp_path / "again")])
-    assert without_time(again) | {"regraded_from": None} == without_time(results) | {"regraded_from": None}
+    other_source = {"regraded_from": None, "config": None}
+    assert without_time(again) | other_source == without_time(results) | other_source
     # The same regrade again into its own folder is the same run; a changed file is another.
-    evaluate.main(["--regrade", str(source), "--out", str(tmp_path / "out")])
+    evaluate.main(["--regrade", str(source), "--output_dir", str(tmp_path / "out")])
     source.write_text(json.dumps(HAND_LINES[3]) + "\n")
     with pytest.raises(SystemExit, match="holds another run"):
-        evaluate.main(["--regrade", str(source), "--out", str(tmp_path / "out")])
+        evaluate.main(["--regrade", str(source), "--output_dir", str(tmp_path / "out")])
 
     source.write_text(json.dumps({"dataset_name": "X", "answer_label": "A", "answer": "x"}) + "\n")
     with pytest.raises(SystemExit, match="line 1"):
@@ -201,6 +221,14 @@ def test_regrade_gives_hand_computed_metrics(tmp_path, capsys):
     source.write_text(json.dumps(HAND_LINES[3]) + "\n{not json\n")
     with pytest.raises(SystemExit, match="line 2: not JSON"):
         evaluate.main(["--regrade", str(source), "--output_dir", str(tmp_path / "bad")])
+
+
+def test_stderr_of_a_mean_of_0_1_values_is_sqrt_p_1_minus_p_over_n_minus_1():
+    values = [1, 0, 0, 1, 1]
+    assert evaluate.stderr(values) == pytest.approx(100 * math.sqrt(0.6 * 0.4 / 4))
+    assert evaluate.stderr([1]) is None and evaluate.stderr([]) is None
+    assert evaluate.stderr_of_mean([3.0, 4.0]) == pytest.approx(2.5)  # sqrt(9 + 16) / 2
+    assert evaluate.stderr_of_mean([3.0, None]) is None
 
 
 def test_majority_vote_is_the_official_letter_vote():
@@ -351,7 +379,7 @@ def test_two_processes_equal_one(model_dir, toy_data_dir, sampled_reference, tmp
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "evaluate.py"), "--model", model_dir, "--data", toy_data_dir,
-               "--out", str(tmp_path),  # the Makefile's spelling of --output_dir
+               "--output_dir", str(tmp_path),
                "--max_new_tokens", str(TOKENS), *map(str, SAMPLED)]
     done = subprocess.run(command, env=run_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -518,7 +546,7 @@ def test_arguments_are_checked():
     with pytest.raises(SystemExit, match="temperature"):
         evaluate.main(["--model", "m", "--data", "d", "--output_dir", "o", "--n", "4"])
     with pytest.raises(SystemExit, match="no --model"):
-        evaluate.main(["--regrade", "f", "--model", "m", "--out", "o"])
+        evaluate.main(["--regrade", "f", "--model", "m", "--output_dir", "o"])
     with pytest.raises(SystemExit, match="--batch_size"):
         evaluate.main(["--model", "m", "--data", "d", "--output_dir", "o", "--batch_size", "0"])
 
@@ -533,7 +561,7 @@ def test_compare_builds_one_table_summary_and_curves(tmp_path):
         (tmp_path / name / "results.json").write_text(json.dumps(results))
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / s}) + "\n"
                                                     for s in (1, 2, 3)))
-    summary = evaluate.main(["--out", str(tmp_path / "all"), "--compare", f"base={tmp_path / 'base'}",
+    summary = evaluate.main(["--output_dir", str(tmp_path / "all"), "--compare", f"base={tmp_path / 'base'}",
                              f"grpo={tmp_path / 'grpo'}", "--paper", "Paper model=53.19",
                              "--curves", f"SFT loss={tmp_path / 'metrics.jsonl'}:loss"])
     assert summary == json.loads((tmp_path / "all" / "summary.json").read_text())
@@ -546,4 +574,4 @@ def test_compare_builds_one_table_summary_and_curves(tmp_path):
     assert "| grpo | 100.00 | - | 100.00 |" in table  # consistency: the known benchmarks' mean
     assert (tmp_path / "all" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="does not exist"):
-        evaluate.main(["--out", str(tmp_path / "x"), "--compare", f"m={tmp_path / 'nothing'}"])
+        evaluate.main(["--output_dir", str(tmp_path / "x"), "--compare", f"m={tmp_path / 'nothing'}"])
