@@ -22,6 +22,7 @@ a3163b1), and each says where it differs. One subcommand per step:
         --output_dir data/pmc_1to7
     python curate.py traces --data data/pmc --predictions runs/teacher/predictions.jsonl \
         --output_dir data/pmc_sft
+    python curate.py filter settings.yaml --output_dir data/pmc_1to7   # settings from a YAML/JSON file
 
 The reliability contract (docs/method.md section 10) holds for every subcommand:
 - rows are read with `reward.load_split` (an empty set or a missing column is a named error) and
@@ -34,7 +35,7 @@ The reliability contract (docs/method.md section 10) holds for every subcommand:
 - nothing is written next to the inputs: datasets' map/filter/select run in memory, and the one
   cached pass (prepare's images) caches inside OUTPUT_DIR.
 Each output is one `Dataset.save_to_disk` folder (`split`: a DatasetDict) with curate_stats.json
-(rows in, kept, dropped per reason). `--out` is accepted for `--output_dir`.
+(rows in, kept, dropped per reason).
 """
 
 import collections
@@ -70,6 +71,9 @@ BAD_ROW = "bad row (bad_rows.jsonl)"  # the drop reason of a row skipped by the 
 # Arguments that never change a step's result, so they stay out of run.json. --on_bad_row is one:
 # a run with "error" that finishes had no bad row, so "skip" gives the very same output.
 NOT_SETTINGS = ("output_dir", "num_proc", "on_bad_row")
+# prepare and traces draw no random number; they take --seed only so that every stage does, and it
+# stays out of their run.json (and of prepare's image cache key).
+NO_RANDOMNESS = ("prepare", "traces")
 
 
 def schema_features():
@@ -86,8 +90,9 @@ def schema_features():
 # Arguments: one dataclass per subcommand; the defaults are the paper's settings.
 # ---------------------------------------------------------------------------------------------
 
-OUTPUT_DIR = {"aliases": ["--out"], "help": "Output folder (save_to_disk) with curate_stats.json; "
-                                            "refused if it holds another run."}
+OUTPUT_DIR = {"help": "Output folder (save_to_disk) with curate_stats.json; refused if it holds another "
+                      "run."}
+UNUSED_SEED = {"help": "Not used: this step is deterministic (accepted, as by every stage)."}
 ON_BAD_ROW = {"help": "error: a bad row (docs/method.md section 10) stops the step, naming it; skip: "
                       "bad rows are left out, counted and listed in OUTPUT_DIR/bad_rows.jsonl."}
 
@@ -122,6 +127,7 @@ class PrepareArgs:
                                                           "scaled down."})
     on_bad_row: Literal["error", "skip"] = field(default="error", metadata=ON_BAD_ROW)
     num_proc: int | None = field(default=None, metadata={"help": "Processes for the image pass."})
+    seed: int = field(default=42, metadata=UNUSED_SEED)
 
 
 @dataclass
@@ -156,6 +162,7 @@ class TracesArgs:
     output_dir: str = field(metadata=OUTPUT_DIR)
     split: str = "train"
     on_bad_row: Literal["error", "skip"] = field(default="error", metadata=ON_BAD_ROW)
+    seed: int = field(default=42, metadata=UNUSED_SEED)
 
 
 @dataclass
@@ -197,6 +204,12 @@ def file_fingerprint(path: str) -> str:
     return digest.hexdigest()
 
 
+def settings_of(command: str, args) -> dict:
+    """The arguments that make a step's result: all but NOT_SETTINGS (and an unused --seed)."""
+    left_out = NOT_SETTINGS + (("seed",) if command in NO_RANDOMNESS else ())
+    return {k: v for k, v in asdict(args).items() if k not in left_out}
+
+
 @contextmanager
 def claimed(command: str, args, inputs: dict):
     """OUTPUT_DIR claimed for this run (reward.claim_output_dir); yields True when it is finished.
@@ -207,7 +220,7 @@ def claimed(command: str, args, inputs: dict):
     """
     out = args.output_dir
     existed = os.path.isdir(out)
-    settings = {k: v for k, v in asdict(args).items() if k not in NOT_SETTINGS}
+    settings = settings_of(command, args)
     reward.claim_output_dir(out, {"stage": f"curate.py {command}", "settings": settings,
                                   "data": inputs}, resume=True)
     finished = os.path.isfile(os.path.join(out, STATS_FILE))
@@ -544,8 +557,7 @@ def run_image_pass(text, source, image_column: str | None, args: PrepareArgs, ba
     if image_column is not None:
         view = datasets.concatenate_datasets([text, source.select_columns([image_column])], axis=1)
     origin = file_fingerprint(args.pmc_csv) if args.pmc_csv else source._fingerprint
-    settings = {k: v for k, v in asdict(args).items() if k not in NOT_SETTINGS}
-    key = datasets.fingerprint.Hasher.hash([origin, settings, base_dir])
+    key = datasets.fingerprint.Hasher.hash([origin, settings_of("prepare", args), base_dir])
     scratch = os.path.join(args.output_dir, IMAGE_CACHE)
     os.makedirs(scratch, exist_ok=True)
     return view.with_format("arrow").map(
@@ -695,7 +707,7 @@ def read_predictions(path: str, keys: dict, labels: list, answers: list, summari
     """
     found, first_line, unmatched, k, k_line = {}, {}, 0, None, None
     with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+        for line_no, line in enumerate(tqdm(f, desc=f"reading {path}", unit=" lines"), 1):
             if not line.strip():
                 continue
             where = f"{path}:{line_no}"
@@ -1011,14 +1023,11 @@ COMMANDS = {
 
 
 def main(argv=None):
-    from transformers import HfArgumentParser
-
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: python curate.py {'|'.join(COMMANDS)} [--help | options]")
+        raise SystemExit(f"usage: python curate.py {'|'.join(COMMANDS)} [settings.yaml] [--help | options]")
     args_class, command = COMMANDS[argv[0]]
-    (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses(argv[1:])
-    command(args)
+    command(reward.parse_args(args_class, argv[1:]))  # a YAML/JSON file first, flags override it
 
 
 if __name__ == "__main__":

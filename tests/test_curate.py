@@ -417,7 +417,7 @@ def test_filter_keeps_the_official_rows_in_the_official_order(tmp_path, official
         assert datasets.load_from_disk(str(tmp_path / "by_reward"))["dataset_index"] != expected
 
 
-def test_filter_bad_rows_are_named_or_skipped_keeping_the_official_order(tmp_path):
+def test_filter_bad_rows_are_named_or_skipped_keeping_the_official_order(tmp_path, capsys):
     def spoil(i, row):
         if i == 7:
             row["answer_label"] = "E"                 # not among the options
@@ -426,14 +426,18 @@ def test_filter_bad_rows_are_named_or_skipped_keeping_the_official_order(tmp_pat
         return row
     rows = text_set(tmp_path / "in", 120, edit=spoil)
     lines = write_pass_file(tmp_path / "p.jsonl", rows, seed=1, skip=lambda i: False)
-    argv = ["filter", "--data", str(tmp_path / "in"), "--predictions", str(tmp_path / "p.jsonl"),
-            "--out", str(tmp_path / "out")]          # --out: the Makefile's spelling
+    # The inputs from a settings file (JSON here; YAML alike), the output folder as a flag.
+    settings = tmp_path / "filter.json"
+    settings.write_text(json.dumps({"data": str(tmp_path / "in"), "predictions": str(tmp_path / "p.jsonl")}))
+    argv = ["filter", str(settings), "--output_dir", str(tmp_path / "out")]
     with pytest.raises(reward.RowError) as refused:
         curate.main(argv)
+    assert "checking" in capsys.readouterr().err  # the row check shows a progress bar
     assert "dataset_index=1007: answer_label 'E'" in str(refused.value)
     assert "dataset_index=1020: answer" in str(refused.value)
     assert not (tmp_path / "out").exists()
     curate.main(argv + ["--on_bad_row", "skip"])
+    assert "reading" in capsys.readouterr().err  # and so does the pass over the predictions file
     data = load_checked(tmp_path / "out")
     assert data["dataset_index"] == [i for i in official_kept(rows, lines) if i not in (1007, 1020)]
     assert [b["dataset_index"] for b in bad_rows_of(tmp_path / "out")] == [1007, 1020]
@@ -607,6 +611,8 @@ def test_traces_take_the_first_correct_samples_think_text(tmp_path):
     curate.main(["traces", "--data", str(tmp_path / "in"), "--predictions",
                  str(tmp_path / "teacher.jsonl"), "--output_dir", str(tmp_path / "out")])
     assert listing(tmp_path / "in") == before
+    # traces draws no random number: --seed is accepted (as by every stage) but is no setting of the run.
+    assert "seed" not in json.loads((tmp_path / "out" / "run.json").read_text())["settings"]
 
     data = load_checked(tmp_path / "out")
     kept = [(row["dataset_index"], fate) for row, (_, fate) in zip(rows, TRACE_CASES) if fate not in DROPS]
