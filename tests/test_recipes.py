@@ -1,4 +1,5 @@
-"""The Makefile's recipes: the exact command lines, and one recipe run end to end on the toy world."""
+"""The Makefile's recipes: the exact command lines (with the settings file each names first, read as
+the stage reads it), and one recipe run end to end on the toy world."""
 
 import json
 import re
@@ -8,7 +9,14 @@ import subprocess
 import datasets
 import pytest
 
+import curate
+import evaluate
+import grpo
+import reward
+import sft
 from conftest import ROOT, run_env
+
+ARGS = {"evaluate.py": evaluate.Args, "grpo.py": grpo.Args, "sft.py": sft.Args}
 
 
 def make(*args, timeout=300) -> str:
@@ -18,20 +26,86 @@ def make(*args, timeout=300) -> str:
     return result.stdout
 
 
+def stage_commands(out: str, script: str) -> list[list[str]]:
+    """The arguments of every `make -n` line that runs `script` (not --compare), in order."""
+    lines = [line for line in out.replace("\\\n", " ").splitlines() if f" {script} " in line
+             and not line.lstrip().startswith(("echo", "#")) and "--compare" not in line]
+    return [shlex.split(line.split(f" {script} ", 1)[1]) for line in lines]
+
+
+def stage_args(argv: list[str], script: str):
+    """What the stage runs with: its own argument class over its command line, the settings file the
+    line names first included (reward.parse_args, as the stage parses), flags overriding the file."""
+    if script == "curate.py":
+        return reward.parse_args(curate.COMMANDS[argv[0]][0], absolute_config(argv[1:]))
+    return reward.parse_args(ARGS[script], absolute_config(argv))
+
+
+def absolute_config(argv: list[str]) -> list[str]:
+    """The settings file named relative to the Makefile's folder, as make runs the stage there."""
+    if argv and argv[0].endswith(".yaml"):
+        return [str(ROOT / argv[0]), *argv[1:]]
+    return argv
+
+
 def test_make_n_reproduce_3b_shows_the_papers_pipeline():
     out = make("-n", "reproduce-3b", "RUNS=/tmp/never-run")
     # Training recipes run every stage under FSDP2 (TRAIN_CONFIG; evaluate.py does not wrap its model).
     launch = ".venv/bin/accelerate launch --config_file configs/fsdp.yaml --num_processes 8"
-    assert (f"{launch} evaluate.py --model Qwen/Qwen2.5-VL-3B-Instruct --data "
+    assert (f"{launch} evaluate.py configs/passcount.yaml --model Qwen/Qwen2.5-VL-3B-Instruct --data "
             "UCSC-VLAA/MedVLThinker-m23k-tokenized --split train") in out
-    assert "--n 16 --temperature 1.0 --max_new_tokens 4096" in out  # pass counts (docs/method.md section 7)
-    assert "curate.py filter" in out and "--min_pass 1 --max_pass 7" in out
-    assert f"{launch} grpo.py --model Qwen/Qwen2.5-VL-3B-Instruct --data /tmp/never-run/reproduce-3b/filtered" in out
-    assert "--data UCSC-VLAA/MedVLThinker-Eval --split test" in out
+    passes, evaluation = [stage_args(argv, "evaluate.py") for argv in stage_commands(out, "evaluate.py")]
+    # Pass counts (docs/method.md section 7): 16 samples at T 1.0, top_p 1.0, up to 4096 new tokens.
+    assert (passes.n, passes.temperature, passes.top_p, passes.max_new_tokens) == (16, 1.0, 1.0, 4096)
+    assert passes.split == "train" and passes.output_dir == "/tmp/never-run/reproduce-3b/passcounts"
+    (filtering,) = [stage_args(argv, "curate.py") for argv in stage_commands(out, "curate.py")]
+    assert (filtering.min_pass, filtering.max_pass, filtering.shuffle, filtering.seed) == (1, 7, True, 42)
+    assert (f"{launch} grpo.py configs/grpo_m23k.yaml --model Qwen/Qwen2.5-VL-3B-Instruct "
+            "--data /tmp/never-run/reproduce-3b/filtered") in out
+    # Greedy evaluation, up to 4096 new tokens, on the six benchmarks (docs/method.md section 8).
+    assert (evaluation.temperature, evaluation.n, evaluation.max_new_tokens) == (0.0, 1, 4096)
+    assert (evaluation.data, evaluation.split) == ("UCSC-VLAA/MedVLThinker-Eval", "test")
     assert '--paper "3B RL(m23k)=53.19"' in out
-    assert grpo_flags(out)["--resume"] == "latest"  # always: grpo.py starts afresh without a checkpoint
+    # GRPO (docs/method.md section 5): 256 prompts x 8 samples, mini-batch 128, lr 1e-6, beta 0.01,
+    # 5 epochs; validation every 25 steps on 400 items of the evaluation set.
+    (argv,) = stage_commands(out, "grpo.py")
+    args = stage_args(argv, "grpo.py")
+    assert (args.rollout_batch_size, args.group_size, args.mini_batch_size, args.learning_rate, args.beta,
+            args.num_epochs, args.max_new_tokens, args.max_prompt_length) == (
+        256, 8, 128, 1e-6, 0.01, 5, 4096, 2048)
+    assert (args.eval_every, args.eval_data, args.eval_split, args.eval_limit) == (
+        25, "UCSC-VLAA/MedVLThinker-Eval", "test", 400)
+    assert args.resume == "latest"  # always: grpo.py starts afresh without a checkpoint
     assert "NUM_GPUS" not in out and "--num_processes 4" in make("-n", "reproduce-3b", "NUM_GPUS=4",
                                                                "RUNS=/tmp/never-run")
+
+
+def test_make_n_reproduce_3b_pmc_and_sft():
+    out = make("-n", "reproduce-3b-pmc", "RUNS=/tmp/never-run")
+    (argv,) = stage_commands(out, "grpo.py")
+    assert argv[0] == "configs/grpo_pmc.yaml"
+    args = stage_args(argv, "grpo.py")
+    assert (args.num_epochs, args.rollout_batch_size, args.mini_batch_size, args.learning_rate) == (
+        1, 256, 128, 1e-6)
+    assert args.data == "/tmp/never-run/reproduce-3b-pmc/filtered"
+    out = make("-n", "reproduce-3b-sft", "RUNS=/tmp/never-run")
+    (argv,) = stage_commands(out, "sft.py")
+    assert argv[0] == "configs/sft_pmc.yaml"
+    args = stage_args(argv, "sft.py")
+    # docs/method.md section 6: lr 1e-5, 5% warmup, weight decay 1e-4, betas (0.9, 0.95), global batch
+    # 16; the released checkpoint is from epoch 3.
+    assert (args.learning_rate, args.warmup_ratio, args.weight_decay, args.adam_beta1, args.adam_beta2,
+            args.global_batch_size, args.num_epochs) == (1e-5, 0.05, 1e-4, 0.9, 0.95, 16, 3)
+    assert args.model == "Qwen/Qwen2.5-VL-3B-Instruct" and args.resume == "latest"
+    assert args.data == "UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized"
+
+
+@pytest.mark.parametrize("config", ["grpo_m23k", "grpo_pmc", "grpo_synther", "sft_pmc", "eval", "passcount"])
+def test_every_settings_file_holds_only_settings_of_its_stage(config):
+    """reward.parse_args refuses a key the stage does not have (a renamed flag, a typo)."""
+    script = {"grpo": "grpo.py", "sft": "sft.py"}.get(config.split("_")[0], "evaluate.py")
+    required = {"grpo.py": ["--data", "d"], "evaluate.py": ["--output_dir", "o"]}.get(script, [])
+    stage_args([f"configs/{config}.yaml", *required], script)
 
 
 def test_reproduce_3b_runs_end_to_end_with_toy_arguments(tiny_model_dir, toy_data_dir, tmp_path):
@@ -41,7 +115,7 @@ def test_reproduce_3b_runs_end_to_end_with_toy_arguments(tiny_model_dir, toy_dat
         f"EVAL_DATA={toy_data_dir}", "EVAL_SPLIT=test", "LAUNCH=.venv/bin/python", "MIN_PASS=0",
         "PASS_ARGS=--n 2 --temperature 1.0 --max_new_tokens 4 --batch_size 16 --limit 16",
         "GRPO_ARGS=--rollout_batch_size 4 --mini_batch_size 2 --group_size 2 --max_new_tokens 4 "
-        "--max_steps 1 --gradient_checkpointing False --micro_batch_size 8",
+        "--max_steps 1 --gradient_checkpointing False --micro_batch_size 8 --eval_every 0",
         "EVAL_ARGS=--max_new_tokens 4 --batch_size 24")
     run = tmp_path / "reproduce-3b"
     kept = datasets.load_from_disk(str(run / "filtered"))
@@ -97,17 +171,11 @@ SYNTHER = [
 ]
 
 
-def grpo_flags(out: str) -> dict:
-    """grpo.py's flags on its `make -n` line, the last of a repeated flag winning (as argparse)."""
-    lines = [line for line in out.replace("\\\n", " ").splitlines() if " grpo.py " in line]
-    assert len(lines) == 1, out
-    words = shlex.split(lines[0].split(" grpo.py ", 1)[1])
-    flags = {}
-    for i, word in enumerate(words):
-        if word.startswith("--"):
-            flags[word] = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else ""
-    flags["--num_processes"] = re.search(r"--num_processes (\d+) grpo\.py", lines[0]).group(1)
-    return flags
+def grpo_run(out: str):
+    """(grpo.py's arguments on its `make -n` line, settings file included; its process count)."""
+    (argv,) = stage_commands(out, "grpo.py")
+    processes = re.search(r"--num_processes (\d+) grpo\.py", out.replace("\\\n", " ")).group(1)
+    return stage_args(argv, "grpo.py"), int(processes)
 
 
 def test_every_medvlsynther_target_is_in_the_table():
@@ -118,22 +186,32 @@ def test_every_medvlsynther_target_is_in_the_table():
 @pytest.mark.parametrize("target,data,batch,mini,gpus,paper,script", SYNTHER, ids=[row[0] for row in SYNTHER])
 def test_make_n_medvlsynther(target, data, batch, mini, gpus, paper, script):
     out = make("-n", target, "RUNS=/tmp/never-run")
-    flags = grpo_flags(out)
+    args, processes = grpo_run(out)
+    assert stage_commands(out, "grpo.py")[0][0] == "configs/grpo_synther.yaml"
     size = target.split("-")[1].upper()
-    assert flags["--model"] == f"Qwen/Qwen2.5-VL-{size}-Instruct"
-    assert flags["--data"] == f"MedVLSynther/{data}" and flags["--split"] == "train"
+    assert args.model == f"Qwen/Qwen2.5-VL-{size}-Instruct"
+    assert args.data == f"MedVLSynther/{data}" and args.split == "train"
     assert "curate.py" not in out and "passcounts" not in out  # MedSynVQA is curated already
-    assert (flags["--rollout_batch_size"], flags["--mini_batch_size"]) == (str(batch), str(mini)), script
-    assert flags["--num_processes"] == str(gpus), script
+    assert (args.rollout_batch_size, args.mini_batch_size) == (batch, mini), script
+    assert processes == gpus, script
     # The same in every official script: rollout n 8, lr 1e-6, k3 KL loss 0.01, 4096-token responses,
     # no prompt dropped (max_prompt_length 80000), 1 epoch.
-    assert (flags["--group_size"], flags["--learning_rate"], flags["--beta"], flags["--max_new_tokens"],
-            flags["--max_prompt_length"], flags["--epochs"]) == ("8", "1e-6", "0.01", "4096", "80000", "1")
-    assert flags["--resume"] == "latest"
+    assert (args.group_size, args.learning_rate, args.beta, args.max_new_tokens, args.max_prompt_length,
+            args.num_epochs) == (8, 1e-6, 0.01, 4096, 80000, 1)
+    assert args.resume == "latest"
     assert f'--paper "{paper}"' in out
 
 
 def test_medvlsynther_num_gpus_override_and_alias():
-    assert grpo_flags(make("-n", "synther-3b-1k", "NUM_GPUS=8", "RUNS=/tmp/never-run"))["--num_processes"] == "8"
+    assert grpo_run(make("-n", "synther-3b-1k", "NUM_GPUS=8", "RUNS=/tmp/never-run"))[1] == 8
     out = make("-n", "reproduce-synther-3b", "RUNS=/tmp/never-run")
-    assert grpo_flags(out)["--data"] == "MedVLSynther/MedSynVQA-5K" and '--paper "3B RL(MedSynVQA-5K)=55.85"' in out
+    assert grpo_run(out)[0].data == "MedVLSynther/MedSynVQA-5K"
+    assert '--paper "3B RL(MedSynVQA-5K)=55.85"' in out
+
+
+def test_every_stage_line_of_the_demo_parses(tmp_path):
+    """The demo's command lines (its own section of the Makefile) against the stages' arguments."""
+    out = make("-n", "demo", f"DEMO={tmp_path / 'demo'}")
+    for script in ("evaluate.py", "sft.py", "curate.py", "grpo.py"):
+        for argv in stage_commands(out, script):
+            stage_args(argv, script)
