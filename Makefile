@@ -147,9 +147,8 @@ PMC_TRACES ?= UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized
 # lengths (benchmarks/plan.py, 8 x 80 GB): under DDP the 7B's fp32 weights, gradients and Adam states
 # alone are 124 GiB, and the 3B peaks at 85.2 GiB (fp32 states 56 GiB, bf16 reference 7 GiB,
 # autocast's bf16 weight copies 5.7 GiB, KV cache of a generate call 13.5 GiB): it does not fit.
-# Under FSDP, with
-# grpo.py's defaults (micro-batch 8, log-probs in chunks of 2048 tokens, the policy gathered in bf16
-# once per rollout): about 37 GiB for the 3B and 70 GiB for the 7B. TRAIN_CONFIG=configs/ddp.yaml
+# Under FSDP, with grpo.py's defaults (micro-batch 8, log-probs in chunks of 2048 tokens, the policy
+# gathered in bf16 once per rollout): about 37 GiB for the 3B and 70 GiB for the 7B. TRAIN_CONFIG=configs/ddp.yaml
 # goes back to DDP (the 3B then fits only with --generation_batch_size 4 --micro_batch_size 5 in
 # GRPO_ARGS, at an estimated 80.0 of 80 GiB).
 TRAIN_CONFIG ?= configs/fsdp.yaml

@@ -68,10 +68,7 @@ import reward
 
 @dataclass
 class Args:
-    # --out, the old name, stays only while tests/test_real_tokenizer.py and benchmarks/gpu_check.py
-    # still pass it (the Makefile, the demo included, and this script's own tests say --output_dir).
-    output_dir: str = field(metadata={
-        "aliases": ["--out"], "help": "Folder for predictions.jsonl, results.json, run.json."})
+    output_dir: str = field(metadata={"help": "Folder for predictions.jsonl, results.json, run.json."})
     model: str | None = field(default=None, metadata={"help": "Hub id or save_pretrained folder."})
     data: str | None = field(default=None, metadata={
         "help": "Hub id, save_to_disk folder, or a parquet/jsonl file in the schema of "

@@ -210,7 +210,7 @@ def check(args: CheckArgs, work: Path) -> dict:
 
     # 1. Generation through evaluate.py: one call of prompts x samples sequences.
     report, out = run_stage("evaluate", [
-        "--model", model_dir, "--data", data_dir, "--split", "test", "--out", str(work / "eval"),
+        "--model", model_dir, "--data", data_dir, "--split", "test", "--output_dir", str(work / "eval"),
         "--n", str(args.samples), "--temperature", "1.0", "--max_new_tokens", str(args.new_tokens),
         "--batch_size", str(args.prompts), "--dtype", "float32" if args.cpu else "bfloat16"], env)
     timed = re.search(r"rows in ([0-9.]+) s", out)  # evaluate.py's own clock around generation
@@ -248,7 +248,7 @@ def check(args: CheckArgs, work: Path) -> dict:
     # 3. SFT: two steps of one long sequence; the second is timed (the first pays for warm-up).
     report, out = run_stage("sft", [
         "--model", model_dir, "--data", data_dir, "--split", "sft", "--output_dir", str(work / "sft"),
-        "--global_batch_size", "1", "--per_device_batch_size", "1", "--max_steps", "2",
+        "--global_batch_size", "1", "--micro_batch_size", "1", "--max_steps", "2",
         "--gradient_checkpointing", "True", "--learning_rate", "1e-5", *train_flags], env)
     m = last_metrics(work / "sft" / "metrics.jsonl", ["tokens_per_s"])
     n = lengths["sft_tokens"]

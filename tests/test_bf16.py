@@ -88,7 +88,7 @@ def test_bf16_logprobs_stay_close_to_fp32(warm_tiny_dir, toy_data_dir):  # noqa:
 
 def test_sft_in_bf16_saves_bf16_and_keeps_fp32_master_weights(tiny_model_dir, toy_data_dir, tmp_path):
     flags = ["--model", tiny_model_dir, "--data", toy_data_dir, "--split", "sft", "--learning_rate", "3e-3",
-             "--global_batch_size", "8", "--per_device_batch_size", "4", "--max_steps", "6", "--save_steps", "3"]
+             "--global_batch_size", "8", "--micro_batch_size", "4", "--max_steps", "6", "--save_steps", "3"]
     sft.main(flags + ["--mixed_precision", "bf16", "--output_dir", str(tmp_path / "bf16")])
     AcceleratorState._reset_state(reset_partial_state=True)
     sft.main(flags + ["--output_dir", str(tmp_path / "fp32")])  # auto on a CPU: fp32

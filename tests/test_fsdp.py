@@ -165,7 +165,7 @@ def test_sft_under_fsdp_equals_one_process_and_resumes(tiny_model_dir, toy_data_
     # The rows of each step: every step has an image (so the vision tower has a gradient in one
     # process too), and in some step one process's micro-batch has an image and the other's none.
     images = [bool(row["images"]) for row in datasets.load_from_disk(toy_data_dir)["sft"]]
-    args = sft.SFTArgs(global_batch_size=8, per_device_batch_size=2)
+    args = sft.Args(global_batch_size=8, micro_batch_size=2)
     plans = [sft.micro_batch_plan(len(images), args, 0, 3, rank=r, world=2) for r in range(2)]
     mixed = False
     for step in range(3):
@@ -177,8 +177,8 @@ def test_sft_under_fsdp_equals_one_process_and_resumes(tiny_model_dir, toy_data_
     assert mixed
 
     config, two, one = cpu_config(tmp_path), tmp_path / "two", tmp_path / "one"
-    launch(tmp_path, config, "sft", *flags, "--per_device_batch_size", "2", "--output_dir", two)
-    sft.main(flags + ["--per_device_batch_size", "4", "--output_dir", str(one)])
+    launch(tmp_path, config, "sft", *flags, "--micro_batch_size", "2", "--output_dir", two)
+    sft.main(flags + ["--micro_batch_size", "4", "--output_dir", str(one)])
     for a, b in zip(metrics(one), metrics(two), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
@@ -192,7 +192,7 @@ def test_sft_under_fsdp_equals_one_process_and_resumes(tiny_model_dir, toy_data_
     # shards): the third step again, from checkpoint-2, ends where the uninterrupted run ended.
     finished = load_file(two / "final" / "model.safetensors")
     os.rename(two / "final", tmp_path / "final-before")
-    launch(tmp_path, config, "sft", *flags, "--per_device_batch_size", "2", "--output_dir", two,
+    launch(tmp_path, config, "sft", *flags, "--micro_batch_size", "2", "--output_dir", two,
            "--resume", "latest")
     assert [m["step"] for m in metrics(two)] == [1, 2, 3]
     resumed = load_file(two / "final" / "model.safetensors")

@@ -178,7 +178,7 @@ def test_sft_label_mask_with_real_ids(processor):
 
     processor.tokenizer.padding_side = "right"
     rows = [FIRST_ROW, image_row(toy.radiograph(4.0, np.random.default_rng(0)))]
-    batch = sft.tokenize(processor, rows)
+    batch = sft.tokenize(processor, rows, "<|im_end|>")
     labels, ids = batch["labels"], batch["input_ids"]
     n = len(FIRST_ROW_PROMPT_IDS)
     assert ids[0, :n].tolist() == FIRST_ROW_PROMPT_IDS
@@ -216,12 +216,12 @@ def test_each_stage_runs_on_the_real_processor(qwen_model_dir, tmp_path):
     data = str(tmp_path / "data")
     toy.build_data(toy.DataArgs(out=data, n_sft=4, n_train=4, n_validation=2, n_test=3)).save_to_disk(data)
     run_stage(["evaluate.py", "--model", qwen_model_dir, "--data", data, "--split", "test",
-               "--out", str(tmp_path / "eval"), "--max_new_tokens", "4", "--batch_size", "3"])
+               "--output_dir", str(tmp_path / "eval"), "--max_new_tokens", "4", "--batch_size", "3"])
     lines = [json.loads(line) for line in open(tmp_path / "eval" / "predictions.jsonl")]
     assert len(lines) == 3 and (tmp_path / "eval" / "results.json").exists()
     run_stage(["sft.py", "--model", qwen_model_dir, "--data", data, "--split", "sft",
                "--output_dir", str(tmp_path / "sft"), "--global_batch_size", "2",
-               "--per_device_batch_size", "2", "--max_steps", "1", "--save_steps", "0"])
+               "--micro_batch_size", "2", "--max_steps", "1", "--save_steps", "0"])
     sft_log = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
     assert len(sft_log) == 1 and abs(sft_log[0]["loss"] - np.log(151936)) < 0.5  # random model: ~ln(V)
     assert (tmp_path / "sft" / "final" / "tokenizer.json").exists()
