@@ -18,9 +18,11 @@ paper's settings):
 6. log the step's metrics, and every --eval_every steps the greedy accuracy on a held-out slice.
 
 `main`, at the end of the file, is the table of contents: the loop is these six steps. A reader of
-the algorithm may skip the last two sections: section 7 lists every place where processes meet (the
-rollout calls one of its functions, `full_parameters`), section 8 is plumbing (set-up, the numerical
-guard, checkpoints, logs). Every other function is defined before its first use.
+the algorithm may skip the last three sections: "The shared prompt" computes the numbers of steps 2,
+4 and 5 with each group's prompt run once instead of G times (--share_prompt; the rollout and the
+log-prob passes call it), section 7 lists every place where processes meet (the rollout calls one of
+its functions, `full_parameters`), section 8 is plumbing (set-up, the numerical guard, checkpoints,
+logs). Every other function is defined before its first use.
 
 Run on one process (`python grpo.py --model M --data D --output_dir DIR`, or `python grpo.py
 config.yaml` with flags overriding the file) or on several with `accelerate launch --config_file
@@ -62,7 +64,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor, get_scheduler
+from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache, get_scheduler
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 import reward
@@ -92,6 +94,12 @@ class Args:
     # Update (paper: mini-batch 128 prompts, i.e. 2 optimizer steps per rollout).
     mini_batch_size: int = field(default=128, metadata={"help": "Prompts per optimizer step, all processes."})
     micro_batch_size: int = field(default=8, metadata={"help": "Sequences per forward (per process)."})
+    share_prompt: bool = field(default=False, metadata={
+        "help": "Compute each group's prompt (and its image) once instead of once per sample: in the "
+                "rollout's prefill, the log-prob passes and the update (the section 'The shared prompt'). "
+                "The same numbers up to fp32 rounding, with less time and memory; each micro-batch computes "
+                "each of its prompts once, so --micro_batch_size a multiple of --group_size (whole groups) "
+                "saves the most. False: every sequence computes its own prompt."})
     logprob_chunk_tokens: int = field(default=2048, metadata={
         "help": "Completion tokens whose vocabulary log-softmax is computed at once (0: all of a "
                 "micro-batch). The same log-probs; about 14 bytes x vocabulary per token of a chunk "
@@ -182,10 +190,15 @@ class Args:
 # for them), how often and how much is saved or logged, how a batch is cut into forward passes (the
 # loss is exact under any split), the guard's thresholds, and --on_bad_row (with "error" a run with
 # bad rows never starts, so either value trains on the same rows). Every other field is a setting.
+# --share_prompt is not one either: it computes the same numbers another way (in fp64 the two paths
+# agree to 1e-15, tests/test_shared_prompt.py), and its fp32 rounding is the size of the one a change
+# of --micro_batch_size makes (1 to 2 ulp of a log-prob), which is not a setting either. So a run
+# resumed with the other value continues the same run, up to rounding; and the next default (True)
+# will not lock the run folders made before it out of --resume.
 NOT_SETTINGS = ("model", "data", "eval_data", "output_dir", "resume", "save_steps", "save_total_limit",
                 "report_to", "micro_batch_size", "eval_batch_size", "gradient_checkpointing", "on_bad_row",
                 "eval_every", "max_skipped_steps", "collapse_steps", "logprob_chunk_tokens", "save_dtype",
-                "save_final")
+                "save_final", "share_prompt")
 # The checkpoint contract (docs/method.md section 10), the same as sft.py's.
 TRAINING_STATE = "training_state"  # accelerator.save_state: model, optimizer, scheduler, RNG of every process
 TRAINER_STATE = "trainer_state.json"
@@ -374,7 +387,7 @@ def build_samples(processor, rows: list[dict], completions: list[tuple[list[int]
 @torch.no_grad()
 def rollout(model, accelerator, processor, rows: list[dict], group_size: int, batch_size: int,
             gen_kwargs: dict, eos_ids: list[int], seed: tuple[int, int] | None = None,
-            desc: str | None = None) -> list[tuple[list[int], bool]]:
+            desc: str | None = None, share_prompt: bool = False) -> list[tuple[list[int], bool]]:
     """G completions of every row, on every process; row i's are completions [i G, (i + 1) G).
 
     Batching is a function of positions in `rows` only, so the rollout is the same on any number of
@@ -384,6 +397,8 @@ def rollout(model, accelerator, processor, rows: list[dict], group_size: int, ba
     only, a few bytes a token). seed: (run seed, step), or None when greedy. Each completion is (its
     tokens up to and including the first end-of-turn token, truncated: no end token within
     max_new_tokens). desc: a progress bar of that name over the main process's prompts.
+    share_prompt: each call prefills its rows once, not G times (`generate_shared`): the same
+    samples for the same seed.
     """
     unwrapped = accelerator.unwrap_model(model)
     was_training = unwrapped.training
@@ -397,22 +412,27 @@ def rollout(model, accelerator, processor, rows: list[dict], group_size: int, ba
     calls = list(range(0, len(rows), batch_size))
     mine = calls[rank::world]
     padding = calls[:1] * (math.ceil(len(calls) / world) - len(mine)) if sync else []
+    shared = share_prompt and group_size > 1  # validation's greedy rollouts (G = 1): nothing to share
     local = []
     bar = tqdm(total=sum(len(rows[start:start + batch_size]) for start in mine), desc=desc, unit="prompt",
                leave=False, disable=desc is None or not accelerator.is_main_process)
     with full_parameters(model, accelerator):
         for k, start in enumerate(mine + padding):
-            chunk = [row for row in rows[start:start + batch_size] for _ in range(group_size)]
-            texts, images = reward.chat_prompts(processor, chunk)
+            chunk = rows[start:start + batch_size]
+            texts, images = reward.chat_prompts(processor, chunk if shared else
+                                                [row for row in chunk for _ in range(group_size)])
             inputs = processor(text=texts, images=images or None, padding=True, padding_side="left",
                                return_tensors="pt").to(accelerator.device)
             with torch.random.fork_rng(devices=cuda):
                 if seed is not None:
                     torch.manual_seed(sampling_seed(*seed, start))
-                sequences = unwrapped.generate(**inputs, **gen_kwargs, synced_gpus=sync)
+                if shared:
+                    sequences = generate_shared(unwrapped, inputs, group_size, **gen_kwargs, synced_gpus=sync)
+                else:
+                    sequences = unwrapped.generate(**inputs, **gen_kwargs, synced_gpus=sync)
             if k < len(mine):
                 local.append((start, cut_completions(sequences[:, inputs["input_ids"].shape[1]:], eos_ids)))
-                bar.update(len(chunk) // group_size)
+                bar.update(len(chunk))
     bar.close()
     unwrapped.train(was_training)
     by_start = dict(gather_object(local))
@@ -572,16 +592,26 @@ def completion_logprobs(model, batch: dict, temperature: float, never_ids: list[
     return (logp, entropy) if with_entropy else logp
 
 
+def logprob_pass(args: Args):
+    """(collate, log-prob function) of a micro-batch: the plain ones above, or with --share_prompt
+    the shared prompt's (`collate_shared`, `shared_completion_logprobs`): the same batch keys the
+    loss reads (completion_ids, completion_mask) and the same [n, C] log-probs."""
+    if args.share_prompt:
+        return collate_shared, shared_completion_logprobs
+    return collate, completion_logprobs
+
+
 @torch.no_grad()
 def sequence_logprobs(model, samples: list[Sample], args: Args, pad_id: int, never_ids: list[int],
                       device) -> list[torch.Tensor]:
     """logp of every sample's completion, micro-batch by micro-batch, without gradients."""
+    collate_fn, logprobs = logprob_pass(args)
     out = []
     for start in range(0, len(samples), args.micro_batch_size):
         micro = samples[start:start + args.micro_batch_size]
-        batch = collate(micro, pad_id, device)
-        logp = completion_logprobs(model, batch, args.temperature, never_ids,
-                                   chunk_tokens=args.logprob_chunk_tokens).cpu()
+        batch = collate_fn(micro, pad_id, device)
+        logp = logprobs(model, batch, args.temperature, never_ids,
+                        chunk_tokens=args.logprob_chunk_tokens).cpu()
         out += [row[:len(s.completion_ids)] for row, s in zip(logp, micro)]
     return out
 
@@ -668,8 +698,9 @@ def accumulate_gradients(model, accelerator, samples: list[Sample], args: Args, 
     totals = torch.zeros(len(STATS), device=device)
     size = args.micro_batch_size
     micro_batches = [samples[i:i + size] for i in range(0, len(samples), size)]
+    collate_fn, logprobs = logprob_pass(args)
     for k, micro in enumerate(micro_batches):
-        batch = collate(micro, pad_id, device)
+        batch = collate_fn(micro, pad_id, device)
         mask = batch["completion_mask"]
         advantages = torch.tensor([s.advantage for s in micro], device=device)
         # Gradients are all-reduced on the last micro-batch only. FSDP must reduce-scatter every
@@ -677,8 +708,8 @@ def accumulate_gradients(model, accelerator, samples: list[Sample], args: Args, 
         last = k == len(micro_batches) - 1
         no_sync = not last and accelerator.distributed_type != DistributedType.FSDP
         with accelerator.no_sync(model) if no_sync else contextlib.nullcontext():
-            logp, entropy = completion_logprobs(model, batch, args.temperature, never_ids, with_entropy=True,
-                                                chunk_tokens=args.logprob_chunk_tokens)
+            logp, entropy = logprobs(model, batch, args.temperature, never_ids, with_entropy=True,
+                                     chunk_tokens=args.logprob_chunk_tokens)
             old_logp = logp.detach() if on_policy else pad_rows([s.old_logp for s in micro], mask, device)
             per_token = policy_loss(logp, old_logp, advantages, mask, args.eps_low, args.eps_high,
                                     args.dual_clip)
@@ -832,6 +863,296 @@ def validate(model, accelerator, processor, rows, args: Args, never_ids, eos_ids
 
 
 # ---------------------------------------------------------------------------------------------
+# The shared prompt (--share_prompt): steps 2, 4 and 5 with each group's prompt computed once
+# (a reader of the algorithm may skip this: the numbers are those of the plain path)
+# ---------------------------------------------------------------------------------------------
+# Why the numbers are the same (issue 16; the idea is published for GRPO as a shared-prefix forward,
+# "Prefix Grouper"). In a causal decoder the hidden state, key and value at position t depend only on
+# the tokens at positions <= t, their rotary positions and the image features they hold. The G
+# samples of a group share their prompt q (the same tokens, left padding and image), so every
+# layer's keys and values over q are the same G times over. Here they are computed once per prompt
+# (the *prompt pass*, over q[:-1], image included) and repeated G times along the batch; each sample
+# then runs [q[-1], o_0 .. o_{C-1}] against them (the *completion pass*) with
+#  - the plain path's mask: the 2-D mask [prompt mask | completion mask] of `collate` (transformers'
+#    causal mask offsets its causal part by the cache length P - 1);
+#  - the plain path's rotary positions, passed explicitly (never left to the model's `rope_deltas`
+#    state): with an image in the micro-batch Qwen2.5-VL's 3-D positions from `get_rope_index` on the
+#    prompts, the completion continuing at (prompt tokens + rope delta) + t, which is where
+#    `get_rope_index` over prompt + completion puts it (completion tokens are text); with no image,
+#    the column index, as in the plain forward;
+#  - the plain path's outputs: the completion pass's C + 1 outputs are those of columns P - 1 ..
+#    P + C - 1 of the plain forward (`logits_to_keep=C + 1`), so `logprob_head` applies unchanged.
+# Gradients: the repetition K -> K.repeat_interleave(G) has the sum over the G copies as its adjoint,
+# so the prompt pass receives the sum of the G completions' gradients with respect to its keys and
+# values and backpropagates it once; the plain path backpropagates G identical prompt computations
+# and sums them in the weights' gradients. The prompt's backward is linear in its incoming gradient,
+# so both are the same sum, taken at another point: only the floating-point order differs. Measured
+# (tests/test_shared_prompt.py): in fp64 the paths agree to ~1e-15; in fp32 log-probs differ by 1 to
+# 2 ulp (~1e-6), as much as the plain path moves when only --micro_batch_size changes.
+#
+# What it saves: the prompt's forward and backward (and the vision tower on its image) run once per
+# group per micro-batch instead of G times; the completions attend to the same P + C keys as before.
+# Memory: the prompt's activations are held once per group instead of G times; each completion-pass
+# layer still builds the [G, kv heads, P + C, head dim] keys and values its attention needs (and, with
+# gradient, the attention saves them, as the plain path saves its own). In the rollout the KV cache is
+# G x P as before (repeated after the prefill): only the prefill's work is saved.
+#
+# --micro_batch_size keeps its meaning (sequences per forward) and its cuts. Micro-batches are
+# consecutive samples, so with a multiple of G they are whole groups (`update_share` gives each
+# process whole groups) and each prompt runs exactly once; otherwise a group cut by a micro-batch
+# boundary has its prompt computed once in each piece: still exact, less saved. A shared micro-batch
+# needs less memory than a plain one of the same size (measured on the toy models: 0.4 to 0.66 of
+# it), so a larger one may fit.
+#
+# Verified on CPUs in fp32 (tests/test_shared_prompt.py): one process, and DDP on two gloo processes.
+# FSDP2 and FSDP v1 on two gloo processes were checked by issue 16's prototype (the same weights as
+# one process, bit for bit), not by a test here. Not run: a GPU, bf16 autocast, flash-attention with
+# a cache and left padding.
+
+
+def prompt_runs(samples: list[Sample]) -> list[int]:
+    """Lengths of the runs of consecutive samples with the same prompt (tokens and images).
+
+    A group's G samples are adjacent, so a micro-batch of whole groups is runs of G; any cut works
+    (a group split across two micro-batches has its prompt computed once in each), and two adjacent
+    groups of the same question share one computation, just as exactly.
+    """
+    def same(a, b):
+        return a is b or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
+
+    runs = []
+    for i, s in enumerate(samples):
+        prev = samples[i - 1] if i else None
+        if prev is not None and all(same(getattr(prev, k), getattr(s, k)) for k in (
+                "prompt_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw")):
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    return runs
+
+
+def collate_shared(samples: list[Sample], pad_id: int, device) -> dict:
+    """A micro-batch for `shared_completion_logprobs`: each distinct prompt once, left padded to the
+    longest (the width P of `collate`), its images once; completions right padded to the longest
+    (width C, as `collate`'s completion_ids and completion_mask); `repeats[j]`: how many consecutive
+    samples use prompt j."""
+    runs = prompt_runs(samples)
+    heads = [samples[i] for i in np.cumsum([0] + runs[:-1])]
+    m, n = len(heads), len(samples)
+    P = max(len(s.prompt_ids) for s in heads)
+    C = max(len(s.completion_ids) for s in samples)
+    prompt_ids = torch.full((m, P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((m, P), dtype=torch.long)
+    prompt_mm = torch.zeros((m, P), dtype=torch.long)
+    for j, s in enumerate(heads):
+        p = len(s.prompt_ids)
+        prompt_ids[j, P - p:], prompt_mask[j, P - p:] = s.prompt_ids, 1
+        prompt_mm[j, P - p:] = s.mm_token_type_ids
+    completion_ids = torch.full((n, C), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((n, C), dtype=torch.bool)
+    for i, s in enumerate(samples):
+        c = len(s.completion_ids)
+        completion_ids[i, :c], completion_mask[i, :c] = s.completion_ids, True
+    with_images = [s for s in heads if s.pixel_values is not None]
+    batch = dict(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, prompt_mm_token_type_ids=prompt_mm,
+        pixel_values=torch.cat([s.pixel_values for s in with_images]) if with_images else None,
+        image_grid_thw=torch.cat([s.image_grid_thw for s in with_images]) if with_images else None,
+        completion_ids=completion_ids, completion_mask=completion_mask,
+        repeats=torch.tensor(runs, dtype=torch.long))
+    return {k: v.to(device) if v is not None else None for k, v in batch.items()}
+
+
+class _RecordingCache(DynamicCache):
+    """The prompt pass's cache: records each layer's keys and values and returns them unchanged (the
+    prompt attends to itself only); once frozen, a gradient-checkpointing replay is ignored."""
+
+    def __init__(self):
+        super().__init__()
+        self.recorded, self.frozen = {}, False
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not self.frozen:
+            self.recorded[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+
+class _PrefixCache(DynamicCache):
+    """The completion pass's cache: per layer the prompt's keys and values (already repeated per
+    sample) in front of the new ones. It stores nothing, so a replay computes the same thing."""
+
+    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self.prefix = prefix
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.prefix[layer_idx]
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.prefix[0][0].shape[-2]
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+
+@contextlib.contextmanager
+def _cache_through_checkpointing(module):
+    """Let the decoder layers keep `past_key_values` under gradient checkpointing.
+
+    transformers' GradientCheckpointingLayer drops the cache in training mode (a recomputation would
+    write a cache twice), which would silently cut the completions off their prompt. Both caches
+    above are replay-safe, so the layers are marked `_can_checkpoint_with_cache` (transformers' own
+    switch for such caches) while the passes run. Needs non-reentrant checkpointing (`load_models`):
+    the prompt's keys reach the completion layers outside their arguments.
+    """
+    layers = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False)
+              and hasattr(type(m), "_can_checkpoint_with_cache")]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache  # the class's default again
+
+
+def _unshard_before_backward(core, recorded: dict) -> None:
+    """FSDP2: gather a decoder layer's weights when the gradient reaches its prompt keys and values.
+
+    FSDP2 gathers a layer for its backward when the gradient reaches the layer's output; the prompt's
+    keys and values leave the layer through the cache, so their gradient can come first, and the
+    layer's backward (its recomputation under checkpointing) would meet sharded weights ("aten.mul.Tensor
+    got mixed torch.Tensor and DTensor", measured on 2 gloo processes). A hook on them gathers the
+    layer first (`unshard` does nothing when it is gathered); FSDP2 reshards it after its backward as
+    usual. FSDP v1 units have no `unshard`, and passed without it on CPU.
+    """
+    layers = core.model.language_model.layers
+    for layer_idx, (keys, values) in recorded.items():
+        layer = layers[layer_idx]
+        if hasattr(layer, "unshard") and keys.requires_grad:
+            for tensor in (keys, values):
+                tensor.register_hook(lambda grad, layer=layer: (layer.unshard(), grad)[1])
+
+
+def prompt_positions(core, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary positions of the prompts [3, m, P] and of each prompt's first completion token [m], as
+    the plain forward gets them from the model: with an image in the micro-batch, Qwen2.5-VL's
+    `get_rope_index` (the text after the image continues at the rope delta); without, the column
+    index."""
+    ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+    m, P = ids.shape
+    if batch["image_grid_thw"] is not None:
+        positions, deltas = core.model.get_rope_index(
+            ids, mm_token_type_ids=batch["prompt_mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+            attention_mask=mask)
+        return positions, mask.sum(-1) + deltas.view(-1)
+    columns = torch.arange(P, device=ids.device).view(1, 1, P).expand(3, m, P)
+    return columns, torch.full((m,), P, device=ids.device)
+
+
+def shared_completion_logprobs(model, batch: dict, temperature: float, never_ids: list[int],
+                               with_entropy: bool = False, chunk_tokens: int = 0):
+    """`completion_logprobs` for a `collate_shared` micro-batch, each prompt computed once: logp [n, C]
+    (and the entropy, without gradient), equal to the plain path's up to rounding, with and without
+    gradient (the section's comment has the argument).
+
+    Under DDP the prompt pass runs on the unwrapped module and only the completion pass through the
+    wrapper: DDP sees one forward per backward, and the completion pass's graph reaches every weight
+    the prompt pass used (through its keys and values), which is what find_unused_parameters walks.
+    Under FSDP both run through the model (the root unit gathers its own weights in its forward).
+    accelerate's autocast wraps the unwrapped module's forward, so both passes compute alike.
+    """
+    core, repeats = getattr(model, "module", model), batch["repeats"]
+    n, C = batch["completion_ids"].shape
+
+    def per_sample(t, dim=0):  # prompt rows -> sample rows; the adjoint sums the copies
+        return t.repeat_interleave(repeats, dim=dim, output_size=n)
+
+    positions, start = prompt_positions(core, batch)
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    with _cache_through_checkpointing(core):
+        # The prompt pass: every prompt once, image included, over all but its last token. Its one
+        # logit row is thrown away; calling the inner model instead would skip accelerate's autocast.
+        recorder = _RecordingCache()
+        (core if ddp else model)(
+            input_ids=batch["prompt_ids"][:, :-1], attention_mask=batch["prompt_mask"][:, :-1],
+            mm_token_type_ids=batch["prompt_mm_token_type_ids"][:, :-1], position_ids=positions[..., :-1],
+            pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+            past_key_values=recorder, use_cache=False, logits_to_keep=1)
+        recorder.frozen = True
+        if len(recorder.recorded) != core.config.get_text_config().num_hidden_layers:
+            raise RuntimeError(f"the prompt pass recorded the keys and values of {len(recorder.recorded)} "
+                               "layers, not all: a layer dropped past_key_values (gradient checkpointing "
+                               "without _cache_through_checkpointing?)")
+        if torch.is_grad_enabled():
+            _unshard_before_backward(core, recorder.recorded)
+        prefix = [(per_sample(k), per_sample(v)) for _, (k, v) in sorted(recorder.recorded.items())]
+        # The completion pass: [q_last, o_0 .. o_{C-1}] per sample against its prompt's keys and
+        # values; output t predicts o_t (the last output predicts nothing, as in the plain path).
+        input_ids = torch.cat([per_sample(batch["prompt_ids"][:, -1:]), batch["completion_ids"]], 1)
+        attention_mask = torch.cat([per_sample(batch["prompt_mask"]), batch["completion_mask"].long()], 1)
+        steps = torch.arange(C, device=start.device)
+        completion_positions = torch.cat([positions[..., -1:],
+                                          (start[:, None] + steps).unsqueeze(0).expand(3, -1, -1)], -1)
+        with logprob_head(model, batch["completion_ids"], temperature, never_ids, chunk_tokens, with_entropy):
+            out = model(input_ids=input_ids, attention_mask=attention_mask,
+                        mm_token_type_ids=torch.zeros_like(input_ids),  # completion tokens are text
+                        position_ids=per_sample(completion_positions, dim=1),
+                        past_key_values=_PrefixCache(prefix), use_cache=False, logits_to_keep=C + 1)
+    logp, entropy = out.logits.unbind(-1)
+    return (logp, entropy) if with_entropy else logp
+
+
+def generation_positions(model, inputs) -> torch.Tensor:
+    """The [4, n, P] positions `generate` builds for Qwen2.5-VL (transformers 5,
+    `_prepare_position_ids_for_generation`): row 0 the text positions (attention-mask cumsum, pads 0),
+    rows 1-3 the 3-D rotary positions (`get_rope_index` with an image in the batch, else row 0)."""
+    mask = inputs["attention_mask"]
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    if inputs.get("image_grid_thw") is not None:
+        rope, _ = model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
+    else:
+        rope = text.unsqueeze(0).expand(3, -1, -1)
+    return torch.cat([text.unsqueeze(0), rope], 0)
+
+
+@torch.no_grad()
+def generate_shared(model, inputs, group_size: int, **gen_kwargs) -> torch.Tensor:
+    """`model.generate` on `inputs` with every prompt repeated group_size times, each prompt prefilled
+    once: the n distinct prompts run once (all but their last token, image included) into a
+    DynamicCache, which is repeated G times (`batch_repeat_interleave`); generate then finds P - 1
+    tokens cached and runs only the last prompt token, n G x 1, and samples as usual.
+
+    `inputs`: the processor's output for the n prompts, left padded. Returns sequences [n G, P + new]
+    in the plain call's order (rows i G .. i G + G - 1 for prompt i). The positions are passed (the
+    4 rows generate itself would build): otherwise generate would add the model's `rope_deltas`,
+    which the prefill left with n rows, not n G. The sampler draws from [n G, vocab] probabilities
+    at every step, as in the plain call, so a seed gives the same samples (tests/test_shared_prompt.py:
+    token for token, text, image and mixed prompts), unless a rounding difference of ~1e-7 in a
+    probability moves a draw across a boundary. `model` is the unwrapped model in eval mode.
+    """
+    G, ids, mask = group_size, inputs["input_ids"], inputs["attention_mask"]
+    if not bool(mask[:, -1].all()):
+        raise ValueError("generate_shared needs left-padded prompts: the last column must be every "
+                         "prompt's last token")
+    mm = inputs.get("mm_token_type_ids")
+    mm = torch.zeros_like(ids) if mm is None else mm
+    positions = generation_positions(model, inputs)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], mm_token_type_ids=mm[:, :-1],
+          position_ids=positions[..., :-1], pixel_values=inputs.get("pixel_values"),
+          image_grid_thw=inputs.get("image_grid_thw"), past_key_values=cache, use_cache=True,
+          logits_to_keep=1)
+    cache.batch_repeat_interleave(G)
+    return model.generate(input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0),
+                          mm_token_type_ids=mm.repeat_interleave(G, 0),
+                          position_ids=positions.repeat_interleave(G, 1), past_key_values=cache, **gen_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
 # 7. Distributed: every place where processes meet (a reader of the algorithm may skip this)
 # ---------------------------------------------------------------------------------------------
 # On one process each is a no-op. With W processes (DDP, or FSDP with configs/fsdp.yaml):
@@ -845,6 +1166,11 @@ def validate(model, accelerator, processor, rows, args: Args, never_ids, eos_ids
 #    W (DDP and FSDP average gradients), and gradients are synchronised on the last micro-batch only,
 #    on every one under FSDP (`accumulate_gradients`); the logged sums are all-reduced and the
 #    gradient norm is global, so every process skips the same optimizer steps (`update`);
+#  - shared prompt (--share_prompt): under DDP the prompt pass runs on the unwrapped module and only
+#    the completion pass through the wrapper (one wrapped forward per backward); under FSDP2 a hook
+#    gathers a layer when the gradient reaches its prompt keys and values, before its output's
+#    (`shared_completion_logprobs`, `_unshard_before_backward`); the rollout's prefill runs inside
+#    `full_parameters` like generate, on every process alike (FSDP v1's padding calls included);
 #  - DDP: find_unused_parameters, since a micro-batch without images leaves the vision tower without
 #    gradient (`main`); the scheduler is not prepared, or accelerate would step it once per process
 #    (`load_models`);
@@ -1293,7 +1619,8 @@ def main(argv: list[str] | None = None):
         # 2. G completions of each, sampled on all processes; every process receives all of them.
         with named_sampling_failure(step + 1, model, args.learning_rate):
             completions = rollout(model, accelerator, processor, rows, G, args.generation_batch_size,
-                                  sampling_kwargs(args, never_ids), eos_ids, seed=(args.seed, step))
+                                  sampling_kwargs(args, never_ids), eos_ids, seed=(args.seed, step),
+                                  share_prompt=args.share_prompt)
         # 3. Rewards and advantages of the groups this process trains on.
         samples = build_samples(processor, [rows[i] for i in share],
                                 [c for i in share for c in completions[i * G:(i + 1) * G]])
