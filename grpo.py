@@ -904,10 +904,9 @@ def validate(model, accelerator, processor, rows, args: Args, never_ids, eos_ids
 # needs less memory than a plain one of the same size (measured on the toy models: 0.4 to 0.66 of
 # it), so a larger one may fit.
 #
-# Verified on CPUs in fp32 (tests/test_shared_prompt.py): one process, and DDP on two gloo processes.
-# FSDP2 and FSDP v1 on two gloo processes were checked by issue 16's prototype (the same weights as
-# one process, bit for bit), not by a test here. Not run: a GPU, bf16 autocast, flash-attention with
-# a cache and left padding.
+# Verified on CPUs in fp32: one process and DDP on two gloo processes (tests/test_shared_prompt.py);
+# FSDP2 on two gloo processes against one process (tests/test_fsdp.py); FSDP v1 likewise, once, by
+# hand. Not run: a GPU, bf16 autocast, flash-attention with a cache and left padding.
 
 
 def prompt_runs(samples: list[Sample]) -> list[int]:

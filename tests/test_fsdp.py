@@ -15,7 +15,9 @@ What they check, against one process on the same rows:
 - grpo.py (FSDP2 and v1): every sampled completion token for token (generate under FSDP: the whole
   policy gathered once per rollout with FSDP2, root gathered + synced_gpus with v1), rewards,
   losses, gradient norms and weights, with image prompts generated on one process only, two
-  optimizer steps per rollout, gradient checkpointing and chunked log-probs.
+  optimizer steps per rollout, gradient checkpointing and chunked log-probs; and the same under
+  FSDP2 with grpo.py's --share_prompt (issue 16; without grpo._unshard_before_backward it fails with
+  "aten.mul.Tensor got mixed torch.Tensor and DTensor").
 """
 
 import json
@@ -245,11 +247,16 @@ def alternating_rows(toy_data_dir, tmp_path_factory) -> str:
     return out
 
 
-@pytest.mark.parametrize("version", [2, 1])
-def test_grpo_under_fsdp_equals_one_process(version, warm_tiny_dir, alternating_rows, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("version,share_prompt", [(2, False), (1, False), (2, True)])
+def test_grpo_under_fsdp_equals_one_process(version, share_prompt, warm_tiny_dir, alternating_rows,  # noqa: F811
+                                            tmp_path):
+    # share_prompt: grpo.py's shared prompt (issue 16) with whole groups per micro-batch, so each
+    # prompt's keys and values get their gradient from both completions (FSDP2 must gather the layer
+    # first: grpo._unshard_before_backward); the rollout prefills each prompt once.
     common = ["--model", warm_tiny_dir, "--data", alternating_rows, "--max_steps", "2",
               "--rollout_batch_size", "4", "--mini_batch_size", "2", "--group_size", "2",
-              "--micro_batch_size", "1", "--generation_batch_size", "1", "--max_new_tokens", "14",
+              "--micro_batch_size", "2" if share_prompt else "1", "--share_prompt", str(share_prompt),
+              "--generation_batch_size", "1", "--max_new_tokens", "14",
               "--learning_rate", "1e-3", "--beta", "0.05", "--gradient_checkpointing", "True",
               "--logprob_chunk_tokens", "5", "--save_steps", "1", "--eval_every", "2",
               "--eval_split", "train", "--eval_limit", "4", "--eval_batch_size", "1"]
