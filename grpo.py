@@ -122,8 +122,7 @@ class Args:
     loss_agg: str = field(default="token-mean", metadata={"help": "token-mean or seq-mean-token-mean."})
     gradient_checkpointing: bool = True
     # Length of training (paper, m23k: 5 epochs = 320 steps; PMC-VQA: 1 epoch).
-    num_epochs: int = field(default=5, metadata={
-        "aliases": ["--epochs"], "help": "Passes over the data (--epochs: the old name, still accepted)."})
+    num_epochs: int = field(default=5, metadata={"help": "Passes over the data."})
     max_steps: int = field(default=-1, metadata={"help": "> 0: this many steps, not epochs."})
     seed: int = field(default=42, metadata={
         "help": "Seeds the data order (a permutation per epoch) and every generate call's sampler."})

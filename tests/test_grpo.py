@@ -126,10 +126,9 @@ def test_generation_settings_are_the_ones_grpo_always_passed(monkeypatch):
                         suppress_tokens=never_ids, temperature=None, top_k=None, top_p=None)
 
 
-def test_arguments_old_flag_name_and_validation_slice(toy_data_dir):
-    """--epochs is still accepted as --num_epochs; the validation slice is the shuffle with
-    --eval_seed (42, the slice of every earlier run), whatever --seed is."""
-    assert reward.parse_args(grpo.Args, ["--data", "d", "--epochs", "2"]).num_epochs == 2
+def test_arguments_and_validation_slice(toy_data_dir):
+    """--num_epochs parses; the validation slice is the shuffle with --eval_seed (42, the slice of
+    every earlier run), whatever --seed is."""
     assert reward.parse_args(grpo.Args, ["--data", "d", "--num_epochs", "3"]).num_epochs == 3
     full = reward.load_split(toy_data_dir, "validation")
     before = full.shuffle(seed=42, keep_in_memory=True).select(range(5), keep_in_memory=True)
@@ -614,12 +613,12 @@ def test_run_folders_afresh_refused_finished(tiny_model_dir, four_rows, tmp_path
 
 def test_config_file_then_flags(tiny_model_dir, four_rows, tmp_path):
     """`python grpo.py config.yaml --flag x`: the file gives settings (the required --data among
-    them), flags after it override it; the old --epochs names --num_epochs."""
+    them), flags after it override it."""
     run = tmp_path / "run"
     config = tmp_path / "grpo.yaml"
     config.write_text(f"model: {tiny_model_dir}\ndata: {four_rows}\noutput_dir: {run}\nnum_epochs: 3\n"
                       "mini_batch_size: 4\nsave_steps: 0\nlearning_rate: 0.5\n")
-    done = subprocess.run([sys.executable, "grpo.py", str(config), "--epochs", "1", *RUN_ARGS], env=run_env(),
+    done = subprocess.run([sys.executable, "grpo.py", str(config), "--num_epochs", "1", *RUN_ARGS], env=run_env(),
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [m["step"] for m in read_metrics(run)] == [1]  # 1 epoch of 4 rows at B = 4, not 3
