@@ -304,7 +304,9 @@ def test_chunked_logprobs_equal_the_whole_computation(warm_tiny_dir, toy_data_di
     for chunk in (7, 64, 0):
         shapes.clear()
         logp, entropy = grpo.completion_logprobs(model, batch, 0.7, never_ids, with_entropy=True, chunk_tokens=chunk)
-        assert torch.equal(logp, whole.detach()), chunk
+        # Not bitwise: a matmul over 7 rows may take another kernel than one over all rows (on a
+        # clean checkout chunk 7 differed in the last bits), so fp32 rounding is allowed.
+        torch.testing.assert_close(logp, whole.detach(), rtol=0, atol=1e-5, msg=f"chunk {chunk}")
         torch.testing.assert_close(entropy, whole_entropy, rtol=0, atol=1e-6)  # measured: 6e-8 (logged only)
         logp.sum().backward()
         for a, b in zip(whole_grads, [p.grad for p in model.parameters()]):
