@@ -249,13 +249,24 @@ reproduce-synther-3b: synther-3b-5k
 # ---------------------------------------------------------------------------------------------
 # The demo: the same pipeline on the toy world, on a CPU
 # ---------------------------------------------------------------------------------------------
-# Settings chosen on the toy validation split (never on test). The toy model is tiny and random, so
-# its learning rates are far above the paper's (3e-3 SFT, 2e-4 GRPO) and its lengths far below.
+# Settings chosen on the toy validation split (never on test); docs/demo.md says how. The toy model
+# is tiny and random, so its learning rates are far above the paper's and its lengths far below.
 DEMO ?= runs/demo
 SEED ?= 0
+# Every stage of the demo runs with DEMO_THREADS torch threads. The thread count decides the order
+# of fp32 sums: one thread and two give SFT models 5e-7 apart after 40 steps and 10 points apart
+# after 600 (docs/demo.md), while 2, 3, 4 and 8 threads gave the same bits. Left to itself torch
+# takes one thread per core the machine reports (16 on a 2-core share of a 16-core host, and six
+# times slower), so the demo sets it: for a seed and DEMO_THREADS, `make demo` gives the same
+# numbers to the last bit on every machine of one type (tests/test_determinism.py). PASSIVE: a
+# waiting thread sleeps instead of spinning on a core that another process needs.
+DEMO_THREADS ?= 2
+demo: export OMP_NUM_THREADS = $(DEMO_THREADS)
+demo: export MKL_NUM_THREADS = $(DEMO_THREADS)
+demo: export OMP_WAIT_POLICY = PASSIVE
 DEMO_COMMON = RUN=$(DEMO) TRAIN_DATA=$(DEMO)/data EVAL_DATA=$(DEMO)/data EVAL_SPLIT=test LAUNCH=$(PY) \
   EVAL_ARGS="--max_new_tokens 64 --batch_size 64"
-DEMO_SFT_ARGS = --learning_rate 3e-3 --global_batch_size 16 --per_device_batch_size 16 --max_steps 600 \
+DEMO_SFT_ARGS = --learning_rate 3e-3 --global_batch_size 16 --micro_batch_size 16 --max_steps 600 \
   --save_steps 200 --seed $(SEED)
 DEMO_PASS_ARGS = --n 16 --temperature 1.0 --max_new_tokens 64 --batch_size 16 --limit 1200 --seed $(SEED)
 DEMO_GRPO_ARGS = --rollout_batch_size 16 --group_size 8 --mini_batch_size 8 --micro_batch_size 32 \
@@ -264,9 +275,9 @@ DEMO_GRPO_ARGS = --rollout_batch_size 16 --group_size 8 --mini_batch_size 8 --mi
   --eval_split validation --eval_limit 600 --eval_batch_size 64 --seed $(SEED)
 
 demo: install
-	@echo "== [demo 1/5] the toy world: a small random Qwen2.5-VL and synthetic questions (seed $(SEED))"
-	test -f $(DEMO)/base/config.json || $(PY) toy.py model --out $(DEMO)/base --size small --seed $(SEED)
-	test -f $(DEMO)/data/dataset_dict.json || $(PY) toy.py data --out $(DEMO)/data --seed $(SEED)
+	@echo "== [demo 1/5] the toy world: a small random Qwen2.5-VL and synthetic questions (seed $(SEED), $$OMP_NUM_THREADS threads)"
+	test -f $(DEMO)/base/config.json || $(PY) toy.py model --output_dir $(DEMO)/base --size small --seed $(SEED)
+	test -f $(DEMO)/data/dataset_dict.json || $(PY) toy.py data --output_dir $(DEMO)/data --seed $(SEED)
 	@echo "== [demo 2/5] the random model on the held-out toy benchmarks"
 	$(MAKE) --no-print-directory eval $(DEMO_COMMON) MODEL=$(DEMO)/base
 	@echo "== [demo 3/5] SFT warm start on the teacher's traces (the toy 'instruct' model)"

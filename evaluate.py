@@ -180,8 +180,7 @@ def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
 
 def batch_seed(seed: int, batch: list[Row]) -> int:
     """The sampling seed of a batch: from --seed and its first row, whoever runs it and when."""
-    name, index = batch[0].key
-    return int.from_bytes(hashlib.sha256(f"{seed}/{name}/{index}".encode()).digest()[:8], "big") >> 1
+    return reward.sampling_seed(seed, *batch[0].key)
 
 
 # ---------------------------------------------------------------------------------------------

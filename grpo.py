@@ -64,7 +64,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache, get_scheduler
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, DynamicCache, get_scheduler
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 import reward
@@ -94,12 +94,13 @@ class Args:
     # Update (paper: mini-batch 128 prompts, i.e. 2 optimizer steps per rollout).
     mini_batch_size: int = field(default=128, metadata={"help": "Prompts per optimizer step, all processes."})
     micro_batch_size: int = field(default=8, metadata={"help": "Sequences per forward (per process)."})
-    share_prompt: bool = field(default=False, metadata={
+    share_prompt: bool = field(default=True, metadata={
         "help": "Compute each group's prompt (and its image) once instead of once per sample: in the "
                 "rollout's prefill, the log-prob passes and the update (the section 'The shared prompt'). "
                 "The same numbers up to fp32 rounding, with less time and memory; each micro-batch computes "
                 "each of its prompts once, so --micro_batch_size a multiple of --group_size (whole groups) "
-                "saves the most. False: every sequence computes its own prompt."})
+                "saves the most. False: every sequence computes its own prompt (the plain path, kept as the "
+                "readable reference)."})
     logprob_chunk_tokens: int = field(default=2048, metadata={
         "help": "Completion tokens whose vocabulary log-softmax is computed at once (0: all of a "
                 "micro-batch). The same log-probs; about 14 bytes x vocabulary per token of a chunk "
@@ -151,6 +152,9 @@ class Args:
         "help": "A checkpoint-{step} folder, or 'latest' (the newest complete one in --output_dir; the "
                 "run starts afresh when there is none, and a finished run is left as it is)."})
     report_to: str = field(default="none", metadata={"help": "none, tensorboard or wandb."})
+    peak_flops: float = field(default=0.0, metadata={
+        "help": "FLOP/s of one process's device, the denominator of `mfu` in metrics.jsonl; 0: measured "
+                "once at the start on a large matmul in the compute dtype (`matmul_peak`)."})
     # Numerical guard (docs/method.md section 10).
     max_skipped_steps: int = field(default=3, metadata={
         "help": "Stop after this many optimizer steps in a row skipped for a non-finite loss or "
@@ -197,7 +201,7 @@ class Args:
 NOT_SETTINGS = ("model", "data", "eval_data", "output_dir", "resume", "save_steps", "save_total_limit",
                 "report_to", "micro_batch_size", "eval_batch_size", "gradient_checkpointing", "on_bad_row",
                 "eval_every", "max_skipped_steps", "collapse_steps", "logprob_chunk_tokens", "save_dtype",
-                "save_final", "share_prompt")
+                "save_final", "share_prompt", "peak_flops")
 # The checkpoint contract (docs/method.md section 10), the same as sft.py's.
 TRAINING_STATE = "training_state"  # accelerator.save_state: model, optimizer, scheduler, RNG of every process
 TRAINER_STATE = "trainer_state.json"
@@ -332,15 +336,6 @@ def sampling_kwargs(args: Args, never_ids: list[int]) -> dict:
     return reward.generation_kwargs(args.temperature, args.top_p, args.max_new_tokens, never_ids)
 
 
-def sampling_seed(seed: int, step: int, prompt_position: int) -> int:
-    """The sampler's seed for one generate call, a function of where its prompts sit in the run.
-
-    Samples then depend neither on the number of processes nor on what ran before (an addition to
-    the paper: a resumed run and a run on another number of processes sample the same completions).
-    """
-    return int(np.random.SeedSequence([seed, step, prompt_position]).generate_state(1)[0])
-
-
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """True up to and including the first end-of-turn token of each row, after it False.
 
@@ -424,7 +419,7 @@ def rollout(model, accelerator, processor, rows: list[dict], group_size: int, ba
                                return_tensors="pt").to(accelerator.device)
             with torch.random.fork_rng(devices=cuda):
                 if seed is not None:
-                    torch.manual_seed(sampling_seed(*seed, start))
+                    torch.manual_seed(reward.sampling_seed(*seed, start))
                 if shared:
                     sequences = generate_shared(unwrapped, inputs, group_size, **gen_kwargs, synced_gpus=sync)
                 else:
@@ -802,17 +797,71 @@ class Timer:
         self.times[name], self.start = now - self.start, now
 
 
+@dataclass
+class Flops:
+    """Model FLOPs utilisation of a step: the FLOPs the GRPO step needs over the FLOP/s available.
+
+    Needed: 2 N a token for each forward pass without gradient (the rollout, whose prefill and decoding
+    each run every token once; logp_old when there are several mini-batches; logp_ref when beta > 0)
+    and 6 N a token for the update's forward and backward: the 6 N estimate of Kaplan et al. (2020,
+    section 2.1), N the parameters a token multiplies by (`matmul_parameters`), the attention's
+    context term left out (an estimate to compare steps and runs, not a profiler's count). Tokens are
+    prompt + completion of every sample, each sample's prompt counted as the plain path computes it:
+    --share_prompt does less of that work, so its saving shows as a higher utilisation. Available:
+    `peak` per process (`matmul_peak`, or --peak_flops) x processes x the step's seconds.
+    """
+
+    per_token: float  # model FLOPs a token of a sample costs in one step
+    peak: float  # FLOP/s of one process's device
+
+    def utilisation(self, tokens: float, seconds: float, processes: int) -> float:
+        return self.per_token * tokens / max(seconds * self.peak * processes, 1e-9)
+
+
+def matmul_parameters(model_path: str) -> int:
+    """Parameters a token multiplies by: all but the input embedding table (a lookup), the output
+    layer included even when it shares that table (tied, as in Qwen2.5-VL-3B). Counted on the meta
+    device from the config: no weights are read, and FSDP's sharding cannot hide any."""
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_path))
+    embedding = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # a tied weight is listed once
+    return total if model.get_output_embeddings().weight is embedding else total - embedding.numel()
+
+
+def matmul_peak(device, dtype, seconds: float = 0.5) -> float:
+    """FLOP/s of this device on square matmuls in the compute dtype, measured: the best a step's
+    matmuls can reach here (a data sheet's peak is higher, so MFU against it is lower)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up
+    start, runs = synced_time(device), 0
+    while synced_time(device) - start < seconds:
+        for _ in range(4):
+            a @ b
+        runs += 4
+    return 2 * n ** 3 * runs / (synced_time(device) - start)
+
+
+def step_flops(args: Args, accelerator) -> Flops:
+    """The run's `Flops`: FLOPs per token from the passes `args` asks for, the device's peak."""
+    passes_without_grad = 1 + (args.updates_per_step > 1) + (args.beta > 0)
+    per_token = (2 * passes_without_grad + 6) * matmul_parameters(args.model)
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    return Flops(per_token, args.peak_flops or matmul_peak(accelerator.device, dtype))
+
+
 def step_record(accelerator, step: int, epoch: float, samples: list[Sample], updates: Updates,
-                times: dict, lr: float, group_size: int) -> dict:
+                times: dict, lr: float, group_size: int, flops: "Flops") -> dict:
     """A step's line of metrics.jsonl: the rollout's statistics over every process's samples, the
     update's per token of its applied optimizer steps (None when every one was skipped), and the
-    slowest process's time per phase and peak memory."""
+    slowest process's time per phase, peak memory and model FLOPs utilisation (`Flops`)."""
     device = accelerator.device
     per_sample = accelerator.gather(torch.tensor(
         [[s.reward, float(reward.is_correct(reward.extract_answer(s.text), s.answer_label, s.answer)),
-          float(reward.format_ok(s.text)), len(s.completion_ids), float(s.truncated)]
+          float(reward.format_ok(s.text)), len(s.completion_ids), float(s.truncated), len(s.prompt_ids)]
          for s in samples], device=device)).cpu()
-    rewards, correct, formatted, lengths, truncated = per_sample.unbind(1)
+    rewards, correct, formatted, lengths, truncated, prompt_lengths = per_sample.unbind(1)
     slowest = accelerator.gather(torch.tensor([[times["generate"], times["logprob"], times["update"],
                                                 peak_memory_gb(device)]], device=device)).max(0).values
     time_generate, time_logprob, time_update, memory = slowest.tolist()
@@ -838,6 +887,8 @@ def step_record(accelerator, step: int, epoch: float, samples: list[Sample], upd
         "lr": lr,
         "time_generate": time_generate, "time_logprob": time_logprob, "time_update": time_update,
         "tokens_per_s": lengths.sum().item() / max(time_generate, 1e-9),
+        "mfu": flops.utilisation((lengths + prompt_lengths).sum().item(),
+                                 time_generate + time_logprob + time_update, accelerator.num_processes),
         "peak_memory_gb": memory,
     }
 
@@ -1588,7 +1639,7 @@ def main(argv: list[str] | None = None):
     args = reward.parse_args(Args, argv)
     accelerator = Accelerator(
         mixed_precision=precision(args.mixed_precision),  # bf16: autocast, on a GPU or a CPU
-        log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir,
+        log_with=reward.tracker(args.report_to), project_dir=args.output_dir,
         # A process whose micro-batch has no image leaves the vision tower without gradient.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     args.check(accelerator.num_processes)
@@ -1608,6 +1659,7 @@ def main(argv: list[str] | None = None):
             {"step": 0, **validate(model, accelerator, processor, eval_rows, args, never_ids, eos_ids)})
 
     device, base_dir, G = accelerator.device, reward.data_dir(args.data), args.group_size
+    flops = step_flops(args, accelerator)
     share = update_share(args, accelerator.process_index, accelerator.num_processes)
     bar = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process, desc="grpo")
     for step in range(start_step, total_steps):
@@ -1632,7 +1684,7 @@ def main(argv: list[str] | None = None):
         timer.lap("update")
         # 6. The step's metrics, with the validation every --eval_every steps and at the end.
         record = step_record(accelerator, step + 1, (step + 1) / steps_per_epoch, samples, updates,
-                             timer.times, scheduler.get_last_lr()[0], G)
+                             timer.times, scheduler.get_last_lr()[0], G, flops)
         if args.eval_every > 0 and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             record.update(validate(model, accelerator, processor, eval_rows, args, never_ids, eos_ids))
         # Plumbing: the metrics line, the numerical guard, the progress bar, checkpoints.

@@ -15,6 +15,7 @@ tags takes seconds, and a reward is computed for every sample of every RL step) 
 string scans with the same results; the others are the official patterns themselves.
 """
 
+import hashlib
 import io
 import json
 import os
@@ -64,6 +65,18 @@ def generation_kwargs(temperature: float, top_p: float, max_new_tokens: int, nev
     if temperature > 0:
         return dict(common, do_sample=True, temperature=temperature, top_k=0, top_p=top_p, min_p=None)
     return dict(common, do_sample=False, num_beams=1, temperature=None, top_k=None, top_p=None)
+
+
+def sampling_seed(*keys) -> int:
+    """The sampler's seed for one generate call, a function of what it samples, never of when or where.
+
+    evaluate.py keys it by (--seed, dataset_name, dataset_index) of a batch's first row, grpo.py by
+    (--seed, step, the call's first prompt position in the step). Samples then depend neither on the
+    number of processes nor on what ran before, so a resumed run samples what the whole run would
+    have (an addition to the paper, which did not fix sampling seeds). 63 bits of sha256.
+    """
+    digest = hashlib.sha256("/".join(map(str, keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,6 +470,23 @@ def parse_args(args_class, argv=None):
         parser.set_defaults(**values)
     (args,) = parser.parse_args_into_dataclasses(argv)
     return args
+
+
+def tracker(report_to: str) -> str | None:
+    """accelerate's `log_with` for --report_to (none, tensorboard or wandb). accelerate silently
+    drops a tracker whose package is not installed (the run then logs nothing there), so a missing
+    one is an error here, before any work."""
+    if report_to == "none":
+        return None
+    if report_to not in ("tensorboard", "wandb"):
+        raise ValueError(f"--report_to must be none, tensorboard or wandb, got {report_to!r}")
+    from accelerate.tracking import get_available_trackers
+
+    if report_to not in {str(t) for t in get_available_trackers()}:
+        raise SystemExit(f"--report_to {report_to}: the {report_to} package is not installed. Install it "
+                         f"(pip install {report_to}; requirements.txt pins tensorboard) or pass "
+                         f"--report_to none.")
+    return report_to
 
 
 RUN_FILE = "run.json"

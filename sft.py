@@ -46,7 +46,6 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.tracking import get_available_trackers
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -91,10 +90,7 @@ class Args:
     max_grad_norm: float = 1.0
     global_batch_size: int = field(default=16, metadata={
         "help": "Sequences per optimizer step over all processes and micro-batches."})
-    # --per_device_batch_size (the old name) is kept only because the demo section of the Makefile
-    # still passes it; delete the alias once that line says --micro_batch_size.
     micro_batch_size: int = field(default=2, metadata={
-        "aliases": ["--per_device_batch_size"],
         "help": "Sequences per forward pass, per process (as grpo.py's); gradient accumulation steps = "
                 "global / (this x processes). 2 = the paper's 16 over 8 GPUs without accumulation."})
     num_epochs: int = 5  # the released checkpoints are from epoch 3 (docs/method.md section 6)
@@ -597,21 +593,6 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports kB
 
 
-def tracker(report_to: str) -> str | None:
-    """accelerate's log_with for --report_to. accelerate silently drops a tracker whose package is
-    not installed (the run then logs nothing there), so a missing one is an error here, before any
-    work."""
-    if report_to == "none":
-        return None
-    if report_to not in ("tensorboard", "wandb"):
-        raise ValueError(f"--report_to must be none, tensorboard or wandb, got {report_to!r}")
-    if report_to not in {str(t) for t in get_available_trackers()}:
-        raise SystemExit(f"--report_to {report_to}: the {report_to} package is not installed. Install it "
-                         f"(pip install {report_to}; requirements.txt pins tensorboard) or pass "
-                         f"--report_to none.")
-    return report_to
-
-
 # ---------------------------------------------------------------------------------------------
 # 5. The loop
 # ---------------------------------------------------------------------------------------------
@@ -619,7 +600,7 @@ def tracker(report_to: str) -> str | None:
 
 def main(argv=None):
     args = reward.parse_args(Args, argv)  # a YAML/JSON file first (configs/sft_pmc.yaml), flags override
-    log_with = tracker(args.report_to)
+    log_with = reward.tracker(args.report_to)
     if args.on_bad_row not in ("error", "skip"):
         raise ValueError(f"--on_bad_row must be error or skip, got {args.on_bad_row!r}")
     mixed_precision = precision(args)

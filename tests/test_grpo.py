@@ -151,16 +151,22 @@ def accelerator():
 
 def test_long_prompts_are_counted_skips_and_bad_rows_named(tiny_model_dir, toy_data_dir, accelerator, capsys):
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    rows = datasets.load_from_disk(toy_data_dir)["validation"].select(range(3))  # text, text, image
+    validation = datasets.load_from_disk(toy_data_dir)["validation"]
 
     def n_tokens(row):
         texts, images = reward.chat_prompts(processor, [row])
         return processor(text=texts, images=images or None, return_tensors="pt")["input_ids"].shape[1]
 
+    # Three consecutive rows (text, text, image: the families come in turn) with one longest prompt.
+    for start in range(0, len(validation) - 2, 3):
+        rows = validation.select(range(start, start + 3))
+        lengths = {row["dataset_index"]: n_tokens(row) for row in rows}
+        longest = max(lengths, key=lengths.get)
+        if list(lengths.values()).count(lengths[longest]) == 1:
+            break
+    assert [bool(r["images"]) for r in rows] == [False, False, True]
     # The length counts the image's tokens as the processor expands them, without running it.
-    lengths = {row["dataset_index"]: n_tokens(row) for row in rows}
     assert [grpo.prompt_length(row, processor, "") for row in rows] == list(lengths.values())
-    longest = max(lengths, key=lengths.get)
     assert list(lengths.values()).count(lengths[longest]) == 1
     broken = dict(rows[0], options="{not json", dataset_index=777)
     dataset = datasets.Dataset.from_list([rows[0], broken, rows[2], rows[1]], features=rows.features)
@@ -236,7 +242,14 @@ def test_logprob_pass_equals_generate_scores(warm_tiny_dir, toy_data_dir):
     model, processor = load(warm_tiny_dir)
     never_ids, eos_ids = ids_of(processor)
     args = grpo.Args(data="-", temperature=0.7, max_new_tokens=20)
-    rows = list(datasets.load_from_disk(toy_data_dir)["validation"].select(range(6)))  # 2 with an image
+    candidates = list(datasets.load_from_disk(toy_data_dir)["validation"])
+    text = [r for r in candidates if not r["images"]]
+    # Two text prompts of different lengths first (left padding in the text-only batch), then four
+    # more rows, two with an image.
+    other = next(r for r in text[1:] if grpo.prompt_length(r, processor, "") != grpo.prompt_length(text[0], processor, ""))
+    images = [r for r in candidates if r["images"]][:2]
+    rest = [r for r in text[1:] if r is not other][:2]
+    rows = [text[0], other, images[0], rest[0], images[1], rest[1]]
     lengths = []
     for batch_rows in (rows[:2], rows):  # text only, then mixed
         chunk = [row for row in batch_rows for _ in range(2)]

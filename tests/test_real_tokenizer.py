@@ -82,7 +82,7 @@ IM_START, IM_END, ENDOFTEXT, IMAGE_PAD = 151644, 151645, 151643, 151655
 def qwen_model_dir(tmp_path_factory) -> str:
     """The tiny random Qwen2.5-VL with the real processor, as `toy.py model --tokenizer qwen` saves it."""
     out = tmp_path_factory.mktemp("qwen_tiny")
-    model, processor = toy.build_model(toy.ModelArgs(out=str(out), size="tiny", tokenizer="qwen"))
+    model, processor = toy.build_model(toy.ModelArgs(output_dir=str(out), size="tiny", tokenizer="qwen"))
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return str(out)
@@ -214,7 +214,7 @@ def run_stage(args: list[str]) -> str:
 def test_each_stage_runs_on_the_real_processor(qwen_model_dir, tmp_path):
     """One short run of evaluate.py, sft.py and grpo.py on the 151,936-id model, by their CLIs."""
     data = str(tmp_path / "data")
-    toy.build_data(toy.DataArgs(out=data, n_sft=4, n_train=4, n_validation=2, n_test=3)).save_to_disk(data)
+    toy.build_data(toy.DataArgs(output_dir=data, n_sft=4, n_train=4, n_validation=2, n_test=3)).save_to_disk(data)
     run_stage(["evaluate.py", "--model", qwen_model_dir, "--data", data, "--split", "test",
                "--output_dir", str(tmp_path / "eval"), "--max_new_tokens", "4", "--batch_size", "3"])
     lines = [json.loads(line) for line in open(tmp_path / "eval" / "predictions.jsonl")]

@@ -217,8 +217,7 @@ def test_two_processes_end_where_one_does(tiny_model_dir, toy_data_dir, tmp_path
     subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "sft.py"),
-         # --per_device_batch_size: the old name of --micro_batch_size, which the demo still passes.
-         *flags, "--per_device_batch_size", "2", "--output_dir", str(tmp_path / "two")],
+         *flags, "--micro_batch_size", "2", "--output_dir", str(tmp_path / "two")],
         env=run_env(), cwd=ROOT, check=True, timeout=240, capture_output=True)
     sft.main(flags + ["--micro_batch_size", "4", "--output_dir", str(tmp_path / "one")])
 
