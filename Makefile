@@ -254,12 +254,11 @@ reproduce-synther-3b: synther-3b-5k
 DEMO ?= runs/demo
 SEED ?= 0
 # Every stage of the demo runs with DEMO_THREADS torch threads. The thread count decides the order
-# of fp32 sums: one thread and two give SFT models 5e-7 apart after 40 steps and 10 points apart
-# after 600 (docs/demo.md), while 2, 3, 4 and 8 threads gave the same bits. Left to itself torch
-# takes one thread per core the machine reports (16 on a 2-core share of a 16-core host, and six
-# times slower), so the demo sets it: for a seed and DEMO_THREADS, `make demo` gives the same
-# numbers to the last bit on every machine of one type (tests/test_determinism.py). PASSIVE: a
-# waiting thread sleeps instead of spinning on a core that another process needs.
+# of fp32 sums: one thread and two give SFT models 4.7e-7 apart after 40 steps and 10 points apart
+# after 600, while 2, 3, 4 and 8 threads gave the same bits (docs/demo.md). So the demo sets it: for
+# a seed and DEMO_THREADS, `make demo` gives the same numbers to the last bit on every machine of one
+# type (tests/test_determinism.py). PASSIVE: a waiting thread sleeps instead of spinning on a core
+# that another process needs.
 DEMO_THREADS ?= 2
 demo: export OMP_NUM_THREADS = $(DEMO_THREADS)
 demo: export MKL_NUM_THREADS = $(DEMO_THREADS)
