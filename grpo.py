@@ -45,15 +45,10 @@ written.
 """
 
 import contextlib
-import copy
-import dataclasses
 import json
 import math
 import os
-import re
-import resource
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
@@ -766,20 +761,7 @@ def update(model, accelerator, optimizer, scheduler, samples: list[Sample], args
 # ---------------------------------------------------------------------------------------------
 # 6. Logs and validation
 # ---------------------------------------------------------------------------------------------
-
-
-def synced_time(device) -> float:
-    """time.perf_counter() once the GPU has finished what was queued: CUDA kernels run
-    asynchronously, so without the synchronize a phase's time would stop before its last kernels."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def peak_memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS, kB on Linux
+# synced_time and peak_memory_gb, which sft.py uses too, are in reward.py section 5.
 
 
 class Timer:
@@ -790,10 +772,10 @@ class Timer:
         self.device, self.times = device, {}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        self.start = synced_time(device)
+        self.start = reward.synced_time(device)
 
     def lap(self, name: str) -> None:
-        now = synced_time(self.device)
+        now = reward.synced_time(self.device)
         self.times[name], self.start = now - self.start, now
 
 
@@ -835,12 +817,12 @@ def matmul_peak(device, dtype, seconds: float = 0.5) -> float:
     n = 4096 if device.type == "cuda" else 1024
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up
-    start, runs = synced_time(device), 0
-    while synced_time(device) - start < seconds:
+    start, runs = reward.synced_time(device), 0
+    while reward.synced_time(device) - start < seconds:
         for _ in range(4):
             a @ b
         runs += 4
-    return 2 * n ** 3 * runs / (synced_time(device) - start)
+    return 2 * n ** 3 * runs / (reward.synced_time(device) - start)
 
 
 def step_flops(args: Args, accelerator) -> Flops:
@@ -863,7 +845,7 @@ def step_record(accelerator, step: int, epoch: float, samples: list[Sample], upd
          for s in samples], device=device)).cpu()
     rewards, correct, formatted, lengths, truncated, prompt_lengths = per_sample.unbind(1)
     slowest = accelerator.gather(torch.tensor([[times["generate"], times["logprob"], times["update"],
-                                                peak_memory_gb(device)]], device=device)).max(0).values
+                                                reward.peak_memory_gb(device)]], device=device)).max(0).values
     time_generate, time_logprob, time_update, memory = slowest.tolist()
     sums, applied = updates.sums, len(updates.grad_norms)
     tokens = sums["tokens"].clamp(min=1)
@@ -1224,69 +1206,14 @@ def generate_shared(model, inputs, group_size: int, **gen_kwargs) -> torch.Tenso
 #    gradient (`main`); the scheduler is not prepared, or accelerate would step it once per process
 #    (`load_models`);
 #  - FSDP: a forward without images sends a dummy image through the vision tower, so that every
-#    process issues the same all-gathers (`run_vision_on_every_forward`); gradients are reduced in
-#    fp32 (`fsdp_mixed_precision`);
+#    process issues the same all-gathers (`reward.run_vision_on_every_forward`); gradients are
+#    reduced in fp32 (`reward.fsdp_mixed_precision`);
 #  - logs: per-sample values and timings gathered (`step_record`), the file written by the main
 #    process (`log`); validation gives every process every completion (`validate`);
 #  - checkpoints: every process saves its training state and joins the gathering of the weights,
-#    the main process writes the files, barriers around (`save_checkpoint`, `save_model`, `resume`).
-
-
-def run_vision_on_every_forward(model) -> None:
-    """Under FSDP, make every forward pass run the vision tower, with images or without.
-
-    FSDP all-gathers each wrapped unit (every decoder layer and vision block, configs/fsdp.yaml) as
-    it runs, and all processes must issue the same all-gathers in the same order. A micro-batch or a
-    generate call without images skips the vision blocks; if another process's has images, the
-    collectives no longer match: on gloo the run dies with "Received data size doesn't match
-    expected size" (measured, tests/test_fsdp.py), on NCCL it would hang or mix up buffers. DDP
-    handles the same case with find_unused_parameters. So a forward without pixel_values (that is
-    not a decoding step of generate, where no process runs the tower) sends one dummy image of 2 x 2
-    patches (one token after the merge) through the tower first, and adds 0 x its sum to the input
-    embeddings (generate, in transformers 5, runs the tower on real images before its first forward,
-    passing `mm_encoder_outputs`; no collective comes in between, so the order still matches): the
-    numbers are unchanged, and every vision parameter joins the backward pass with
-    an exact zero gradient. sft.py has the same function.
-    """
-    inner = model.model  # Qwen2_5_VLModel: embeddings, vision tower, decoder
-    vision = model.config.vision_config
-    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
-    side = vision.spatial_merge_size
-
-    def hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        encoded = kwargs.get("mm_encoder_outputs") or {}  # generate runs the tower before its first forward
-        if (kwargs.get("pixel_values") is not None or encoded.get("image") is not None
-                or (cache is not None and cache.get_seq_length() > 0)):
-            return None
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            embeds = inner.get_input_embeddings()(kwargs["input_ids"])
-        pixels = torch.zeros(side * side, patch_dim, dtype=inner.visual.dtype, device=embeds.device)
-        grid = torch.tensor([[1, side, side]], device=embeds.device)
-        dummy = inner.visual(pixels, grid_thw=grid).pooler_output
-        return args, dict(kwargs, inputs_embeds=embeds + 0.0 * dummy.sum().to(embeds.dtype))
-
-    inner.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def fsdp_mixed_precision(accelerator) -> None:
-    """Under FSDP with bf16, gradients reduced in fp32 and outputs left as the forward made them.
-
-    accelerate's bf16 policy for FSDP computes with bf16 parameters and also reduces gradients in
-    bf16, keeps FSDP (v1) buffers (the rotary frequencies) in bf16, and has FSDP2 cast every output
-    to bf16: then the fp32 log-probs and losses computed inside the forward come out rounded to bf16
-    (measured on 2 CPU processes: log-probs like -1.7890625), and a sum over 8 GPUs' gradients
-    loses bits. So, as verl's FSDP workers do: parameters bf16, reductions and buffers fp32, no
-    output cast. Called before accelerator.prepare, which applies the plugin's policy.
-    """
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    if accelerator.distributed_type != DistributedType.FSDP or plugin is None \
-            or plugin.mixed_precision_policy is None:
-        return
-    extra = {"output_dtype": None} if accelerator.is_fsdp2 else {"buffer_dtype": torch.float32}
-    plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy,
-                                                        reduce_dtype=torch.float32, **extra)
+#    the main process writes the files, barriers around (`save_checkpoint`, `reward.save_model`,
+#    `resume`).
+# The FSDP pieces sft.py needs too (the dummy image, the fp32 reductions) are in reward.py section 5.
 
 
 @contextlib.contextmanager
@@ -1340,15 +1267,8 @@ def full_parameters(model, accelerator):
 # ---------------------------------------------------------------------------------------------
 # 8. Plumbing: set-up, the numerical guard, checkpoints, logs (a reader of the algorithm may skip it)
 # ---------------------------------------------------------------------------------------------
-
-
-def precision(mixed_precision: str) -> str:
-    """accelerate's mixed_precision for --mixed_precision: auto is bf16 on a GPU, no (fp32) on a CPU."""
-    if mixed_precision not in ("auto", "bf16", "no"):
-        raise ValueError(f"--mixed_precision must be auto, bf16 or no, got {mixed_precision!r}")
-    if mixed_precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    return mixed_precision
+# Precision, writing the model files, stale .tmp folders and metrics.jsonl on resume, the same as
+# sft.py's, are in reward.py section 5.
 
 
 @dataclass
@@ -1426,50 +1346,10 @@ def fingerprint(args: Args, dataset, eval_set) -> dict:
                      "validation": None if eval_set is None else reward.data_fingerprint(eval_set)}}
 
 
-def saved_dtype(args: Args, mixed_precision: str) -> torch.dtype:
-    """The dtype of the model files a run writes. auto: bf16 after a bf16 run, as the hub's Qwen2.5-VL
-    and MedVLThinker checkpoints are, half the size of fp32, and losing nothing a bf16 forward pass
-    sees (it computes with bf16 copies of the weights); fp32 after an fp32 run, so that CPU runs (the
-    demo, the tests) keep their exact weights."""
-    if args.save_dtype == "auto":
-        return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.save_dtype]
-
-
-def save_model(accelerator, model, processor, folder: str, dtype: torch.dtype) -> None:
-    """The model and processor as a save_pretrained folder whose weights and config.json are `dtype`,
-    so that from_pretrained (dtype "auto") loads it in that dtype, as it loads a hub checkpoint.
-
-    Every process joins get_state_dict (FSDP gathers the shards); the main one writes. A tied output
-    layer (the 3B's) must be one tensor for save_pretrained to store it once; FSDP's gathered state
-    dict holds two equal copies, so the tie is restored first. Tensors that share storage are
-    converted once, so they still share it.
-    """
-    state_dict = accelerator.get_state_dict(model)
-    if not accelerator.is_main_process:
-        return
-    unwrapped = accelerator.unwrap_model(model)
-    for tied, source in (getattr(unwrapped, "all_tied_weights_keys", None) or {}).items():
-        if tied in state_dict and source in state_dict and torch.equal(state_dict[tied], state_dict[source]):
-            state_dict[tied] = state_dict[source]
-    converted = {}
-    for name, tensor in state_dict.items():
-        if tensor.is_floating_point():
-            key = (tensor.data_ptr(), tensor.shape, tensor.stride())
-            if key not in converted:
-                converted[key] = tensor.to(dtype)
-            state_dict[name] = converted[key]
-    unwrapped.save_pretrained(folder, state_dict=state_dict, save_function=accelerator.save)
-    config = copy.deepcopy(unwrapped.config)  # save_pretrained wrote the parameters' dtype (fp32)
-    for sub in [config] + [getattr(config, name) for name in getattr(config, "sub_configs", {})]:
-        sub.dtype = dtype
-    config.save_pretrained(folder)
-    processor.save_pretrained(folder)
-
-
 def save_checkpoint(accelerator, model, processor, args: Args, step: int, guard: Guard | None):
     """DIR/checkpoint-{step} after `step`, or DIR/final (guard None), docs/method.md section 10: the
-    model and processor via save_pretrained in --save_dtype (`saved_dtype`; loadable like a hub id);
+    model and processor via save_pretrained in --save_dtype (`reward.saved_dtype`; loadable like a
+    hub id);
     a checkpoint also holds training_state/ (accelerate: the fp32 weights, optimizer, scheduler,
     every process's RNG) and trainer_state.json (the step and the guard's counts): what `resume`
     reads. Everything is written into a .tmp
@@ -1487,8 +1367,8 @@ def save_checkpoint(accelerator, model, processor, args: Args, step: int, guard:
     accelerator.wait_for_everyone()
     if state is not None:
         accelerator.save_state(os.path.join(tmp, TRAINING_STATE))
-    dtype = saved_dtype(args, accelerator.mixed_precision)
-    save_model(accelerator, model, processor, tmp, dtype)  # full weights, gathered under FSDP
+    dtype = reward.saved_dtype(args.save_dtype, accelerator.mixed_precision)
+    reward.save_model(accelerator, model, processor, tmp, dtype)  # full weights, gathered under FSDP
     if accelerator.is_main_process and state is not None:
         with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
             json.dump(state, f)
@@ -1529,22 +1409,8 @@ def resume(accelerator, args: Args, metrics_path: str) -> tuple[int, Guard]:
         accelerator.load_state(os.path.join(checkpoint, TRAINING_STATE))
         accelerator.print(f"resumed from {checkpoint} after step {state['step']}")
     if accelerator.is_main_process:
-        for name in os.listdir(args.output_dir):
-            if re.fullmatch(r"(checkpoint-\d+|final)\.tmp", name):
-                shutil.rmtree(os.path.join(args.output_dir, name))
-        kept = []
-        if os.path.exists(metrics_path):
-            with open(metrics_path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if isinstance(record, dict) and record.get("step", math.inf) <= state["step"]:
-                        kept.append(json.dumps(record) + "\n")
-        with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
+        reward.remove_stale_tmp(args.output_dir)
+        reward.keep_metrics_until(metrics_path, state["step"])
     accelerator.wait_for_everyone()  # no process logs before the file is rewritten
     guard = Guard(**{**state.get("guard", {}), "max_skipped": args.max_skipped_steps,
                      "collapse_steps": args.collapse_steps})
@@ -1599,7 +1465,7 @@ def load_models(args: Args, accelerator, total_steps: int):
     """
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
     if accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes > 1:
-        run_vision_on_every_forward(model)
+        reward.run_vision_on_every_forward(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
@@ -1613,7 +1479,7 @@ def load_models(args: Args, accelerator, total_steps: int):
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
                               num_warmup_steps=round(args.warmup_ratio * total_steps * args.updates_per_step),
                               num_training_steps=total_steps * args.updates_per_step)
-    fsdp_mixed_precision(accelerator)
+    reward.fsdp_mixed_precision(accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Not prepared: accelerate would step it once per process per call. Registered so save_state keeps it.
     accelerator.register_for_checkpointing(scheduler)
@@ -1638,7 +1504,7 @@ def special_ids(processor, model, name: str) -> tuple[int, list[int], list[int]]
 def main(argv: list[str] | None = None):
     args = reward.parse_args(Args, argv)
     accelerator = Accelerator(
-        mixed_precision=precision(args.mixed_precision),  # bf16: autocast, on a GPU or a CPU
+        mixed_precision=reward.precision(args.mixed_precision),  # bf16: autocast, on a GPU or a CPU
         log_with=reward.tracker(args.report_to), project_dir=args.output_dir,
         # A process whose micro-batch has no image leaves the vision tower without gradient.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])

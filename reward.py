@@ -2,7 +2,10 @@
 
 MedVLThinker (arXiv 2508.02669) poses every question as multiple choice and trains with a
 verifiable, binary reward on the answer letter. This module is the single definition of that task.
-It imports no torch, so curation and regrading stay light. docs/method.md sections 2-4.
+Importing it loads no torch, so curation and regrading stay light. docs/method.md sections 2-4. Its
+last section is not the task: it is the run plumbing both trainers need word for word (precision,
+FSDP, saving, timing, resuming), kept here so that the scripts share one module; those functions
+import torch when they are called.
 
 The official code grades with three different rules, each in its own file, and all three matter:
     reward(s, l, a)        training reward          train/my_reward.py
@@ -533,3 +536,194 @@ def data_fingerprint(dataset) -> str:
     """datasets' fingerprint of the loaded split: it changes when the files behind it change. Image
     files referenced by path are not part of it: replacing one under the same name goes unseen."""
     return dataset._fingerprint
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Plumbing shared by the trainers (sft.py, grpo.py): precision, FSDP, saving, timing, memory,
+#    resuming. Only the trainers call it, and each function imports torch itself, so `import reward`
+#    stays light. A reader of the task may skip it.
+# ---------------------------------------------------------------------------------------------
+
+
+def precision(mixed_precision: str) -> str:
+    """accelerate's mixed_precision for --mixed_precision: auto is bf16 on a GPU, no (fp32) on a CPU."""
+    import torch
+
+    if mixed_precision not in ("auto", "bf16", "no"):
+        raise ValueError(f"--mixed_precision must be auto, bf16 or no, got {mixed_precision!r}")
+    if mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return mixed_precision
+
+
+def saved_dtype(save_dtype: str, mixed_precision: str):
+    """The torch dtype of the model files a run writes, for --save_dtype. auto: bf16 after a bf16
+    run, as the hub's Qwen2.5-VL and MedVLThinker checkpoints are, half the size of fp32, and losing
+    nothing a bf16 forward pass sees (it computes with bf16 copies of the weights); fp32 after an
+    fp32 run, so that CPU runs (the demo, the tests) keep their exact weights."""
+    import torch
+
+    choices = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+    if save_dtype == "auto":
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    if save_dtype not in choices:
+        raise ValueError(f"--save_dtype must be auto, bfloat16 or float32, got {save_dtype!r}")
+    return choices[save_dtype]
+
+
+def run_vision_on_every_forward(model) -> None:
+    """Under FSDP, make every forward pass run the vision tower, with images or without.
+
+    FSDP all-gathers each wrapped unit (every decoder layer and vision block, configs/fsdp.yaml) as
+    it runs, and all processes must issue the same all-gathers in the same order. A micro-batch or a
+    generate call without images skips the vision blocks; if another process's has images, the
+    collectives no longer match: on gloo the run dies with "Received data size doesn't match
+    expected size" (measured, tests/test_fsdp.py), on NCCL it would hang or mix up buffers. DDP
+    handles the same case with find_unused_parameters. So a forward without pixel_values (that is
+    not a decoding step of generate, where no process runs the tower) sends one dummy image of 2 x 2
+    patches (one token after the merge) through the tower first, and adds 0 x its sum to the input
+    embeddings (generate, in transformers 5, runs the tower on real images before its first forward,
+    passing `mm_encoder_outputs`; no collective comes in between, so the order still matches): the
+    numbers are unchanged, and every vision parameter joins the backward pass with
+    an exact zero gradient.
+    """
+    import torch
+
+    inner = model.model  # Qwen2_5_VLModel: embeddings, vision tower, decoder
+    vision = model.config.vision_config
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    side = vision.spatial_merge_size
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        encoded = kwargs.get("mm_encoder_outputs") or {}  # generate runs the tower before its first forward
+        if (kwargs.get("pixel_values") is not None or encoded.get("image") is not None
+                or (cache is not None and cache.get_seq_length() > 0)):
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = inner.get_input_embeddings()(kwargs["input_ids"])
+        pixels = torch.zeros(side * side, patch_dim, dtype=inner.visual.dtype, device=embeds.device)
+        grid = torch.tensor([[1, side, side]], device=embeds.device)
+        dummy = inner.visual(pixels, grid_thw=grid).pooler_output
+        return args, dict(kwargs, inputs_embeds=embeds + 0.0 * dummy.sum().to(embeds.dtype))
+
+    inner.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def fsdp_mixed_precision(accelerator) -> None:
+    """Under FSDP with bf16, gradients reduced in fp32 and outputs left as the forward made them.
+
+    accelerate's bf16 policy for FSDP computes with bf16 parameters and also reduces gradients in
+    bf16, keeps FSDP (v1) buffers (the rotary frequencies) in bf16, and has FSDP2 cast every output
+    to bf16: then the fp32 log-probs and losses computed inside the forward come out rounded to bf16
+    (measured on 2 CPU processes: log-probs like -1.7890625), and a sum over 8 GPUs' gradients
+    loses bits. So, as verl's FSDP workers do: parameters bf16, reductions and buffers fp32, no
+    output cast. Called before accelerator.prepare, which applies the plugin's policy.
+    """
+    import dataclasses
+
+    import torch
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if accelerator.distributed_type != DistributedType.FSDP or plugin is None \
+            or plugin.mixed_precision_policy is None:
+        return
+    extra = {"output_dtype": None} if accelerator.is_fsdp2 else {"buffer_dtype": torch.float32}
+    plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy,
+                                                        reduce_dtype=torch.float32, **extra)
+
+
+def save_model(accelerator, model, processor, folder: str, dtype) -> None:
+    """The model and processor as a save_pretrained folder whose weights and config.json are `dtype`
+    (a torch dtype, `saved_dtype`), so that from_pretrained (dtype "auto") loads it in that dtype, as
+    it loads a hub checkpoint.
+
+    Every process joins get_state_dict (FSDP gathers the shards); the main one writes. A tied output
+    layer (the 3B's) must be one tensor for save_pretrained to store it once; FSDP's gathered state
+    dict holds two equal copies, so the tie is restored first. Tensors that share storage are
+    converted once, so they still share it.
+    """
+    import copy
+
+    import torch
+
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    for tied, source in (getattr(unwrapped, "all_tied_weights_keys", None) or {}).items():
+        if tied in state_dict and source in state_dict and torch.equal(state_dict[tied], state_dict[source]):
+            state_dict[tied] = state_dict[source]
+    converted = {}
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point():
+            key = (tensor.data_ptr(), tensor.shape, tensor.stride())
+            if key not in converted:
+                converted[key] = tensor.to(dtype)
+            state_dict[name] = converted[key]
+    unwrapped.save_pretrained(folder, state_dict=state_dict, save_function=accelerator.save)
+    config = copy.deepcopy(unwrapped.config)  # save_pretrained wrote the parameters' dtype (fp32)
+    for sub in [config] + [getattr(config, name) for name in getattr(config, "sub_configs", {})]:
+        sub.dtype = dtype
+    config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def synced_time(device) -> float:
+    """time.perf_counter() once the GPU has finished what was queued: CUDA kernels run
+    asynchronously, so without the synchronize a step's (or a phase's) time would stop before its
+    last kernels."""
+    import time
+
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def peak_memory_gb(device) -> float:
+    """Peak GPU memory allocated by torch; on CPU, the peak resident memory of the process (neither
+    torch nor accelerate has one call that covers both devices)."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports kB
+
+
+def remove_stale_tmp(output_dir: str) -> None:
+    """Delete the .tmp folders of saves a killed run never finished (checkpoint-N.tmp, final.tmp):
+    a save is written to such a folder and renamed when complete (docs/method.md section 10)."""
+    import shutil
+
+    for name in os.listdir(output_dir):
+        if re.fullmatch(r"(checkpoint-\d+|final)\.tmp", name):
+            shutil.rmtree(os.path.join(output_dir, name))
+
+
+def keep_metrics_until(metrics_path: str, step: int) -> None:
+    """Keep the metrics.jsonl lines of steps up to `step` (the resumed checkpoint's): the ones a
+    stopped run logged after its last checkpoint are computed again, and a line torn by a kill
+    mid-write (not a JSON object) is dropped. Rewritten via a .tmp file and os.replace, so a kill now
+    loses nothing. No file yet: nothing to do (the first logged line makes it)."""
+    import math
+
+    if not os.path.exists(metrics_path):
+        return
+    kept = []
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                metrics = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(metrics, dict) and metrics.get("step", math.inf) <= step:
+                kept.append(json.dumps(metrics) + "\n")
+    with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(metrics_path + ".tmp", metrics_path)

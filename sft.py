@@ -30,15 +30,10 @@ The story, top to bottom:
 A plain PyTorch loop with accelerate, no Trainer: every number above is visible below.
 """
 
-import copy
-import dataclasses
 import json
 import math
 import os
-import re
-import resource
 import shutil
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -335,85 +330,8 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> torch
 # ---------------------------------------------------------------------------------------------
 # 4. Model, optimizer, schedule; the run folder and its checkpoints (method.md 10)
 # ---------------------------------------------------------------------------------------------
-
-
-def precision(args: Args) -> str:
-    """accelerate's mixed_precision for --mixed_precision: auto is bf16 on a GPU, no (fp32) on a CPU."""
-    if args.mixed_precision not in ("auto", "bf16", "no"):
-        raise ValueError(f"--mixed_precision must be auto, bf16 or no, got {args.mixed_precision!r}")
-    if args.mixed_precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    return args.mixed_precision
-
-
-def saved_dtype(args: Args, mixed_precision: str) -> torch.dtype:
-    """The dtype of the model files a run writes. auto: bf16 after a bf16 run, as the hub's Qwen2.5-VL
-    and MedVLThinker checkpoints are, half the size of fp32, and losing nothing a bf16 forward pass
-    sees (it computes with bf16 copies of the weights); fp32 after an fp32 run, so that CPU runs (the
-    demo, the tests) keep their exact weights."""
-    choices = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-    if args.save_dtype == "auto":
-        return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
-    if args.save_dtype not in choices:
-        raise ValueError(f"--save_dtype must be auto, bfloat16 or float32, got {args.save_dtype!r}")
-    return choices[args.save_dtype]
-
-
-def run_vision_on_every_forward(model) -> None:
-    """Under FSDP, make every forward pass run the vision tower, with images or without.
-
-    FSDP all-gathers each wrapped unit (every decoder layer and vision block, configs/fsdp.yaml) as
-    it runs, and all processes must issue the same all-gathers in the same order. A micro-batch
-    without images skips the vision blocks; if another process's micro-batch has images, the
-    collectives no longer match: on gloo the run dies with "Received data size doesn't match
-    expected size" (measured, tests/test_fsdp.py), on NCCL it would hang or mix up buffers. DDP
-    handles the same case with find_unused_parameters. So a forward without pixel_values (that is
-    not a decoding step of generate, where no process runs the tower) sends one dummy image of 2 x 2
-    patches (one token after the merge) through the tower first, and adds 0 x its sum to the input
-    embeddings (generate, in transformers 5, runs the tower on real images before its first forward,
-    passing `mm_encoder_outputs`; no collective comes in between, so the order still matches): the
-    numbers are unchanged, and every vision parameter joins the backward pass with
-    an exact zero gradient. grpo.py has the same function.
-    """
-    inner = model.model  # Qwen2_5_VLModel: embeddings, vision tower, decoder
-    vision = model.config.vision_config
-    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
-    side = vision.spatial_merge_size
-
-    def hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        encoded = kwargs.get("mm_encoder_outputs") or {}  # generate runs the tower before its first forward
-        if (kwargs.get("pixel_values") is not None or encoded.get("image") is not None
-                or (cache is not None and cache.get_seq_length() > 0)):
-            return None
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            embeds = inner.get_input_embeddings()(kwargs["input_ids"])
-        pixels = torch.zeros(side * side, patch_dim, dtype=inner.visual.dtype, device=embeds.device)
-        grid = torch.tensor([[1, side, side]], device=embeds.device)
-        dummy = inner.visual(pixels, grid_thw=grid).pooler_output
-        return args, dict(kwargs, inputs_embeds=embeds + 0.0 * dummy.sum().to(embeds.dtype))
-
-    inner.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def fsdp_mixed_precision(accelerator) -> None:
-    """Under FSDP with bf16, gradients reduced in fp32 and outputs left as the forward made them.
-
-    accelerate's bf16 policy for FSDP computes with bf16 parameters and also reduces gradients in
-    bf16, keeps FSDP (v1) buffers (the rotary frequencies) in bf16, and has FSDP2 cast every output
-    to bf16: then the fp32 log-probs and losses computed inside the forward come out rounded to bf16
-    (measured on 2 CPU processes: log-probs like -1.7890625), and a sum over 8 GPUs' gradients
-    loses bits. So, as verl's FSDP workers do: parameters bf16, reductions and buffers fp32, no
-    output cast. Called before accelerator.prepare, which applies the plugin's policy.
-    """
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    if accelerator.distributed_type != DistributedType.FSDP or plugin is None \
-            or plugin.mixed_precision_policy is None:
-        return
-    extra = {"output_dtype": None} if accelerator.is_fsdp2 else {"buffer_dtype": torch.float32}
-    plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy,
-                                                        reduce_dtype=torch.float32, **extra)
+# Precision, writing the model files, FSDP, stale .tmp folders, metrics.jsonl on resume, timing and
+# memory: as in grpo.py, by reward.py section 5.
 
 
 def load_model(args: Args):
@@ -453,37 +371,6 @@ def fingerprint(args: Args, data) -> dict:
             "model": args.model}
 
 
-def save_model(accelerator, model, processor, folder: str, dtype: torch.dtype) -> None:
-    """The model and processor as a save_pretrained folder whose weights and config.json are `dtype`,
-    so that from_pretrained (dtype "auto") loads it in that dtype, as it loads a hub checkpoint.
-
-    Every process joins get_state_dict (FSDP gathers the shards); the main one writes. A tied output
-    layer (the 3B's) must be one tensor for save_pretrained to store it once; FSDP's gathered state
-    dict holds two equal copies, so the tie is restored first. Tensors that share storage are
-    converted once, so they still share it.
-    """
-    state_dict = accelerator.get_state_dict(model)
-    if not accelerator.is_main_process:
-        return
-    unwrapped = accelerator.unwrap_model(model)
-    for tied, source in (getattr(unwrapped, "all_tied_weights_keys", None) or {}).items():
-        if tied in state_dict and source in state_dict and torch.equal(state_dict[tied], state_dict[source]):
-            state_dict[tied] = state_dict[source]
-    converted = {}
-    for name, tensor in state_dict.items():
-        if tensor.is_floating_point():
-            key = (tensor.data_ptr(), tensor.shape, tensor.stride())
-            if key not in converted:
-                converted[key] = tensor.to(dtype)
-            state_dict[name] = converted[key]
-    unwrapped.save_pretrained(folder, state_dict=state_dict, save_function=accelerator.save)
-    config = copy.deepcopy(unwrapped.config)  # save_pretrained wrote the parameters' dtype (fp32)
-    for sub in [config] + [getattr(config, name) for name in getattr(config, "sub_configs", {})]:
-        sub.dtype = dtype
-    config.save_pretrained(folder)
-    processor.save_pretrained(folder)
-
-
 def save_checkpoint(accelerator, model, processor, folder: str, step: int | None, plan_info: dict,
                     dtype: torch.dtype = torch.float32):
     """save_pretrained folder in `dtype` (loads like a hub id) + accelerate state (optimizer,
@@ -499,7 +386,7 @@ def save_checkpoint(accelerator, model, processor, folder: str, step: int | None
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    save_model(accelerator, model, processor, tmp, dtype)
+    reward.save_model(accelerator, model, processor, tmp, dtype)
     if step is not None:
         accelerator.save_state(os.path.join(tmp, TRAINING_STATE))
         if accelerator.is_main_process:
@@ -511,13 +398,6 @@ def save_checkpoint(accelerator, model, processor, folder: str, step: int | None
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     accelerator.wait_for_everyone()
-
-
-def remove_stale_tmp(output_dir: str) -> None:
-    """Delete the .tmp folders of saves a killed run never finished (checkpoint-N.tmp, final.tmp)."""
-    for name in os.listdir(output_dir):
-        if re.fullmatch(r"(checkpoint-\d+|final)\.tmp", name):
-            shutil.rmtree(os.path.join(output_dir, name))
 
 
 def find_checkpoint(args: Args, accelerator) -> str | None:
@@ -537,26 +417,6 @@ def find_checkpoint(args: Args, accelerator) -> str | None:
     return found
 
 
-def keep_metrics_until(metrics_path: str, step: int) -> None:
-    """Keep the metrics.jsonl lines of steps up to `step`: the ones a stopped run logged after its
-    last checkpoint are computed again, and a line torn by a kill mid-write (not a JSON object) is
-    dropped. Rewritten via a .tmp file and os.replace, so a kill now loses nothing."""
-    if not os.path.exists(metrics_path):
-        return
-    kept = []
-    with open(metrics_path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                metrics = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(metrics, dict) and metrics.get("step", math.inf) <= step:
-                kept.append(json.dumps(metrics) + "\n")
-    with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(metrics_path + ".tmp", metrics_path)
-
-
 def resume_from(checkpoint: str | None, accelerator, plan_info: dict, metrics_path: str) -> int:
     """Restores model, optimizer, schedule and RNG; returns the step to continue after (0: none)."""
     step = 0
@@ -571,26 +431,9 @@ def resume_from(checkpoint: str | None, accelerator, plan_info: dict, metrics_pa
         step = state["step"]
         accelerator.print(f"resumed from {checkpoint} after step {step}")
     if accelerator.is_main_process:
-        keep_metrics_until(metrics_path, step)
+        reward.keep_metrics_until(metrics_path, step)
     accelerator.wait_for_everyone()  # no rank appends before the file is rewritten
     return step
-
-
-def synced_time(device) -> float:
-    """time.perf_counter() once the GPU has finished what was queued: CUDA kernels run
-    asynchronously, so without the synchronize a step's time would stop before its last kernels."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def peak_memory_gb(device) -> float:
-    """Peak GPU memory allocated by torch; on CPU, the peak resident memory of the process. grpo.py
-    has the same four lines, so that each script stands alone: neither torch nor accelerate has one
-    call that covers both devices."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports kB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,8 +446,8 @@ def main(argv=None):
     log_with = reward.tracker(args.report_to)
     if args.on_bad_row not in ("error", "skip"):
         raise ValueError(f"--on_bad_row must be error or skip, got {args.on_bad_row!r}")
-    mixed_precision = precision(args)
-    dtype = saved_dtype(args, mixed_precision)  # a wrong --save_dtype fails now, not after training
+    mixed_precision = reward.precision(args.mixed_precision)
+    dtype = reward.saved_dtype(args.save_dtype, mixed_precision)  # a wrong value fails now, not at the end
     accelerator = Accelerator(
         mixed_precision=mixed_precision,  # bf16: autocast, on a GPU or a CPU
         log_with=log_with, project_dir=args.output_dir,  # tensorboard: OUTPUT_DIR/sft/
@@ -633,7 +476,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     checkpoint = find_checkpoint(args, accelerator)  # a wrong --resume path fails before any change
     if accelerator.is_main_process:
-        remove_stale_tmp(args.output_dir)
+        reward.remove_stale_tmp(args.output_dir)
         if args.on_bad_row == "skip":
             reward.write_bad_rows(bad, args.output_dir)
     accelerator.wait_for_everyone()
@@ -645,7 +488,7 @@ def main(argv=None):
     model, processor = load_model(args)
     eot = end_of_turn(model.generation_config, processor.tokenizer)
     if accelerator.distributed_type == DistributedType.FSDP and world > 1:
-        run_vision_on_every_forward(model)
+        reward.run_vision_on_every_forward(model)
     data, lengths, n_dropped = prepare_data(args, data, processor, eot, accelerator)
     steps_per_epoch = len(data) // args.global_batch_size
     if steps_per_epoch == 0:
@@ -658,7 +501,7 @@ def main(argv=None):
     optimizer, scheduler = build_optimizer(model, args, total_steps)
     # The scheduler is not passed to prepare(): accelerate's wrapper would step it once per process
     # at each optimizer step. Registering it still saves and restores it with the state.
-    fsdp_mixed_precision(accelerator)
+    reward.fsdp_mixed_precision(accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     start_step = resume_from(checkpoint, accelerator, plan_info, metrics_path)
@@ -678,7 +521,7 @@ def main(argv=None):
     progress = tqdm(total=total_steps, initial=start_step, desc="sft",
                     disable=not accelerator.is_main_process)
     for step in range(start_step + 1, total_steps + 1):
-        started = synced_time(accelerator.device)
+        started = reward.synced_time(accelerator.device)
         micro_batches = [{k: v.to(accelerator.device) for k, v in next(batches).items()}
                          for _ in range(accumulation)]
         loss = accumulate_gradients(model, micro_batches, accelerator)
@@ -688,10 +531,10 @@ def main(argv=None):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         n_tokens = accelerator.reduce(sum(mb["attention_mask"].sum() for mb in micro_batches), "sum")
-        seconds = synced_time(accelerator.device) - started
+        seconds = reward.synced_time(accelerator.device) - started
         metrics = {"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": loss.item(), "lr": lr,
                    "grad_norm": float(grad_norm), "tokens_per_s": n_tokens.item() / seconds,
-                   "peak_memory_gb": peak_memory_gb(accelerator.device), "dropped_too_long": n_dropped}
+                   "peak_memory_gb": reward.peak_memory_gb(accelerator.device), "dropped_too_long": n_dropped}
         if accelerator.is_main_process:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")

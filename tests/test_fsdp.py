@@ -11,7 +11,7 @@ configs/fsdp.yaml's settings (2 processes, fp32 so that one process is the refer
 What they check, against one process on the same rows:
 - sft.py: losses, gradient norms and weights of 3 steps where, within a step, one process's
   micro-batch has an image and the other's has none (every FSDP unit must be all-gathered by every
-  process: sft.run_vision_on_every_forward), then a resume from a sharded checkpoint;
+  process: reward.run_vision_on_every_forward), then a resume from a sharded checkpoint;
 - grpo.py (FSDP2 and v1): every sampled completion token for token (generate under FSDP: the whole
   policy gathered once per rollout with FSDP2, root gathered + synced_gpus with v1), rewards,
   losses, gradient norms and weights, with image prompts generated on one process only, two
@@ -91,8 +91,8 @@ def main(argv):
     model_dir, data_dir, out = argv
     accelerator = Accelerator(mixed_precision="bf16")
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-    grpo.run_vision_on_every_forward(model)
-    grpo.fsdp_mixed_precision(accelerator)
+    reward.run_vision_on_every_forward(model)
+    reward.fsdp_mixed_precision(accelerator)
     policy = accelerator.state.fsdp_plugin.mixed_precision_policy
     model, _ = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -203,7 +203,7 @@ def test_sft_under_fsdp_equals_one_process_and_resumes(tiny_model_dir, toy_data_
 
 def test_fsdp_in_bf16_keeps_fp32_logprobs_and_reductions(warm_tiny_dir, toy_data_dir, tmp_path):  # noqa: F811
     """accelerate's bf16 policy for FSDP2 casts every output to bf16 and reduces gradients in bf16;
-    grpo.fsdp_mixed_precision keeps both in fp32 (measured without it: log-probs such as
+    reward.fsdp_mixed_precision keeps both in fp32 (measured without it: log-probs such as
     -1.7890625, dtype bfloat16). Parameters compute in bf16, so the log-probs move by bf16 rounding
     but come out in fp32, unrounded."""
     (tmp_path / "bf16_logprobs.py").write_text(BF16_LOGPROBS)

@@ -682,3 +682,16 @@ def test_generation_kwargs_explicit():
                            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None)
     greedy = generation_kwargs(0.0, 1.0, 64, [7])
     assert greedy["do_sample"] is False and greedy["num_beams"] == 1 and greedy["repetition_penalty"] == 1.0
+
+
+def test_importing_reward_loads_no_torch():
+    """Curation and regrading import reward.py without torch; only the trainers' plumbing (its last
+    section) imports torch, inside the functions."""
+    import subprocess
+    import sys
+
+    code = ("import sys, reward; "
+            "print(sorted(m for m in ('torch', 'accelerate', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    assert out.strip() == "[]"
