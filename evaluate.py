@@ -8,6 +8,7 @@ row K times and grade each answer", so this one script does them (docs/method.md
     python evaluate.py --model M --data D --split test --output_dir DIR                  # greedy
     python evaluate.py configs/eval.yaml --model M --data D --output_dir DIR       # from a file
     python evaluate.py --model M --data D --split train --n 16 --temperature 1.0 --output_dir DIR
+    python evaluate.py --engine vllm --model M --data D --output_dir DIR   # optional (docs/vllm.md)
     accelerate launch evaluate.py --model M --data D --output_dir DIR                    # rows split
     python evaluate.py --regrade DIR/predictions.jsonl --output_dir DIR2                 # no model
     python evaluate.py --compare base=DIR1 grpo=DIR2 --output_dir DIR3                   # one table
@@ -42,9 +43,13 @@ What the results depend on, and what holds exactly:
   a one-row-at-a-time loop exactly (tested); in bf16 on GPU a near-tie can flip, which is why the
   paper averages three runs. Sampled answers are reproducible for a fixed --seed and
   --batch_size; across seeds or batch sizes only their statistics agree.
+- `--engine vllm` (section 2b, docs/vllm.md) answers with vLLM instead of HF generate: the same
+  prompts, sampling settings, files and resuming; greedy answers equal HF's on the toy in fp32,
+  sampled ones come from the same distribution but are other draws (seeded per row, not per batch).
 """
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -57,6 +62,7 @@ from functools import partial
 from pathlib import Path
 from typing import Iterator, Literal
 
+import pyarrow.compute
 import torch
 import transformers
 from accelerate import Accelerator, InitProcessGroupKwargs
@@ -92,6 +98,12 @@ class Args:
                 "run_offline_inference.py's (parsed_outputs). Lines need dataset_name, answer_label, "
                 "answer and the responses."})
     dtype: str = field(default="auto", metadata={"help": "auto = bfloat16 on CUDA, float32 on CPU."})
+    engine: Literal["hf", "vllm"] = field(default="hf", metadata={
+        "help": "hf: transformers' generate (the reference). vllm: vLLM in this process, continuous "
+                "batching (`make install-vllm`; docs/vllm.md). One process only."})
+    vllm_memory: float = field(default=0.9, metadata={
+        "help": "--engine vllm: gpu_memory_utilization, the share of the GPU vLLM may take for weights "
+                "and KV cache (on a CPU the KV cache is VLLM_CPU_KVCACHE_SPACE GiB instead)."})
     compare: list[str] = field(default_factory=list, metadata={
         "help": "NAME=DIR ... of finished evaluations (no model): one table, one row per model, "
                 "written with DIR/summary.json as {NAME: {benchmarks, average}}."})
@@ -104,7 +116,7 @@ class Args:
 # Arguments that do not change a single prediction: where things go and the other two commands.
 # Everything else (model, split, limit, n, temperature, top_p, max_new_tokens, batch_size: the
 # batches, seed, dtype, on_bad_row) is in the run's fingerprint.
-NOT_RESULTS = ("output_dir", "data", "regrade", "compare", "paper", "curves")
+NOT_RESULTS = ("output_dir", "data", "regrade", "compare", "paper", "curves", "vllm_memory")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +229,108 @@ def generate(model, processor, rows: list[dict], n: int, gen_kwargs: dict, seed:
     completions = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :],
                                          skip_special_tokens=True)
     return [completions[i * n : (i + 1) * n] for i in range(len(rows))]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2b. Generation with vLLM (--engine vllm; optional: `make install-vllm`, docs/vllm.md)
+# ---------------------------------------------------------------------------------------------
+
+
+def row_seed(seed: int, row: Row) -> int:
+    """vLLM's sampling seed for a row: from --seed and the row alone. vLLM draws each request from
+    its own generator (its n samples from seed, seed + 1, ... seed + n - 1), so a row's samples do
+    not depend on its batch, the batch size or what ran before (HF's path seeds a whole batch)."""
+    return reward.sampling_seed(seed, *row.key)
+
+
+def vllm_sampling(gen_kwargs: dict, n: int, vocab_size: int, stop_ids: list[int]) -> dict:
+    """SamplingParams' arguments with the meaning of reward.generation_kwargs' HF settings.
+
+    Derived from that one dict so both engines always sample alike: temperature (0 = greedy), top_p,
+    no top_k (0 disables it in vLLM), no repetition penalty, max_new_tokens. HF's suppress_tokens
+    becomes its complement, allowed_token_ids (both mask the logits before temperature and top_p).
+    The stop ids are HF generate's (generation_config.eos_token_id), so a completion ends at the
+    first end-of-turn as in HF. A setting added to generation_kwargs that is not translated here is
+    an error, not silently dropped.
+    """
+    known = {"max_new_tokens", "repetition_penalty", "suppress_tokens", "do_sample", "temperature",
+             "top_k", "top_p", "min_p", "num_beams"}
+    unknown = set(gen_kwargs) - known
+    if unknown or gen_kwargs.get("num_beams", 1) != 1 or gen_kwargs.get("min_p") is not None:
+        raise ValueError(f"generation settings vLLM is not told about: {sorted(unknown)}")
+    never = set(gen_kwargs["suppress_tokens"] or [])
+    sampled = gen_kwargs["do_sample"]
+    return dict(n=n, max_tokens=gen_kwargs["max_new_tokens"],
+                temperature=gen_kwargs["temperature"] if sampled else 0.0,
+                top_p=gen_kwargs["top_p"] if sampled else 1.0, top_k=gen_kwargs["top_k"] or 0,
+                repetition_penalty=gen_kwargs["repetition_penalty"],
+                allowed_token_ids=[i for i in range(vocab_size) if i not in never],
+                stop_token_ids=stop_ids)
+
+
+def load_vllm(args: Args, processor, ds, rows: list[Row]):
+    """vLLM's LLM in this process, set up for these rows; vLLM is imported only here.
+
+    Continuous batching: a finished sequence leaves the running batch at once and a waiting one takes
+    its place, where HF generate keeps every row of a batch until its longest ends. Set-up:
+    - max_model_len = the longest prompt + max_new_tokens; chunked prefill off with a token budget of
+      at least that, so no prompt is split over engine steps (on CPU, seeded requests split so crash
+      with "CPU Generator does not use offset");
+    - in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0), as TRL's colocate mode, and on CPU a
+      1 GiB KV cache (VLLM_CPU_KVCACHE_SPACE) unless set; OMP_NUM_THREADS is set to torch's thread
+      count if unset, otherwise vLLM cuts the process to one thread;
+    - the same dtype as the HF path (auto: bfloat16 on CUDA, float32 on CPU), no CUDA graphs on CPU.
+    """
+    cuda = torch.cuda.is_available()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    if not cuda:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import vllm  # main() has checked that it is installed
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    max_images = 1  # vLLM's per-prompt limit: the most images any row has
+    if "images" in ds.column_names:
+        counts = pyarrow.compute.list_value_length(stored_rows(ds)["images"])
+        max_images = max(1, pyarrow.compute.max(counts).as_py() or 0)
+    max_len = max(r.length for r in rows) + args.max_new_tokens
+    return vllm.LLM(model=args.model, dtype=dtype, seed=args.seed, max_model_len=max_len,
+                    enable_chunked_prefill=False, max_num_batched_tokens=max(max_len, 8192),
+                    enforce_eager=not cuda, gpu_memory_utilization=args.vllm_memory,
+                    limit_mm_per_prompt={"image": max_images, "video": 0})
+
+
+def stop_ids(model: str) -> list[int]:
+    """The ids HF generate stops at: the checkpoint's generation_config.json eos_token_id (without
+    that file, generate derives one from the model's config)."""
+    try:
+        config = transformers.GenerationConfig.from_pretrained(model)
+    except OSError:
+        config = transformers.AutoConfig.from_pretrained(model)
+        config = transformers.GenerationConfig.from_model_config(config)
+    eos = config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def generate_vllm(llm, processor, rows: list[dict], params: dict, seeds: list) -> list[list[str]]:
+    """K responses per row from vLLM: what `generate` returns, from the same prompt texts and images.
+
+    What differs from HF generate: vLLM schedules sequences itself (continuous batching, paged KV
+    cache) and draws from per-request generators, so sampled responses are other draws from the same
+    distribution (tests/test_vllm.py compares the distributions); greedy ones are the same up to
+    floating point (equal on the toy in fp32). The completion's token ids are decoded by the same
+    processor.batch_decode(skip_special_tokens=True) as HF's.
+    """
+    from vllm import SamplingParams
+
+    texts, _ = reward.chat_prompts(processor, rows)
+    prompts = [{"prompt": text} for text in texts]
+    for prompt, row in zip(prompts, rows):
+        if row.get("images"):  # text-only rows carry no multi_modal_data: a batch may mix both
+            prompt["multi_modal_data"] = {"image": row["images"]}
+    sampling = [SamplingParams(**params, seed=seed) for seed in seeds]
+    outputs = llm.generate(prompts, sampling, use_tqdm=False)
+    return [processor.batch_decode([list(c.token_ids) for c in sorted(o.outputs, key=lambda c: c.index)],
+                                   skip_special_tokens=True) for o in outputs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,6 +667,11 @@ def evaluate(args: Args):
     # Every rank computes the same fingerprint; the main one claims. If it refuses, it exits
     # with the message and `accelerate launch` stops the others.
     settings = {k: v for k, v in asdict(args).items() if k not in NOT_RESULTS}
+    if args.engine == "hf":  # absent, so that folders of runs from before --engine still resume
+        del settings["engine"]
+    if args.engine == "vllm" and state.num_processes > 1:
+        raise SystemExit("--engine vllm runs in one process (vLLM batches the rows itself): "
+                         "run it with python, not accelerate launch")
     fingerprint = {"stage": "evaluate", "settings": settings, "data": data_fingerprint,
                    "model": model_fingerprint(args.model)}
     if state.is_main_process:
@@ -568,12 +687,18 @@ def evaluate(args: Args):
     # the same batch as in an uninterrupted run; only the missing rows are written.
     pending = [b for b in make_batches(rows, args.batch_size) if any(r.key not in done for r in b)]
     mine = pending[state.process_index :: state.num_processes]  # round robin: lengths balance
-    model = load_model(args, state.device) if mine else None
+    if args.engine == "vllm":
+        model = load_vllm(args, processor, ds, rows) if mine else None
+    else:
+        model = load_model(args, state.device) if mine else None
     # Every generate setting explicit, the same as grpo.py's (docs/method.md section 9): the paper's
     # sampler (vLLM with explicit SamplingParams) used temperature T, top_p, no top_k and no
     # repetition penalty, whatever the checkpoint's generation_config.json says; 0 = greedy.
     gen_kwargs = reward.generation_kwargs(args.temperature, args.top_p, args.max_new_tokens,
                                           reward.never_generate_ids(processor.tokenizer))
+    if args.engine == "vllm" and model is not None:
+        params = vllm_sampling(gen_kwargs, args.n, model.llm_engine.model_config.get_vocab_size(),
+                               stop_ids(args.model))
 
     stored = stored_rows(ds)
     part = out / f"predictions.rank{state.process_index}.jsonl"
@@ -586,8 +711,12 @@ def evaluate(args: Args):
         for batch in mine:
             rows_read = [reward.check_row(row, base_dir)
                          for row in stored[[r.position for r in batch]].to_pylist()]
-            responses = generate(model, processor, rows_read, args.n, gen_kwargs,
-                                 batch_seed(args.seed, batch))
+            if args.engine == "vllm":
+                seeds = [row_seed(args.seed, r) if args.temperature > 0 else None for r in batch]
+                responses = generate_vllm(model, processor, rows_read, params, seeds)
+            else:
+                responses = generate(model, processor, rows_read, args.n, gen_kwargs,
+                                     batch_seed(args.seed, batch))
             prompts, _ = reward.chat_prompts(processor, rows_read)
             new = []
             for r, row, prompt, answered in zip(batch, rows_read, prompts, responses):
@@ -714,6 +843,9 @@ def main(argv=None):
         raise SystemExit("--n and --batch_size must be at least 1")
     if args.n > 1 and args.temperature <= 0:
         raise SystemExit("--n > 1 needs --temperature > 0: greedy samples would all be the same")
+    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:  # before any work
+        raise SystemExit("--engine vllm needs vLLM, which is not installed: run `make install-vllm` "
+                         "(CPU; docs/vllm.md) or see requirements-vllm.txt (GPUs)")
     return evaluate(args)
 
 

