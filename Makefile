@@ -282,7 +282,7 @@ DEMO_SFT_ARGS = --learning_rate 3e-3 --global_batch_size 16 --micro_batch_size 1
   --save_steps 200 --seed $(SEED)
 DEMO_PASS_ARGS = --n 16 --temperature 1.0 --max_new_tokens 64 --batch_size 16 --limit 1200 --seed $(SEED)
 DEMO_GRPO_ARGS = --rollout_batch_size 16 --group_size 8 --mini_batch_size 8 --micro_batch_size 32 \
-  --generation_batch_size 16 --max_new_tokens 64 --learning_rate 1e-4 --beta 0.01 --max_steps 60 \
+  --generation_batch_size 16 --max_new_tokens 64 --learning_rate 5e-5 --beta 0.01 --max_steps 60 \
   --save_steps 20 --gradient_checkpointing False --eval_every 20 --eval_data $(DEMO)/data \
   --eval_split validation --eval_limit 600 --eval_batch_size 64 --seed $(SEED)
 
