@@ -50,7 +50,17 @@ PAPER ?=
 # to LAUNCH on every node (README, "Several nodes").
 ACCELERATE_CONFIG ?= configs/ddp.yaml
 NUM_GPUS ?= 8
+# The generation engine of the recipes' evaluate.py and grpo.py runs (docs/vllm.md): hf (HF generate,
+# the reference) or vllm (`make install-vllm`). --engine is passed only when it is not hf, so the
+# default command lines stay as they were. vLLM runs in one process: with it LAUNCH runs python, not
+# accelerate launch (sft.py too), e.g. make reproduce-3b ENGINE=vllm (untested on GPUs).
+ENGINE ?= hf
+ENGINE_ARG = $(if $(filter-out hf,$(ENGINE)), --engine $(ENGINE))
+ifeq ($(ENGINE),hf)
 LAUNCH ?= $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NUM_GPUS)
+else
+LAUNCH ?= $(PY)
+endif
 
 .PHONY: install test demo rl sft eval compare eval-3b reproduce-3b reproduce-7b reproduce-3b-pmc \
         reproduce-3b-sft reproduce-synther-3b clean-demo install-vllm
@@ -91,7 +101,7 @@ rl: install $(RUN)/eval-grpo/results.json
 $(RUN)/passcounts/results.json:
 	@echo "== [rl 1/4] pass counts: $(PASS_MODEL) on $(TRAIN_DATA):$(TRAIN_SPLIT)"
 	$(LAUNCH) evaluate.py $(PASS_CONFIG) --model $(PASS_MODEL) --data $(TRAIN_DATA) --split $(TRAIN_SPLIT) \
-	  --output_dir $(RUN)/passcounts $(PASS_ARGS)
+	  --output_dir $(RUN)/passcounts $(PASS_ARGS)$(ENGINE_ARG)
 
 $(RUN)/filtered/curate_stats.json: $(RUN)/passcounts/results.json
 	@echo "== [rl 2/4] difficulty filter: keep pass counts $(MIN_PASS)..$(MAX_PASS)"
@@ -116,12 +126,12 @@ endif
 $(RUN)/grpo/final/config.json: $(GRPO_DEPS)
 	@echo "== [rl 3/4] GRPO from $(MODEL)"
 	$(LAUNCH) grpo.py $(GRPO_CONFIG) --model $(MODEL) $(GRPO_DATA) --output_dir $(RUN)/grpo $(GRPO_ARGS) \
-	  --resume latest
+	  --resume latest$(ENGINE_ARG)
 
 $(RUN)/eval-grpo/results.json: $(RUN)/grpo/final/config.json
 	@echo "== [rl 4/4] evaluation of the GRPO model on $(EVAL_DATA):$(EVAL_SPLIT)"
 	$(LAUNCH) evaluate.py $(EVAL_CONFIG) --model $(RUN)/grpo/final --data $(EVAL_DATA) --split $(EVAL_SPLIT) \
-	  --output_dir $(RUN)/eval-grpo $(EVAL_ARGS)
+	  --output_dir $(RUN)/eval-grpo $(EVAL_ARGS)$(ENGINE_ARG)
 
 sft: install $(RUN)/eval-sft/results.json
 	$(PY) evaluate.py --output_dir $(RUN) --compare sft=$(RUN)/eval-sft $(if $(PAPER),--paper "$(PAPER)")
@@ -135,7 +145,7 @@ $(RUN)/sft/final/config.json:
 $(RUN)/eval-sft/results.json: $(RUN)/sft/final/config.json
 	@echo "== [sft 2/2] evaluation of the SFT model on $(EVAL_DATA):$(EVAL_SPLIT)"
 	$(LAUNCH) evaluate.py $(EVAL_CONFIG) --model $(RUN)/sft/final --data $(EVAL_DATA) --split $(EVAL_SPLIT) \
-	  --output_dir $(RUN)/eval-sft $(EVAL_ARGS)
+	  --output_dir $(RUN)/eval-sft $(EVAL_ARGS)$(ENGINE_ARG)
 
 # Evaluation of $(MODEL) as it is (the paper's base rows).
 eval: install $(RUN)/eval-base/results.json
@@ -144,7 +154,7 @@ eval: install $(RUN)/eval-base/results.json
 $(RUN)/eval-base/results.json:
 	@echo "== evaluation of $(MODEL) on $(EVAL_DATA):$(EVAL_SPLIT)"
 	$(LAUNCH) evaluate.py $(EVAL_CONFIG) --model $(MODEL) --data $(EVAL_DATA) --split $(EVAL_SPLIT) \
-	  --output_dir $(RUN)/eval-base $(EVAL_ARGS)
+	  --output_dir $(RUN)/eval-base $(EVAL_ARGS)$(ENGINE_ARG)
 
 # ---------------------------------------------------------------------------------------------
 # The paper's rows (docs/method.md sections 5-8). GPUs and the hub needed. The hub ids are variables so

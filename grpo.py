@@ -18,9 +18,10 @@ paper's settings):
 6. log the step's metrics, and every --eval_every steps the greedy accuracy on a held-out slice.
 
 `main`, at the end of the file, is the table of contents: the loop is these six steps. A reader of
-the algorithm may skip the last three sections: "The shared prompt" computes the numbers of steps 2,
+the algorithm may skip the last four sections: "The shared prompt" computes the numbers of steps 2,
 4 and 5 with each group's prompt run once instead of G times (--share_prompt; the rollout and the
-log-prob passes call it), section 7 lists every place where processes meet (the rollout calls one of
+log-prob passes call it), "Rollouts with vLLM" is the optional engine of step 2 (--engine vllm; the
+rollout hands its work to it), section 7 lists every place where processes meet (the rollout calls one of
 its functions, `full_parameters`), section 8 is plumbing (set-up, the numerical guard, checkpoints,
 logs). Every other function is defined before its first use.
 
@@ -45,6 +46,7 @@ written.
 """
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -86,6 +88,13 @@ class Args:
     max_new_tokens: int = 4096
     generation_batch_size: int = field(default=8, metadata={
         "help": "Prompts per generate call (consecutive prompts of the step; calls are dealt to processes)."})
+    engine: str = field(default="hf", metadata={
+        "help": "hf: transformers' generate (the reference). vllm: the rollouts and validation's greedy "
+                "answers from vLLM in this process, its weights synced after every update (section "
+                "'Rollouts with vLLM'; `make install-vllm`, docs/vllm.md). One process only."})
+    vllm_memory: float = field(default=0.3, metadata={
+        "help": "--engine vllm: gpu_memory_utilization, the share of the GPU vLLM may take for its copy "
+                "of the weights and its KV cache (the policy, reference and optimizer share the GPU)."})
     # Update (paper: mini-batch 128 prompts, i.e. 2 optimizer steps per rollout).
     mini_batch_size: int = field(default=128, metadata={"help": "Prompts per optimizer step, all processes."})
     micro_batch_size: int = field(default=8, metadata={"help": "Sequences per forward (per process)."})
@@ -181,6 +190,14 @@ class Args:
             raise ValueError(f"--save_dtype must be auto, bfloat16 or float32, got {self.save_dtype!r}")
         if self.logprob_chunk_tokens < 0:
             raise ValueError("--logprob_chunk_tokens must be 0 (no chunks) or more")
+        if self.engine not in ("hf", "vllm"):
+            raise ValueError(f"--engine must be hf or vllm, got {self.engine!r}")
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:  # before any work
+            raise SystemExit("--engine vllm needs vLLM, which is not installed: run `make install-vllm` "
+                             "(CPU; docs/vllm.md) or see requirements-vllm.txt (GPUs)")
+        if self.engine == "vllm" and world_size > 1:
+            raise ValueError("--engine vllm runs in one process (one colocated vLLM engine; several "
+                             "processes are not done yet): run it with python, not accelerate launch")
 
 
 # Fields of Args that never change what a run computes, so they stay out of its fingerprint
@@ -196,7 +213,7 @@ class Args:
 NOT_SETTINGS = ("model", "data", "eval_data", "output_dir", "resume", "save_steps", "save_total_limit",
                 "report_to", "micro_batch_size", "eval_batch_size", "gradient_checkpointing", "on_bad_row",
                 "eval_every", "max_skipped_steps", "collapse_steps", "logprob_chunk_tokens", "save_dtype",
-                "save_final", "share_prompt", "peak_flops")
+                "save_final", "share_prompt", "peak_flops", "vllm_memory")
 # The checkpoint contract (docs/method.md section 10), the same as sft.py's.
 TRAINING_STATE = "training_state"  # accelerator.save_state: model, optimizer, scheduler, RNG of every process
 TRAINER_STATE = "trainer_state.json"
@@ -376,7 +393,8 @@ def build_samples(processor, rows: list[dict], completions: list[tuple[list[int]
 @torch.no_grad()
 def rollout(model, accelerator, processor, rows: list[dict], group_size: int, batch_size: int,
             gen_kwargs: dict, eos_ids: list[int], seed: tuple[int, int] | None = None,
-            desc: str | None = None, share_prompt: bool = False) -> list[tuple[list[int], bool]]:
+            desc: str | None = None, share_prompt: bool = False,
+            engine: "VLLMRollouts | None" = None) -> list[tuple[list[int], bool]]:
     """G completions of every row, on every process; row i's are completions [i G, (i + 1) G).
 
     Batching is a function of positions in `rows` only, so the rollout is the same on any number of
@@ -387,8 +405,12 @@ def rollout(model, accelerator, processor, rows: list[dict], group_size: int, ba
     tokens up to and including the first end-of-turn token, truncated: no end token within
     max_new_tokens). desc: a progress bar of that name over the main process's prompts.
     share_prompt: each call prefills its rows once, not G times (`generate_shared`): the same
-    samples for the same seed.
+    samples for the same seed. engine: with --engine vllm, the same completions come from vLLM instead
+    (the section "Rollouts with vLLM"); this function's code below is then not run.
     """
+    if engine is not None:
+        return engine.rollout(accelerator.unwrap_model(model), processor, rows, group_size, gen_kwargs,
+                              eos_ids, seed)
     unwrapped = accelerator.unwrap_model(model)
     was_training = unwrapped.training
     unwrapped.eval()  # gradient checkpointing is off in eval mode, so generate keeps its KV cache
@@ -875,7 +897,7 @@ def step_record(accelerator, step: int, epoch: float, samples: list[Sample], upd
     }
 
 
-def validate(model, accelerator, processor, rows, args: Args, never_ids, eos_ids) -> dict:
+def validate(model, accelerator, processor, rows, args: Args, never_ids, eos_ids, engine=None) -> dict:
     """Greedy accuracy with the evaluation rule (reward.extract_answer, docs/method.md section 4).
 
     `rollout` gives every process every completion, so all of them compute the same numbers. The
@@ -883,7 +905,7 @@ def validate(model, accelerator, processor, rows, args: Args, never_ids, eos_ids
     """
     greedy = reward.generation_kwargs(0, args.top_p, args.max_new_tokens, never_ids)  # temperature 0
     completions = rollout(model, accelerator, processor, rows, 1, args.eval_batch_size, greedy, eos_ids,
-                          desc="validating")
+                          desc="validating", engine=engine)
     texts = processor.batch_decode([ids for ids, _ in completions], skip_special_tokens=True)
     correct = torch.tensor([float(reward.is_correct(reward.extract_answer(text), row["answer_label"],
                                                     row["answer"])) for text, row in zip(texts, rows)])
@@ -1184,6 +1206,119 @@ def generate_shared(model, inputs, group_size: int, **gen_kwargs) -> torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------
+# Rollouts with vLLM (--engine vllm; optional: `make install-vllm`, docs/vllm.md)
+# (a reader of the algorithm may skip this: the reference engine is HF generate, in `rollout`)
+# ---------------------------------------------------------------------------------------------
+
+
+class VLLMRollouts:
+    """Step 2 and validation's greedy answers from a vLLM engine in this process, beside the policy
+    (colocated, as TRL's colocate mode and verl's hybrid engine): `rollout` hands its work here.
+
+    The same as the HF path: the prompts (reward.chat_prompts, one `<|image_pad|>` per image, which
+    vLLM expands; image and text-only rows in one call), the sampling settings (evaluate.vllm_sampling
+    translates the same reward.generation_kwargs dict: temperature, top_p, no top_k, no repetition
+    penalty, max_new_tokens, and the suppressed ids as their complement, allowed_token_ids), the stop
+    at the first end-of-turn (the policy's generation_config eos ids), what comes back (each
+    completion's ids up to and including that token, and whether it was truncated), and everything
+    downstream: logp_old, logp_ref and the update come from the policy's own forward passes, as in
+    verl; vLLM's log-probs are never used (after a sync they equal the policy's, within 2.5e-5 in
+    fp32 on the toy, tests/test_vllm.py).
+
+    Differs:
+    - vLLM holds its own copy of the weights. After every update the copy is marked stale, and the
+      next rollout (a training step's or validation's) first pushes the policy's weights into it
+      (`sync`): `collective_rpc("reload_weights", ...)`, the path that works on vLLM's CPU backend as
+      on GPUs (TRL's `model_runner.model.load_weights` fails on the CPU backend's repacked linear
+      weights), then the encoder cache (image features of the old weights; without this reset the
+      next image request fails) and the prefix cache are emptied. A resumed run pushes its
+      checkpoint's weights before its first rollout.
+    - Seeds: vLLM draws each request from its own generator, so each prompt is seeded, from
+      reward.sampling_seed(--seed, step, its position in the step), and its G samples from s, s + 1,
+      ... (the HF path seeds each generate call). A resumed run samples the same completions; the
+      two engines draw different ones from the same distribution.
+    - Batching: the B prompts go to one llm.generate call and vLLM schedules them (continuous
+      batching, paged KV cache); --generation_batch_size, --eval_batch_size and --share_prompt's
+      shared prefill do not apply (a request's G samples share one prefill in vLLM by itself).
+    - One process only (Args.check refuses more): one engine, no data parallelism yet.
+    - dtype: bfloat16 with --mixed_precision bf16 (the policy's compute dtype), float32 otherwise.
+    Not done: sleep mode on GPUs (`enable_sleep_mode=True`, `llm.sleep(level=1)` after each rollout
+    and `llm.wake_up()` before the next, which frees the KV cache for the update): untested without a
+    GPU, so vLLM keeps --vllm_memory of the GPU for the whole run.
+    """
+
+    def __init__(self, args: Args, accelerator, dataset, eval_rows: list[dict]):
+        import pyarrow.compute
+        cuda = accelerator.device.type == "cuda"
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # else vLLM cuts it to 1
+        if not cuda:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of RAM for the KV cache
+        import vllm  # Args.check has checked that it is installed
+        images = [1] + [len(row.get("images") or []) for row in eval_rows]  # vLLM's per-prompt limit
+        if "images" in dataset.column_names:
+            counts = pyarrow.compute.list_value_length(dataset.with_format("arrow")["images"])
+            images.append(pyarrow.compute.max(counts).as_py() or 0)
+        max_len = args.max_prompt_length + args.max_new_tokens  # longer prompts were skipped
+        # Chunked prefill off and a token budget of at least a whole sequence: no prompt is split over
+        # engine steps (on CPU, a seeded request split so fails: "CPU Generator does not use offset").
+        # processed_logprobs: log-probs, when asked (the tests), after the temperature and the mask.
+        self.llm = vllm.LLM(
+            model=args.model, dtype="bfloat16" if accelerator.mixed_precision == "bf16" else "float32",
+            seed=args.seed, max_model_len=max_len, enable_chunked_prefill=False,
+            max_num_batched_tokens=max(max_len, 8192), enforce_eager=not cuda,
+            gpu_memory_utilization=args.vllm_memory, limit_mm_per_prompt={"image": max(images), "video": 0},
+            logprobs_mode="processed_logprobs")
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self.stale = True  # vLLM loaded --model; the policy may be a resumed checkpoint's
+        self.sync_seconds: list[float] = []
+
+    def sync(self, model) -> None:
+        """Push the policy's weights (unwrapped, fp32 master copy; vLLM casts to its dtype) into vLLM."""
+        start = reward.synced_time(torch.device("cpu"))
+        weights = ((name, tensor.detach()) for name, tensor in model.state_dict().items())
+        self.llm.collective_rpc("reload_weights",
+                                kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
+        self.stale = False
+        self.sync_seconds.append(reward.synced_time(torch.device("cpu")) - start)
+
+    def close(self) -> None:
+        """Shut the engine down (its process group with it) before accelerate ends the run's own:
+        otherwise vLLM's exit handler fails on a group accelerate has destroyed."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def prompts(self, processor, rows: list[dict]) -> list[dict]:
+        """vLLM's prompts of `rows`: the chat texts, with the images of the rows that have any (a
+        text-only row carries no multi_modal_data, so one call mixes both)."""
+        texts, _ = reward.chat_prompts(processor, rows)
+        images = [{"multi_modal_data": {"image": row["images"]}} if row.get("images") else {} for row in rows]
+        return [{"prompt": text, **image} for text, image in zip(texts, images)]
+
+    def rollout(self, model, processor, rows: list[dict], group_size: int, gen_kwargs: dict,
+                eos_ids: list[int], seed: tuple[int, int] | None) -> list[tuple[list[int], bool]]:
+        """`rollout`'s answer from vLLM: row i's G completions at [i G, (i + 1) G), each (its ids up
+        to and including the first end-of-turn token, truncated). seed: (run seed, step), or None
+        when greedy."""
+        from evaluate import vllm_sampling  # the one translation of the HF settings, as evaluate.py's
+        from vllm import SamplingParams
+        if self.stale:
+            self.sync(model)
+        params = vllm_sampling(gen_kwargs, group_size, self.vocab_size, eos_ids)
+        sampling = [SamplingParams(**params, seed=None if seed is None else reward.sampling_seed(*seed, i))
+                    for i in range(len(rows))]
+        outputs = self.llm.generate(self.prompts(processor, rows), sampling, use_tqdm=False)
+        completions = []
+        for output in outputs:
+            for sample in sorted(output.outputs, key=lambda c: c.index):
+                ids = list(sample.token_ids)
+                end = next((t for t, i in enumerate(ids) if i in eos_ids), None)
+                completions.append((ids, True) if end is None else (ids[:end + 1], False))
+        return completions
+
+
+# ---------------------------------------------------------------------------------------------
 # 7. Distributed: every place where processes meet (a reader of the algorithm may skip this)
 # ---------------------------------------------------------------------------------------------
 # On one process each is a no-op. With W processes (DDP, or FSDP with configs/fsdp.yaml):
@@ -1340,8 +1475,10 @@ def named_sampling_failure(step: int, model, learning_rate: float):
 def fingerprint(args: Args, dataset, eval_set) -> dict:
     """What makes a run this run (reward.claim_output_dir): the stage, every setting that changes
     what it computes (all Args but NOT_SETTINGS), its data and its starting model."""
-    return {"stage": "grpo", "model": args.model,
-            "settings": {k: v for k, v in asdict(args).items() if k not in NOT_SETTINGS},
+    settings = {k: v for k, v in asdict(args).items() if k not in NOT_SETTINGS}
+    if args.engine == "hf":  # absent, so that folders of runs from before --engine still resume
+        del settings["engine"]
+    return {"stage": "grpo", "model": args.model, "settings": settings,
             "data": {"train": reward.data_fingerprint(dataset),
                      "validation": None if eval_set is None else reward.data_fingerprint(eval_set)}}
 
@@ -1519,10 +1656,12 @@ def main(argv: list[str] | None = None):
     pad_id, never_ids, eos_ids = special_ids(processor, accelerator.unwrap_model(model), args.model)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     start_step, guard = resume(accelerator, args, metrics_path)
+    # --engine vllm: the rollouts' engine (section "Rollouts with vLLM"); None: HF generate.
+    engine = VLLMRollouts(args, accelerator, dataset, eval_rows) if args.engine == "vllm" else None
     accelerator.init_trackers("grpo", config={k: v for k, v in asdict(args).items() if v is not None})
     if args.eval_every > 0 and start_step == 0:
-        log(accelerator, metrics_path,
-            {"step": 0, **validate(model, accelerator, processor, eval_rows, args, never_ids, eos_ids)})
+        log(accelerator, metrics_path, {"step": 0, **validate(model, accelerator, processor, eval_rows, args,
+                                                               never_ids, eos_ids, engine)})
 
     device, base_dir, G = accelerator.device, reward.data_dir(args.data), args.group_size
     flops = step_flops(args, accelerator)
@@ -1536,7 +1675,7 @@ def main(argv: list[str] | None = None):
         with named_sampling_failure(step + 1, model, args.learning_rate):
             completions = rollout(model, accelerator, processor, rows, G, args.generation_batch_size,
                                   sampling_kwargs(args, never_ids), eos_ids, seed=(args.seed, step),
-                                  share_prompt=args.share_prompt)
+                                  share_prompt=args.share_prompt, engine=engine)
         # 3. Rewards and advantages of the groups this process trains on.
         samples = build_samples(processor, [rows[i] for i in share],
                                 [c for i in share for c in completions[i * G:(i + 1) * G]])
@@ -1547,12 +1686,15 @@ def main(argv: list[str] | None = None):
         timer.lap("logprob")
         # 5. B / M optimizer steps (one whose loss or gradient norm is not finite is skipped).
         updates = update(model, accelerator, optimizer, scheduler, samples, args, pad_id, never_ids, guard)
+        if engine is not None:  # the policy moved: vLLM's copy is pushed before the next rollout
+            engine.stale = True
         timer.lap("update")
         # 6. The step's metrics, with the validation every --eval_every steps and at the end.
         record = step_record(accelerator, step + 1, (step + 1) / steps_per_epoch, samples, updates,
                              timer.times, scheduler.get_last_lr()[0], G, flops)
         if args.eval_every > 0 and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
-            record.update(validate(model, accelerator, processor, eval_rows, args, never_ids, eos_ids))
+            record.update(validate(model, accelerator, processor, eval_rows, args, never_ids, eos_ids,
+                                   engine))
         # Plumbing: the metrics line, the numerical guard, the progress bar, checkpoints.
         log(accelerator, metrics_path, record)
         warning = guard.after_step(record)  # raises SystemExit after too many skipped steps in a row
@@ -1565,6 +1707,8 @@ def main(argv: list[str] | None = None):
             save_checkpoint(accelerator, model, processor, args, step + 1, guard)
 
     bar.close()
+    if engine is not None:
+        engine.close()
     # A finished run is never resumed (final/ says it is finished), so its end writes the model alone:
     # no optimizer state (for the 3B, 45 GB of fp32 weights and Adam moments, docs/real_path.md).
     if args.save_final:
