@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 
 import datasets
 import pytest
@@ -446,3 +447,24 @@ def test_grpo_vllm_refuses_several_processes_and_names_the_install(monkeypatch):
                         lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
     with pytest.raises(SystemExit, match="make install-vllm"):
         grpo.Args(data="-", engine="vllm").check(1)
+
+
+def test_grpo_vllm_resumed_run_samples_the_same_completions(vllm, model_dir, toy_data_dir, tmp_path):
+    """A run resumed from its step-1 checkpoint (a fresh engine, the checkpoint's weights pushed before
+    the first rollout) computes step 2 as the uninterrupted run did: the same completions (their
+    rewards, lengths) and so the same loss and gradient norm."""
+    out = tmp_path / "run"
+    argv = ["--engine", "vllm", "--model", model_dir, "--data", toy_data_dir, "--output_dir", str(out),
+            "--rollout_batch_size", "8", "--mini_batch_size", "4", "--group_size", "4",
+            "--max_new_tokens", str(GRPO_TOKENS), "--learning_rate", "1e-3", "--max_steps", "2",
+            "--save_steps", "1", "--max_prompt_length", "512", "--beta", "0.01",
+            "--gradient_checkpointing", "False", "--resume", "latest"]
+    keys = ("reward", "format_rate", "completion_length", "truncated", "loss", "grad_norm", "entropy", "kl")
+    grpo.main(argv)
+    whole = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    shutil.rmtree(out / "final")  # as if killed after checkpoint-1: step 2 is computed again
+    grpo.main(argv)
+    resumed = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in resumed] == [1, 2]
+    assert {k: resumed[1][k] for k in keys} == {k: whole[1][k] for k in keys}
+    assert resumed[0] == whole[0]  # step 1's line is kept as it was
