@@ -23,11 +23,15 @@ TEST_SIZES = dict(n_sft=48, n_train=48, n_validation=24, n_test=24)
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A saved tiny Qwen2.5-VL (model + processor), as `python toy.py model --size tiny` makes it."""
-    out = tmp_path_factory.mktemp("tiny_model")
-    model, processor = toy.build_model(toy.ModelArgs(output_dir=str(out), size="tiny"))
+    return save_toy_model(str(tmp_path_factory.mktemp("tiny_model")), "tiny")
+
+
+def save_toy_model(out: str, size: str) -> str:
+    """`python toy.py model --output_dir out --size size`, in this process."""
+    model, processor = toy.build_model(toy.ModelArgs(output_dir=out, size=size))
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    return str(out)
+    return out
 
 
 @pytest.fixture(scope="session")

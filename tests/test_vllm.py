@@ -24,7 +24,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import evaluate
 import grpo
 import reward
-import toy
+from conftest import save_toy_model
 
 WHY_SKIPPED = "vLLM is optional and not installed: `make install-vllm` (docs/vllm.md) runs these tests"
 # Decided without importing vLLM: its import takes about 11 s and sets up process-wide state (logging,
@@ -76,11 +76,7 @@ def train_format(model_dir: str, data_dir: str, out: str, steps: int = 100):
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> str:
     """A random tiny32, as `python toy.py model --size tiny32` saves it."""
-    out = tmp_path_factory.mktemp("tiny32")
-    model, processor = toy.build_model(toy.ModelArgs(output_dir=str(out), size="tiny32"))
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return str(out)
+    return save_toy_model(str(tmp_path_factory.mktemp("tiny32")), "tiny32")
 
 
 @pytest.fixture(scope="module")
