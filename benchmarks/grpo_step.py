@@ -7,7 +7,8 @@ For each toy size it builds the model (random weights: no completion ends early,
 runs to max_new_tokens, the worst case) and a toy data set, runs `grpo.py` for a few steps in a
 fresh process (so peak memory is that run's own), and prints the mean over the steps after the
 first (which pays one-off costs) of the time per step and its split (generation / log-prob passes
-/ update), generated tokens per second and peak memory, from the run's metrics.jsonl.
+/ update), generated tokens per second, peak memory and MFU (the share of the matmul peak, grpo.py's
+`mfu`), from the run's metrics.jsonl.
 The update settings keep the paper's ratios: mini-batch = B / 2 (two optimizer steps per rollout,
 so the logp_old pass runs) and a reference model (beta 0.01).
 """
@@ -35,12 +36,18 @@ class BenchArgs:
     micro_batch_size: int = 32
     steps: int = 3
     threads: int = 2
+    # Empty: OpenMP's default (what a user gets); PASSIVE (the demo's) costs small models a thread
+    # wake-up per parallel op (benchmarks/GRPO_VS_TRL.md measures both).
+    omp_wait_policy: str = ""
+    share_prompt: bool = True  # grpo.py's default; False: the plain path, every sample's prompt computed
     work_dir: str = "/tmp/grpo_bench"
 
 
-def run(cmd: list[str], threads: int, timeout: int = 1800) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+def run(cmd: list[str], threads: int, wait_policy: str = "", timeout: int = 1800) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update({"OMP_WAIT_POLICY": wait_policy} if wait_policy else {})
+    env = dict(env, OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT),
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
@@ -67,7 +74,8 @@ def main():
              "--mini_batch_size", str(args.rollout_batch_size // 2), "--micro_batch_size",
              str(args.micro_batch_size), "--generation_batch_size", str(args.rollout_batch_size),
              "--max_new_tokens", str(args.max_new_tokens), "--max_steps", str(args.steps),
-             "--save_steps", "0", "--gradient_checkpointing", "False"], args.threads)
+             "--save_steps", "0", "--gradient_checkpointing", "False",
+             "--share_prompt", str(args.share_prompt)], args.threads, args.omp_wait_policy)
         wall = time.perf_counter() - started
         with open(out / "metrics.jsonl") as f:
             steps = [json.loads(line) for line in f][1:]  # the first step pays one-off costs
@@ -78,12 +86,13 @@ def main():
         step_time = mean("time_generate") + mean("time_logprob") + mean("time_update")
         cells = [size, f"{step_time:.2f}", f"{mean('time_generate'):.2f}", f"{mean('time_logprob'):.2f}",
                  f"{mean('time_update'):.2f}", f"{mean('tokens_per_s'):.0f}", f"{mean('peak_memory_gb'):.2f}",
-                 f"{wall:.0f}"]
+                 f"{100 * mean('mfu'):.0f}%", f"{wall:.0f}"]
         rows.append("| " + " | ".join(cells) + " |")
     print(f"B={args.rollout_batch_size} prompts x G={args.group_size}, {args.max_new_tokens} new tokens, "
-          f"{args.threads} CPU thread(s), mini-batch B/2, micro-batch {args.micro_batch_size}")
-    print("| model | s/step | generate | logprob passes | update | tokens/s | peak RSS GB | run wall s |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{args.threads} CPU thread(s), mini-batch B/2, micro-batch {args.micro_batch_size}, "
+          f"OMP_WAIT_POLICY={args.omp_wait_policy or '(default)'}, --share_prompt {args.share_prompt}")
+    print("| model | s/step | generate | logprob passes | update | tokens/s | peak RSS GB | MFU | run wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

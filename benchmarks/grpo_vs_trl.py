@@ -24,9 +24,9 @@ grpo.py (with --share_prompt True and False) and of TRL's GRPOTrainer (1.16, pla
   in TRL's conversational format with an `images` column (TRL puts the images before the text, as
   reward.build_messages does); the driver checks that the rendered chat texts equal reward.chat_prompts.
 
-How: each run is a fresh process with OMP_NUM_THREADS=--threads (and torch.set_num_threads), run in
-turn (grpo share, grpo no-share, trl, grpo share, ...) for --rounds rounds, each --steps steps. The
-first step of every run is discarded (warm-up). grpo.py is run as its command line and its step time
+How: each run is a fresh process with OMP_NUM_THREADS=--threads (and torch.set_num_threads; OMP_WAIT_POLICY
+unset unless --omp_wait_policy), run in turn (grpo share, grpo no-share, trl, grpo share, ...) for
+--rounds rounds, each --steps steps. The first step of every run is discarded (warm-up). grpo.py is run as its command line and its step time
 is time_generate + time_logprob + time_update of OUTPUT_DIR/metrics.jsonl; TRL runs in its own venv
 (--trl_python; requirements-trl.txt) through the driver at the bottom of this file, which times each
 optimizer step with a TrainerCallback (on_step_begin to on_step_end: generation, scoring, the
@@ -73,6 +73,10 @@ class BenchArgs:
     micro_batch_size: int = field(default=32, metadata={"help": "Sequences per forward (both)."})
     beta: float = 0.01
     threads: int = 2
+    omp_wait_policy: str = field(default="", metadata={
+        "help": "OMP_WAIT_POLICY of every run: empty leaves OpenMP's default (threads spin a while before "
+                "sleeping, what a user gets); PASSIVE makes waiting threads sleep at once (the demo's setting, "
+                "for a machine shared with other jobs), which costs small models a wake-up per parallel op."})
     seed: int = 42
     n_prompts: int = field(default=256, metadata={"help": "Prompts in the data set, half with an image."})
     work_dir: str = "/tmp/grpo_vs_trl"
@@ -85,10 +89,11 @@ class BenchArgs:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(cmd: list[str], threads: int, timeout: int) -> str:
+def run(cmd: list[str], threads: int, timeout: int, wait_policy: str = "") -> str:
     """A command in a fresh process with `threads` CPU threads, from the repository root; its stdout."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE",
-               CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update({"OMP_WAIT_POLICY": wait_policy} if wait_policy else {})
+    env = dict(env, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                HF_DATASETS_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if done.returncode:
@@ -170,7 +175,7 @@ def run_grpo(model: Path, data: Path, out: Path, share: bool, args: BenchArgs) -
          "--beta", str(args.beta), "--learning_rate", "1e-6", "--lr_scheduler_type", "constant",
          "--mixed_precision", "no", "--gradient_checkpointing", "False", "--share_prompt", str(share),
          "--seed", str(args.seed), "--max_steps", str(args.steps), "--save_steps", "0", "--save_final", "False"],
-        args.threads, args.timeout)
+        args.threads, args.timeout, args.omp_wait_policy)
     with open(out / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f if line.strip()]
     n = B * args.group_size
@@ -186,7 +191,7 @@ def run_trl(model: Path, data: Path, out: Path, args: BenchArgs) -> list[dict]:
          "--output_dir", str(out), "--rollout_batch_size", str(args.rollout_batch_size), "--group_size",
          str(args.group_size), "--micro_batch_size", str(args.micro_batch_size), "--max_new_tokens",
          str(args.max_new_tokens), "--beta", str(args.beta), "--steps", str(args.steps), "--seed", str(args.seed),
-         "--threads", str(args.threads)], args.threads, args.timeout)
+         "--threads", str(args.threads)], args.threads, args.timeout, args.omp_wait_policy)
     with open(out / "steps.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
 
