@@ -404,7 +404,7 @@ def rollout(model, accelerator, processor, rows: list[dict], group_size: int, ba
     only, a few bytes a token). seed: (run seed, step), or None when greedy. Each completion is (its
     tokens up to and including the first end-of-turn token, truncated: no end token within
     max_new_tokens). desc: a progress bar of that name over the main process's prompts.
-    share_prompt: each call prefills its rows once, not G times (`generate_shared`): the same
+    share_prompt: each call prefills its rows once, not G times (`reward.generate_shared`): the same
     samples for the same seed. engine: with --engine vllm, the same completions come from vLLM instead
     (the section "Rollouts with vLLM"); this function's code below is then not run.
     """
@@ -438,7 +438,8 @@ def rollout(model, accelerator, processor, rows: list[dict], group_size: int, ba
                 if seed is not None:
                     torch.manual_seed(reward.sampling_seed(*seed, start))
                 if shared:
-                    sequences = generate_shared(unwrapped, inputs, group_size, **gen_kwargs, synced_gpus=sync)
+                    sequences = reward.generate_shared(unwrapped, inputs, group_size, **gen_kwargs,
+                                                       synced_gpus=sync)
                 else:
                     sequences = unwrapped.generate(**inputs, **gen_kwargs, synced_gpus=sync)
             if k < len(mine):
@@ -949,7 +950,8 @@ def validate(model, accelerator, processor, rows, args: Args, never_ids, eos_ids
 # Memory: the prompt's activations are held once per group instead of G times; each completion-pass
 # layer still builds the [G, kv heads, P + C, head dim] keys and values its attention needs (and, with
 # gradient, the attention saves them, as the plain path saves its own). In the rollout the KV cache is
-# G x P as before (repeated after the prefill): only the prefill's work is saved.
+# G x P as before (repeated after the prefill): only the prefill's work is saved. That prefill is
+# `reward.generate_shared`, which evaluate.py's --share_prompt uses for its n samples too.
 #
 # --micro_batch_size keeps its meaning (sequences per forward) and its cuts. Micro-batches are
 # consecutive samples, so with a multiple of G they are whole groups (`update_share` gives each
@@ -1155,54 +1157,6 @@ def shared_completion_logprobs(model, batch: dict, temperature: float, never_ids
                         past_key_values=_PrefixCache(prefix), use_cache=False, logits_to_keep=C + 1)
     logp, entropy = out.logits.unbind(-1)
     return (logp, entropy) if with_entropy else logp
-
-
-def generation_positions(model, inputs) -> torch.Tensor:
-    """The [4, n, P] positions `generate` builds for Qwen2.5-VL (transformers 5,
-    `_prepare_position_ids_for_generation`): row 0 the text positions (attention-mask cumsum, pads 0),
-    rows 1-3 the 3-D rotary positions (`get_rope_index` with an image in the batch, else row 0)."""
-    mask = inputs["attention_mask"]
-    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    if inputs.get("image_grid_thw") is not None:
-        rope, _ = model.model.get_rope_index(
-            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-            image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
-    else:
-        rope = text.unsqueeze(0).expand(3, -1, -1)
-    return torch.cat([text.unsqueeze(0), rope], 0)
-
-
-@torch.no_grad()
-def generate_shared(model, inputs, group_size: int, **gen_kwargs) -> torch.Tensor:
-    """`model.generate` on `inputs` with every prompt repeated group_size times, each prompt prefilled
-    once: the n distinct prompts run once (all but their last token, image included) into a
-    DynamicCache, which is repeated G times (`batch_repeat_interleave`); generate then finds P - 1
-    tokens cached and runs only the last prompt token, n G x 1, and samples as usual.
-
-    `inputs`: the processor's output for the n prompts, left padded. Returns sequences [n G, P + new]
-    in the plain call's order (rows i G .. i G + G - 1 for prompt i). The positions are passed (the
-    4 rows generate itself would build): otherwise generate would add the model's `rope_deltas`,
-    which the prefill left with n rows, not n G. The sampler draws from [n G, vocab] probabilities
-    at every step, as in the plain call, so a seed gives the same samples (tests/test_shared_prompt.py:
-    token for token, text, image and mixed prompts), unless a rounding difference of ~1e-7 in a
-    probability moves a draw across a boundary. `model` is the unwrapped model in eval mode.
-    """
-    G, ids, mask = group_size, inputs["input_ids"], inputs["attention_mask"]
-    if not bool(mask[:, -1].all()):
-        raise ValueError("generate_shared needs left-padded prompts: the last column must be every "
-                         "prompt's last token")
-    mm = inputs.get("mm_token_type_ids")
-    mm = torch.zeros_like(ids) if mm is None else mm
-    positions = generation_positions(model, inputs)
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], mm_token_type_ids=mm[:, :-1],
-          position_ids=positions[..., :-1], pixel_values=inputs.get("pixel_values"),
-          image_grid_thw=inputs.get("image_grid_thw"), past_key_values=cache, use_cache=True,
-          logits_to_keep=1)
-    cache.batch_repeat_interleave(G)
-    return model.generate(input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0),
-                          mm_token_type_ids=mm.repeat_interleave(G, 0),
-                          position_ids=positions.repeat_interleave(G, 1), past_key_values=cache, **gen_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 MedVLThinker (arXiv 2508.02669) poses every question as multiple choice and trains with a
 verifiable, binary reward on the answer letter. This module is the single definition of that task.
 Importing it loads no torch, so curation and regrading stay light. docs/method.md sections 2-4. Its
-last section is not the task: it is the run plumbing both trainers need word for word (precision,
-FSDP, saving, timing, resuming), kept here so that the scripts share one module; those functions
-import torch when they are called.
+last two sections are not the task: the run plumbing both trainers need word for word (precision,
+FSDP, saving, timing, resuming) and the shared-prompt sampler of grpo.py and evaluate.py, kept here
+so that the scripts share one module; those functions import torch when they are called.
 
 The official code grades with three different rules, each in its own file, and all three matter:
     reward(s, l, a)        training reward          train/my_reward.py
@@ -727,3 +727,65 @@ def keep_metrics_until(metrics_path: str, step: int) -> None:
     with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(kept)
     os.replace(metrics_path + ".tmp", metrics_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Sampling n completions of a prompt from one prefill (grpo.py's rollouts with --share_prompt,
+#    evaluate.py's samples with --share_prompt). Imports torch when called, as section 5.
+# ---------------------------------------------------------------------------------------------
+
+
+def generation_positions(model, inputs):
+    """The [4, n, P] positions `generate` builds for Qwen2.5-VL (transformers 5,
+    `_prepare_position_ids_for_generation`): row 0 the text positions (attention-mask cumsum, pads 0),
+    rows 1-3 the 3-D rotary positions (`get_rope_index` with an image in the batch, else row 0)."""
+    import torch
+
+    mask = inputs["attention_mask"]
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    if inputs.get("image_grid_thw") is not None:
+        rope, _ = model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
+    else:
+        rope = text.unsqueeze(0).expand(3, -1, -1)
+    return torch.cat([text.unsqueeze(0), rope], 0)
+
+
+def generate_shared(model, inputs, group_size: int, **gen_kwargs):
+    """`model.generate` on `inputs` with every prompt repeated group_size times, each prompt prefilled
+    once: the n distinct prompts run once (all but their last token, image included) into a
+    DynamicCache, which is repeated G times (`batch_repeat_interleave`); generate then finds P - 1
+    tokens cached and runs only the last prompt token, n G x 1, and samples as usual.
+
+    `inputs`: the processor's output for the n prompts, left padded. Returns sequences [n G, P + new]
+    in the plain call's order (rows i G .. i G + G - 1 for prompt i). The positions are passed (the
+    4 rows generate itself would build): otherwise generate would add the model's `rope_deltas`,
+    which the prefill left with n rows, not n G. The sampler draws from [n G, vocab] probabilities
+    at every step, as in the plain call, so a seed gives the same samples (tests/test_shared_prompt.py:
+    token for token, text, image and mixed prompts), unless a rounding difference of ~1e-7 in a
+    probability moves a draw across a boundary. `model` is the unwrapped model in eval mode.
+    What it saves: the prompt's forward (and the vision tower on its image) G - 1 times; the KV
+    cache is G x P as in the plain call (repeated after the prefill).
+    """
+    import torch
+    from transformers import DynamicCache
+
+    G, ids, mask = group_size, inputs["input_ids"], inputs["attention_mask"]
+    if not bool(mask[:, -1].all()):
+        raise ValueError("generate_shared needs left-padded prompts: the last column must be every "
+                         "prompt's last token")
+    mm = inputs.get("mm_token_type_ids")
+    mm = torch.zeros_like(ids) if mm is None else mm
+    positions = generation_positions(model, inputs)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], mm_token_type_ids=mm[:, :-1],
+              position_ids=positions[..., :-1], pixel_values=inputs.get("pixel_values"),
+              image_grid_thw=inputs.get("image_grid_thw"), past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+        cache.batch_repeat_interleave(G)
+        return model.generate(input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0),
+                              mm_token_type_ids=mm.repeat_interleave(G, 0),
+                              position_ids=positions.repeat_interleave(G, 1), past_key_values=cache,
+                              **gen_kwargs)

@@ -297,7 +297,7 @@ def test_regrade_reads_a_file_written_with_ensure_ascii_false(tmp_path):
     assert results["benchmarks"]["X"]["n"] == 3
 
 
-def fake_generate(model, processor, rows, n, gen_kwargs, seed):
+def fake_generate(model, processor, rows, n, gen_kwargs, seed, share_prompt=False):
     """Responses holding U+2028, U+2029, U+0085 and "\\r", a function of the batch seed and row."""
     rng = random.Random(seed)
     return [[f"<think>{row['dataset_index']}\u2028{rng.random():.3f}\u0085ok\r</think>\n"

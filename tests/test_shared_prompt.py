@@ -380,7 +380,7 @@ def test_rollout_prefills_each_prompt_once(tiny, rows):
     try:
         texts, images = reward.chat_prompts(processor, chosen)
         inputs = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
-        grpo.generate_shared(model, inputs, G, **kwargs)
+        reward.generate_shared(model, inputs, G, **kwargs)
     finally:
         h1.remove()
         h2.remove()
@@ -433,3 +433,45 @@ def test_share_prompt_is_not_a_setting(tiny_model_dir, toy_data_dir, tmp_path):
     dataset = datasets.load_from_disk(toy_data_dir)["train"]
     fingerprints = [grpo.fingerprint(grpo.Args(data="d", share_prompt=v), dataset, None) for v in (False, True)]
     assert fingerprints[0] == fingerprints[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate.py --share_prompt: pass counts from one prefill per row
+# ---------------------------------------------------------------------------------------------
+
+
+def test_evaluate_samples_with_the_shared_prompt_equal_the_plain_ones(tiny_model_dir, toy_data_dir, tmp_path,
+                                                                      monkeypatch):
+    """evaluate.py --n 4 at T 1.0 on 12 test rows (a text-only batch of 6, then a mixed one), with and
+    without --share_prompt: the same seed gives the same 48 responses, line for line, and the same
+    grades; each generate call gets the batch's 6 prompts once, n = 4 samples each from its cache.
+    A folder written with one value resumes with the other (it is not a setting)."""
+    import evaluate
+
+    def run(share, out):
+        return evaluate.main(["--model", tiny_model_dir, "--data", toy_data_dir, "--output_dir", str(out),
+                              "--n", "4", "--temperature", "1.0", "--max_new_tokens", "16", "--limit", "12",
+                              "--batch_size", "6", "--share_prompt", str(share)])
+
+    plain = run(False, tmp_path / "plain")
+    calls, real_generate_shared = [], reward.generate_shared
+
+    def counted(model, inputs, group_size, **kwargs):
+        calls.append((inputs["input_ids"].shape[0], group_size))
+        return real_generate_shared(model, inputs, group_size, **kwargs)
+
+    monkeypatch.setattr(reward, "generate_shared", counted)
+    shared = run(True, tmp_path / "shared")
+    assert calls == [(6, 4), (6, 4)]
+
+    def read(out):
+        return [json.loads(line) for line in open(out / "predictions.jsonl")]
+
+    lines = read(tmp_path / "plain")
+    names = [line["dataset_name"] for line in lines]
+    assert "ToyLesion" in names and set(names) - {"ToyLesion"}  # image and text-only rows
+    assert read(tmp_path / "shared") == lines
+    assert len({r for line in lines for r in line["responses"]}) > 12  # sampled, not all alike
+    assert shared["benchmarks"] == plain["benchmarks"] and shared["config"] == plain["config"]
+    run(True, tmp_path / "plain")  # the plain run's finished folder is accepted: nothing to generate
+    assert len(calls) == 2

@@ -2,6 +2,7 @@
 the same distribution where they cannot be (sampling), the same files, suppression and resuming.
 grpo.py --engine vllm (the last section): after a weight sync vLLM's log-probs are the policy's; its
 rollouts suppress, stop and seed as grpo.py's; a few GRPO steps through it go as through HF generate.
+Last, `make reproduce-3b ENGINE=vllm` runs end to end on the toy world.
 
 vLLM is optional (`make install-vllm`, docs/vllm.md): without it this module is skipped. On a CPU its
 attention needs a head size in {32, 64, 80, ...}, so the model is toy.py's `tiny32`, trained for 100
@@ -15,6 +16,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import datasets
 import pytest
@@ -24,7 +27,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import evaluate
 import grpo
 import reward
-from conftest import save_toy_model
+from conftest import ROOT, run_env, save_toy_model
 
 WHY_SKIPPED = "vLLM is optional and not installed: `make install-vllm` (docs/vllm.md) runs these tests"
 # Decided without importing vLLM: its import takes about 11 s and sets up process-wide state (logging,
@@ -464,3 +467,31 @@ def test_grpo_vllm_resumed_run_samples_the_same_completions(vllm, model_dir, toy
     assert [r["step"] for r in resumed] == [1, 2]
     assert {k: resumed[1][k] for k in keys} == {k: whole[1][k] for k in keys}
     assert resumed[0] == whole[0]  # step 1's line is kept as it was
+
+
+def test_make_reproduce_3b_engine_vllm_runs_end_to_end(base_dir, toy_data_dir, tmp_path):
+    """`make reproduce-3b ENGINE=vllm` on the toy world, as tests/test_recipes.py runs the HF twin:
+    pass counts, the difficulty filter, GRPO and the evaluation, each generating stage through vLLM
+    (every run.json / results.json records engine vllm), under this venv's python (VENV = sys.prefix:
+    the Makefile's python is the one that has vLLM). Wiring only: the random tiny32 passes nothing, so
+    MIN_PASS=0 keeps the rows."""
+    out = subprocess.run(
+        ["make", "--no-print-directory", "reproduce-3b", "ENGINE=vllm", f"VENV={sys.prefix}",
+         f"RUNS={tmp_path}", f"QWEN_3B={base_dir}", f"M23K={toy_data_dir}", f"EVAL_DATA={toy_data_dir}",
+         "EVAL_SPLIT=test", "MIN_PASS=0",
+         "PASS_ARGS=--n 2 --temperature 1.0 --max_new_tokens 4 --batch_size 16 --limit 16",
+         "GRPO_ARGS=--rollout_batch_size 4 --mini_batch_size 2 --group_size 2 --max_new_tokens 4 "
+         "--max_steps 1 --gradient_checkpointing False --micro_batch_size 8 --eval_every 0",
+         "EVAL_ARGS=--max_new_tokens 4 --batch_size 24"],
+        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "accelerate launch" not in out.stdout
+    run = tmp_path / "reproduce-3b"
+    assert len(datasets.load_from_disk(str(run / "filtered"))) == 16
+    for stage in ("passcounts", "eval-grpo"):
+        assert json.loads((run / stage / "results.json").read_text())["config"]["engine"] == "vllm", stage
+    assert json.loads((run / "grpo" / "run.json").read_text())["settings"]["engine"] == "vllm"
+    assert len((run / "grpo" / "metrics.jsonl").read_text().splitlines()) == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["grpo"]["benchmarks"]["ToyLesion"]["n"] == 8
+    assert "| 3B RL(m23k) (paper) | - | - | - | 53.19 |" in out.stdout
