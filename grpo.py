@@ -95,6 +95,10 @@ class Args:
     vllm_memory: float = field(default=0.3, metadata={
         "help": "--engine vllm: gpu_memory_utilization, the share of the GPU vLLM may take for its copy "
                 "of the weights and its KV cache (the policy, reference and optimizer share the GPU)."})
+    vllm_sleep: bool = field(default=True, metadata={
+        "help": "--engine vllm on a GPU: after each rollout vLLM sleeps (level 2: its weights and KV cache "
+                "freed for the log-prob passes and the update) and wakes before the next, the policy's "
+                "weights pushed again. No effect on a CPU (vLLM's CPU backend has no sleep mode)."})
     # Update (paper: mini-batch 128 prompts, i.e. 2 optimizer steps per rollout).
     mini_batch_size: int = field(default=128, metadata={"help": "Prompts per optimizer step, all processes."})
     micro_batch_size: int = field(default=8, metadata={"help": "Sequences per forward (per process)."})
@@ -213,7 +217,7 @@ class Args:
 NOT_SETTINGS = ("model", "data", "eval_data", "output_dir", "resume", "save_steps", "save_total_limit",
                 "report_to", "micro_batch_size", "eval_batch_size", "gradient_checkpointing", "on_bad_row",
                 "eval_every", "max_skipped_steps", "collapse_steps", "logprob_chunk_tokens", "save_dtype",
-                "save_final", "share_prompt", "peak_flops", "vllm_memory")
+                "save_final", "share_prompt", "peak_flops", "vllm_memory", "vllm_sleep")
 # The checkpoint contract (docs/method.md section 10), the same as sft.py's.
 TRAINING_STATE = "training_state"  # accelerator.save_state: model, optimizer, scheduler, RNG of every process
 TRAINER_STATE = "trainer_state.json"
@@ -1196,9 +1200,12 @@ class VLLMRollouts:
       shared prefill do not apply (a request's G samples share one prefill in vLLM by itself).
     - One process only (Args.check refuses more): one engine, no data parallelism yet.
     - dtype: bfloat16 with --mixed_precision bf16 (the policy's compute dtype), float32 otherwise.
-    Not done: sleep mode on GPUs (`enable_sleep_mode=True`, `llm.sleep(level=1)` after each rollout
-    and `llm.wake_up()` before the next, which frees the KV cache for the update): untested without a
-    GPU, so vLLM keeps --vllm_memory of the GPU for the whole run.
+    - Sleep mode (GPUs, --vllm_sleep): between rollouts vLLM sleeps at level 2, its copy of the
+      weights and its KV cache freed for the log-prob passes and the update (as TRL's colocate mode
+      does); the next rollout allocates the weights, pushes the policy's (the copy was dropped, so
+      every rollout syncs), then allocates the KV cache and samples. Written from vLLM's API and
+      checked on a CPU against a stand-in engine (the order of the calls, tests/test_vllm.py); not
+      yet run on a GPU.
     """
 
     def __init__(self, args: Args, accelerator, dataset, eval_rows: list[dict]):
@@ -1209,6 +1216,7 @@ class VLLMRollouts:
         if not cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of RAM for the KV cache
         import vllm  # Args.check has checked that it is installed
+        self.sleeps = cuda and args.vllm_sleep
         images = [1] + [len(row.get("images") or []) for row in eval_rows]  # vLLM's per-prompt limit
         if "images" in dataset.column_names:
             counts = pyarrow.compute.list_value_length(dataset.with_format("arrow")["images"])
@@ -1222,9 +1230,10 @@ class VLLMRollouts:
             seed=args.seed, max_model_len=max_len, enable_chunked_prefill=False,
             max_num_batched_tokens=max(max_len, 8192), enforce_eager=not cuda,
             gpu_memory_utilization=args.vllm_memory, limit_mm_per_prompt={"image": max(images), "video": 0},
-            logprobs_mode="processed_logprobs")
+            logprobs_mode="processed_logprobs", enable_sleep_mode=self.sleeps)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.stale = True  # vLLM loaded --model; the policy may be a resumed checkpoint's
+        self.asleep = False
         self.sync_seconds: list[float] = []
 
     def sync(self, model) -> None:
@@ -1257,12 +1266,20 @@ class VLLMRollouts:
         when greedy."""
         from evaluate import vllm_sampling  # the one translation of the HF settings, as evaluate.py's
         from vllm import SamplingParams
+        if self.asleep:  # level 2 dropped the weights: room for them first, then the policy's
+            self.llm.wake_up(tags=["weights"])
         if self.stale:
             self.sync(model)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         params = vllm_sampling(gen_kwargs, group_size, self.vocab_size, eos_ids)
         sampling = [SamplingParams(**params, seed=None if seed is None else reward.sampling_seed(*seed, i))
                     for i in range(len(rows))]
         outputs = self.llm.generate(self.prompts(processor, rows), sampling, use_tqdm=False)
+        if self.sleeps:  # the GPU memory goes to the log-prob passes and the update until the next rollout
+            self.llm.sleep(level=2)
+            self.asleep = self.stale = True
         completions = []
         for output in outputs:
             for sample in sorted(output.outputs, key=lambda c: c.index):

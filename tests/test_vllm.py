@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -433,6 +434,61 @@ def test_grpo_steps_with_vllm_learn_like_hf(vllm, model_dir, toy_data_dir, tmp_p
         if "reward" in record:
             assert not record["skipped"] and math.isfinite(record["loss"])
     assert "val_accuracy" in runs["vllm"][-1] and "val_accuracy" in runs["hf"][-1]
+
+
+class StandInLLM:
+    """vllm.LLM as VLLMRollouts uses it, recording the calls: a CPU has no sleep mode to test with."""
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.calls = kwargs, []
+        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(get_vocab_size=lambda: 600),
+                                          reset_encoder_cache=lambda: self.calls.append("reset_encoder_cache"))
+
+    def collective_rpc(self, method, kwargs):
+        assert len(list(kwargs["weights_iterator"])) == 2  # the policy's weight and bias
+        self.calls.append(method)
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+
+    def sleep(self, level):
+        self.calls.append(f"sleep {level}")
+
+    def wake_up(self, tags=None):
+        self.calls.append(f"wake_up {tags}")
+
+    def generate(self, prompts, sampling, use_tqdm):
+        self.calls.append("generate")
+        return [SimpleNamespace(outputs=[SimpleNamespace(index=j, token_ids=[5, 7]) for j in range(p.n)])
+                for p in sampling]
+
+
+@pytest.mark.parametrize("device,vllm_sleep", [("cuda", True), ("cuda", False), ("cpu", True)])
+def test_grpo_vllm_sleeps_between_rollouts_on_a_gpu(vllm, monkeypatch, tiny_model_dir, toy_data_dir, device,
+                                                    vllm_sleep):
+    """--vllm_sleep on a GPU: the engine is built with sleep mode; after each rollout it sleeps at
+    level 2 (weights and KV cache freed for the update); before the next it allocates its weights,
+    receives the policy's (every rollout syncs: level 2 dropped them), allocates its KV cache, then
+    samples. Without it, or on a CPU: no sleep, and a rollout with no update since the last one
+    does not sync. Against a stand-in for vllm.LLM: the order of the calls, not vLLM's GPU memory."""
+    monkeypatch.setattr(vllm, "LLM", StandInLLM)
+    accelerator = SimpleNamespace(device=torch.device(device), mixed_precision="no")
+    args = grpo.Args(data=toy_data_dir, model=tiny_model_dir, engine="vllm", vllm_sleep=vllm_sleep)
+    engine = grpo.VLLMRollouts(args, accelerator, datasets.load_from_disk(toy_data_dir)["train"], [])
+    sleeps = device == "cuda" and vllm_sleep
+    assert engine.llm.kwargs["enable_sleep_mode"] is sleeps
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    gen_kwargs = reward.generation_kwargs(1.0, 1.0, 8, reward.never_generate_ids(processor.tokenizer))
+    rows, policy = grpo_rows(toy_data_dir, n=3), torch.nn.Linear(2, 2)
+    for step in (1, 2):
+        completions = engine.rollout(policy, processor, rows, 2, gen_kwargs, [7], seed=(0, step))
+        assert completions == [([5, 7], False)] * 6
+    sync = ["reload_weights", "reset_encoder_cache", "reset_prefix_cache"]
+    if sleeps:
+        assert engine.llm.calls == [*sync, "generate", "sleep 2",
+                                    "wake_up ['weights']", *sync, "wake_up ['kv_cache']", "generate", "sleep 2"]
+    else:
+        assert engine.llm.calls == [*sync, "generate", "generate"]
 
 
 def test_grpo_vllm_refuses_several_processes_and_names_the_install(monkeypatch):
