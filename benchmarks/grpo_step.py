@@ -14,9 +14,7 @@ so the logp_old pass runs) and a reference model (beta 0.01).
 """
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +22,9 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-ROOT = Path(__file__).resolve().parents[1]
+from grpo_vs_trl import run  # a fresh process with a thread count and wait policy
+
+TIMEOUT = 1800  # seconds per command
 
 
 @dataclass
@@ -43,29 +43,19 @@ class BenchArgs:
     work_dir: str = "/tmp/grpo_bench"
 
 
-def run(cmd: list[str], threads: int, wait_policy: str = "", timeout: int = 1800) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env.update({"OMP_WAIT_POLICY": wait_policy} if wait_policy else {})
-    env = dict(env, OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT),
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    return done.stdout
-
-
 def main():
     (args,) = HfArgumentParser(BenchArgs).parse_args_into_dataclasses()
     work = Path(args.work_dir)
     data = work / "data"
     if not data.exists():
         run([sys.executable, "toy.py", "data", "--output_dir", str(data), "--n_sft", "48", "--n_train", "480",
-             "--n_validation", "48", "--n_test", "48"], args.threads)
+             "--n_validation", "48", "--n_test", "48"], args.threads, TIMEOUT)
     rows = []
     for size in args.sizes.split(","):
         model = work / f"model_{size}"
         if not model.exists():
-            run([sys.executable, "toy.py", "model", "--output_dir", str(model), "--size", size], args.threads)
+            run([sys.executable, "toy.py", "model", "--output_dir", str(model), "--size", size], args.threads,
+                TIMEOUT)
         out = work / f"run_{size}"
         shutil.rmtree(out, ignore_errors=True)  # grpo.py refuses to write into a finished run's folder
         started = time.perf_counter()
@@ -75,7 +65,7 @@ def main():
              str(args.micro_batch_size), "--generation_batch_size", str(args.rollout_batch_size),
              "--max_new_tokens", str(args.max_new_tokens), "--max_steps", str(args.steps),
              "--save_steps", "0", "--gradient_checkpointing", "False",
-             "--share_prompt", str(args.share_prompt)], args.threads, args.omp_wait_policy)
+             "--share_prompt", str(args.share_prompt)], args.threads, TIMEOUT, args.omp_wait_policy)
         wall = time.perf_counter() - started
         with open(out / "metrics.jsonl") as f:
             steps = [json.loads(line) for line in f][1:]  # the first step pays one-off costs

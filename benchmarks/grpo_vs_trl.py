@@ -24,16 +24,16 @@ grpo.py (with --share_prompt True and False) and of TRL's GRPOTrainer (1.16, pla
   in TRL's conversational format with an `images` column (TRL puts the images before the text, as
   reward.build_messages does); the driver checks that the rendered chat texts equal reward.chat_prompts.
 
-How: each run is a fresh process with OMP_NUM_THREADS=--threads (and torch.set_num_threads; OMP_WAIT_POLICY
-unset unless --omp_wait_policy), run in turn (grpo share, grpo no-share, trl, grpo share, ...) for
---rounds rounds, each --steps steps. The first step of every run is discarded (warm-up). grpo.py is run as its command line and its step time
-is time_generate + time_logprob + time_update of OUTPUT_DIR/metrics.jsonl; TRL runs in its own venv
-(--trl_python; requirements-trl.txt) through the driver at the bottom of this file, which times each
-optimizer step with a TrainerCallback (on_step_begin to on_step_end: generation, scoring, the
-reference pass, 4 forward/backward passes, the optimizer step) and its `_generate` call. Reported:
-the median step time of each (over all kept steps of all rounds), the ratio TRL / grpo, completion
-tokens per second of step time, and the generation time. A markdown table is printed and everything
-(settings, every step) is written to --output_json.
+How: each run is a fresh process with OMP_NUM_THREADS=--threads (and torch.set_num_threads;
+OMP_WAIT_POLICY unset unless --omp_wait_policy), run in turn (grpo share, grpo no-share, trl, grpo
+share, ...) for --rounds rounds, each --steps steps. The first step of every run is discarded (warm-up).
+grpo.py is run as its command line and its step time is time_generate + time_logprob + time_update of
+OUTPUT_DIR/metrics.jsonl; TRL runs in its own venv (--trl_python; requirements-trl.txt) through the
+driver at the bottom of this file, which times each optimizer step with a TrainerCallback (on_step_begin
+to on_step_end: generation, scoring, the reference pass, 4 forward/backward passes, the optimizer step)
+and its `_generate` call. Reported: the median step time of each (over all kept steps of all rounds),
+the ratio TRL / grpo, completion tokens per second of step time, and the generation time. A markdown
+table is printed and everything (settings, every step) is written to --output_json.
 
 A random model samples random tokens, so nearly every completion runs to the 64 tokens in both.
 """
@@ -91,10 +91,12 @@ class BenchArgs:
 
 def run(cmd: list[str], threads: int, timeout: int, wait_policy: str = "") -> str:
     """A command in a fresh process with `threads` CPU threads, from the repository root; its stdout."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env.update({"OMP_WAIT_POLICY": wait_policy} if wait_policy else {})
-    env = dict(env, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                HF_DATASETS_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
+    env.pop("OMP_WAIT_POLICY", None)  # unset: OpenMP's default, unless asked for
+    if wait_policy:
+        env["OMP_WAIT_POLICY"] = wait_policy
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")

@@ -24,6 +24,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import evaluate
 import grpo
 import reward
 from test_grpo import warm_tiny_dir  # noqa: F401 (a fixture: the tiny model taught the answer format)
@@ -446,8 +447,6 @@ def test_evaluate_samples_with_the_shared_prompt_equal_the_plain_ones(tiny_model
     without --share_prompt: the same seed gives the same 48 responses, line for line, and the same
     grades; each generate call gets the batch's 6 prompts once, n = 4 samples each from its cache.
     A folder written with one value resumes with the other (it is not a setting)."""
-    import evaluate
-
     def run(share, out):
         return evaluate.main(["--model", tiny_model_dir, "--data", toy_data_dir, "--output_dir", str(out),
                               "--n", "4", "--temperature", "1.0", "--max_new_tokens", "16", "--limit", "12",
