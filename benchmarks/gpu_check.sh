@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then PY=.venv/bin/python; fi
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-# Spin-waiting OpenMP threads are much slower when the cores are shared (README, DESIGN.md section 9).
+# Spin-waiting OpenMP threads are much slower when the cores are shared (README, docs/method.md section 9).
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 if [[ " $* " == *" --cpu "* ]]; then
   export CUDA_VISIBLE_DEVICES="" ACCELERATE_USE_CPU=true OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
