@@ -25,10 +25,10 @@ a3163b1), and each says where it differs. One subcommand per step:
     python curate.py filter settings.yaml --output_dir data/pmc_1to7   # settings from a YAML/JSON file
 
 The reliability contract (docs/method.md section 10) holds for every subcommand:
-- rows are read with `reward.load_split` (an empty set or a missing column is a named error) and
+- rows are read with `runtime.load_split` (an empty set or a missing column is a named error) and
   checked once with the one row check of reward.py; a bad row is a named error, or with
   `--on_bad_row skip` a counted skip listed in OUTPUT_DIR/bad_rows.jsonl;
-- OUTPUT_DIR is claimed with `reward.claim_output_dir` (run.json: the subcommand, its settings and
+- OUTPUT_DIR is claimed with `runtime.claim_output_dir` (run.json: the subcommand, its settings and
   its inputs): a folder of another run, or a non-empty folder of no run, is refused; the same run
   again is done again (every step is deterministic), or reported finished when curate_stats.json,
   written last, is there;
@@ -39,7 +39,6 @@ Each output is one `Dataset.save_to_disk` folder (`split`: a DatasetDict) with c
 """
 
 import collections
-import hashlib
 import io
 import json
 import os
@@ -58,6 +57,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import reward
+import runtime
 
 STATS_FILE = "curate_stats.json"  # written last: its presence marks a finished step
 IMAGE_CACHE = "images.tmp"  # prepare's resumable image pass, inside OUTPUT_DIR, removed at the end
@@ -68,9 +68,6 @@ PMC_COLUMNS = ("Figure_path", "Question", "Answer", "Choice A", "Choice B", "Cho
                "Answer_label")
 EXAMPLES_PER_REASON = 20  # row numbers kept in the stats file for each drop reason
 BAD_ROW = "bad row (bad_rows.jsonl)"  # the drop reason of a row skipped by the row check
-# Arguments that never change a step's result, so they stay out of run.json. --on_bad_row is one:
-# a run with "error" that finishes had no bad row, so "skip" gives the very same output.
-NOT_SETTINGS = ("output_dir", "num_proc", "on_bad_row")
 # prepare and traces draw no random number; they take --seed only so that every stage does, and it
 # stays out of their run.json (and of prepare's image cache key).
 NO_RANDOMNESS = ("prepare", "traces")
@@ -194,25 +191,17 @@ class MixArgs:
 # ---------------------------------------------------------------------------------------------
 
 
-def file_fingerprint(path: str) -> str:
-    """A file input (CSV, predictions) by its content: a changed file is another run, a file
-    rewritten with the same bytes (evaluate.py finishing again) is not. About 1 s a gigabyte."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def settings_of(command: str, args) -> dict:
-    """The arguments that make a step's result: all but NOT_SETTINGS (and an unused --seed)."""
-    left_out = NOT_SETTINGS + (("seed",) if command in NO_RANDOMNESS else ())
-    return {k: v for k, v in asdict(args).items() if k not in left_out}
+    """The arguments that make a step's result (runtime.settings), without an unused --seed."""
+    found = runtime.settings(args)
+    if command in NO_RANDOMNESS:
+        del found["seed"]
+    return found
 
 
 @contextmanager
 def claimed(command: str, args, inputs: dict):
-    """OUTPUT_DIR claimed for this run (reward.claim_output_dir); yields True when it is finished.
+    """OUTPUT_DIR claimed for this run (runtime.claim_output_dir); yields True when it is finished.
 
     The same run again is allowed (resume=True: every step is deterministic, so doing it again gives
     the same files). A step that fails before writing anything but run.json removes it again, so a
@@ -221,7 +210,7 @@ def claimed(command: str, args, inputs: dict):
     out = args.output_dir
     existed = os.path.isdir(out)
     settings = settings_of(command, args)
-    reward.claim_output_dir(out, {"stage": f"curate.py {command}", "settings": settings,
+    runtime.claim_output_dir(out, {"stage": f"curate.py {command}", "settings": settings,
                                   "data": inputs}, resume=True)
     finished = os.path.isfile(os.path.join(out, STATS_FILE))
     if finished:
@@ -232,8 +221,8 @@ def claimed(command: str, args, inputs: dict):
     try:
         yield finished
     except BaseException:
-        if os.listdir(out) == [reward.RUN_FILE]:
-            os.remove(os.path.join(out, reward.RUN_FILE))
+        if os.listdir(out) == [runtime.RUN_FILE]:
+            os.remove(os.path.join(out, runtime.RUN_FILE))
             if not existed:
                 os.rmdir(out)
         raise
@@ -243,7 +232,7 @@ def checked(data, args, where: str):
     """(the rows that pass the row check, their bad list), by `reward.check_rows` (it raises, naming
     the rows, unless --on_bad_row skip). Relative image paths resolve against the data's folder.
     A set with no good row left is an error: an empty output must not look like a success."""
-    good, bad = reward.check_rows(data, args.on_bad_row, reward.data_dir(where),
+    good, bad = reward.check_rows(data, args.on_bad_row, runtime.data_dir(where),
                                   progress=partial(tqdm, desc=f"checking {where}"))
     if not good:
         raise reward.RowError(f"{where}: all {len(data)} rows are bad; the first: {bad[0]['reason']}")
@@ -262,7 +251,7 @@ def refuse_or_list(bad: list, rows_in: int, on_bad_row: str, output_dir: str) ->
                               f"skip to skip them (they are then listed in bad_rows.jsonl):\n"
                               f"{listed}{more}")
     if on_bad_row == "skip":
-        reward.write_bad_rows(bad, output_dir)
+        runtime.write_bad_rows(bad, output_dir)
 
 
 def column(data, name: str) -> list:
@@ -556,7 +545,7 @@ def run_image_pass(text, source, image_column: str | None, args: PrepareArgs, ba
     view = text
     if image_column is not None:
         view = datasets.concatenate_datasets([text, source.select_columns([image_column])], axis=1)
-    origin = file_fingerprint(args.pmc_csv) if args.pmc_csv else source._fingerprint
+    origin = runtime.file_fingerprint(args.pmc_csv) if args.pmc_csv else source._fingerprint
     key = datasets.fingerprint.Hasher.hash([origin, settings_of("prepare", args), base_dir])
     scratch = os.path.join(args.output_dir, IMAGE_CACHE)
     os.makedirs(scratch, exist_ok=True)
@@ -585,16 +574,16 @@ def prepare(args: PrepareArgs) -> None:
     if args.pmc_csv:
         source = read_pmc_csv(args.pmc_csv)
         base_dir = args.image_dir or os.path.dirname(os.path.abspath(args.pmc_csv))
-        inputs = {"pmc_csv": file_fingerprint(args.pmc_csv), "image_dir": os.path.abspath(base_dir)}
+        inputs = {"pmc_csv": runtime.file_fingerprint(args.pmc_csv), "image_dir": os.path.abspath(base_dir)}
     else:
-        # prepare's job is to convert, so it asks only for the mapped columns; reward.load_split
+        # prepare's job is to convert, so it asks only for the mapped columns; runtime.load_split
         # still refuses an empty set, or a set without them, naming the data.
         wanted = (args.question_column, args.options_column, args.answer_column)
-        source = reward.load_split(args.data, args.split, columns=wanted)
+        source = runtime.load_split(args.data, args.split, columns=wanted)
         if not args.dataset_name and "dataset_name" not in source.column_names:
             raise ValueError(f"{args.data} has no dataset_name column: give --dataset_name")
-        base_dir = args.image_dir or reward.data_dir(args.data)
-        inputs = {"data": reward.data_fingerprint(source), "image_dir": os.path.abspath(base_dir)}
+        base_dir = args.image_dir or runtime.data_dir(args.data)
+        inputs = {"data": runtime.data_fingerprint(source), "image_dir": os.path.abspath(base_dir)}
 
     with claimed("prepare", args, inputs) as finished:
         if finished:
@@ -805,10 +794,10 @@ def filter_by_pass_count(args: FilterArgs) -> None:
     Deviation: the official join keyed on dataset_index alone, ours on (dataset_name,
     dataset_index); they agree whenever dataset_index alone is unique in the set.
     """
-    data = reward.load_split(args.data, args.split)
-    inputs = {"data": reward.data_fingerprint(data)}
+    data = runtime.load_split(args.data, args.split)
+    inputs = {"data": runtime.data_fingerprint(data)}
     if args.predictions:
-        inputs["predictions"] = file_fingerprint(args.predictions)
+        inputs["predictions"] = runtime.file_fingerprint(args.predictions)
     with claimed("filter", args, inputs) as finished:
         if finished:
             return
@@ -836,7 +825,7 @@ def filter_by_pass_count(args: FilterArgs) -> None:
                    if is_good[row]]
         kept = data.select(ordered, keep_in_memory=True)
         if args.on_bad_row == "skip":
-            reward.write_bad_rows(bad, args.output_dir)
+            runtime.write_bad_rows(bad, args.output_dir)
         drops = [BAD_ROW if not is_good[row] else None if args.min_pass <= c <= args.max_pass
                  else "no prediction" if c == -1 else f"pass_count < {args.min_pass}"
                  if c < args.min_pass else f"pass_count > {args.max_pass}" for row, c in enumerate(counts)]
@@ -877,8 +866,8 @@ def traces(args: TracesArgs) -> None:
     think block. Kept as the official code keeps it: an empty think block gives reasoning ""
     (counted in the stats). Row order is kept.
     """
-    data = reward.load_split(args.data, args.split)
-    inputs = {"data": reward.data_fingerprint(data), "predictions": file_fingerprint(args.predictions)}
+    data = runtime.load_split(args.data, args.split)
+    inputs = {"data": runtime.data_fingerprint(data), "predictions": runtime.file_fingerprint(args.predictions)}
     with claimed("traces", args, inputs) as finished:
         if finished:
             return
@@ -897,7 +886,7 @@ def traces(args: TracesArgs) -> None:
         data = data.add_column("reasoning", reasoning, feature=datasets.Value("string"))
         kept = data.select([row for row, drop in enumerate(drops) if drop is None], keep_in_memory=True)
         if args.on_bad_row == "skip":
-            reward.write_bad_rows(bad, args.output_dir)
+            runtime.write_bad_rows(bad, args.output_dir)
         which = collections.Counter(number for (number, _), drop in zip(picked, drops) if drop is None)
         dropped, examples = count_drops(drops)
         empty = sum(1 for text, drop in zip(reasoning, drops) if drop is None and text == "")
@@ -924,8 +913,8 @@ def split(args: SplitArgs) -> None:
     With p = numpy.random.default_rng(seed).permutation(len(data)) (after skipped bad rows leave),
     the held-out part is the rows p[:n] and the rest p[n:], in those orders. One DatasetDict folder.
     """
-    data = reward.load_split(args.data, args.split)
-    with claimed("split", args, {"data": reward.data_fingerprint(data)}) as finished:
+    data = runtime.load_split(args.data, args.split)
+    with claimed("split", args, {"data": runtime.data_fingerprint(data)}) as finished:
         if finished:
             return
         good, bad = checked(data, args, args.data)
@@ -936,7 +925,7 @@ def split(args: SplitArgs) -> None:
             raise ValueError(f"--n {args.n} must be between 1 and {len(data) - 1}: "
                              f"{args.data} has {len(data)} good rows")
         if args.on_bad_row == "skip":
-            reward.write_bad_rows(bad, args.output_dir)
+            runtime.write_bad_rows(bad, args.output_dir)
         # What Dataset.train_test_split(test_size=n, seed=seed) selects, selected in memory: the
         # library call writes two index files, next to the input's files unless given other names,
         # and refuses keep_in_memory (datasets 5.2).
@@ -966,8 +955,8 @@ def mix(args: MixArgs) -> None:
     if len(args.split) not in (1, len(args.data)):
         raise ValueError(f"--split takes one split or one per --data ({len(args.data)})")
     splits = args.split * len(args.data) if len(args.split) == 1 else args.split
-    loaded = [reward.load_split(path, name) for path, name in zip(args.data, splits)]
-    with claimed("mix", args, {"data": [reward.data_fingerprint(d) for d in loaded]}) as finished:
+    loaded = [runtime.load_split(path, name) for path, name in zip(args.data, splits)]
+    with claimed("mix", args, {"data": [runtime.data_fingerprint(d) for d in loaded]}) as finished:
         if finished:
             return
         target = schema_features()
@@ -1002,7 +991,7 @@ def mix(args: MixArgs) -> None:
         if args.shuffle:
             mixed = mixed.shuffle(seed=args.seed, keep_in_memory=True)
         if args.on_bad_row == "skip":
-            reward.write_bad_rows(all_bad, args.output_dir)
+            runtime.write_bad_rows(all_bad, args.output_dir)
         stats = dict(command="mix", args=asdict(args), rows_in=sum(len(d) for d in loaded),
                      kept=len(mixed), dropped={BAD_ROW: len(all_bad)} if all_bad else {},
                      examples={}, rows_per_set=[len(d) for d in sets], columns_left_out=left_out,
@@ -1027,7 +1016,7 @@ def main(argv=None):
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(f"usage: python curate.py {'|'.join(COMMANDS)} [settings.yaml] [--help | options]")
     args_class, command = COMMANDS[argv[0]]
-    command(reward.parse_args(args_class, argv[1:]))  # a YAML/JSON file first, flags override it
+    command(runtime.parse_args(args_class, argv=argv[1:]))  # a YAML/JSON file first, flags override it
 
 
 if __name__ == "__main__":

@@ -48,28 +48,26 @@ What the results depend on, and what holds exactly:
   sampled ones come from the same distribution but are other draws (seeded per row, not per batch).
 """
 
-import hashlib
-import importlib.util
 import json
 import math
 import os
-import subprocess
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
-import pyarrow.compute
 import torch
 import transformers
 from accelerate import Accelerator, InitProcessGroupKwargs
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import engine
 import reward
+import runtime
 
 
 @dataclass
@@ -100,7 +98,7 @@ class Args:
     dtype: str = field(default="auto", metadata={"help": "auto = bfloat16 on CUDA, float32 on CPU."})
     share_prompt: bool = field(default=False, metadata={
         "help": "With --n > 1 (hf engine): each row's prompt and image computed once for its n samples "
-                "(reward.generate_shared, as grpo.py's rollouts), not n times. The same samples for a "
+                "(engine.generate_shared, as grpo.py's rollouts), not n times. The same samples for a "
                 "seed up to fp32 rounding. Pays only when completions are short next to the prompt "
                 "(toy, CPU, n 16: 1.19x at 64 new tokens, 0.91x at 256); off by default (README, "
                 "'Pass counts with a shared prompt')."})
@@ -119,13 +117,6 @@ class Args:
         "help": "With --compare: LABEL=metrics.jsonl:KEY ... one panel each in DIR/curves.png."})
 
 
-# Arguments that do not change a single prediction: where things go and the other two commands;
-# --share_prompt (the same computation up to fp32 rounding, so a folder resumes with either value).
-# Everything else (model, split, limit, n, temperature, top_p, max_new_tokens, batch_size: the
-# batches, seed, dtype, on_bad_row) is in the run's fingerprint.
-NOT_RESULTS = ("output_dir", "data", "regrade", "compare", "paper", "curves", "vllm_memory", "share_prompt")
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. Rows: read, check, order into batches
 # ---------------------------------------------------------------------------------------------
@@ -139,19 +130,6 @@ def stored_rows(ds):
     return ds.with_format("arrow")
 
 
-def prompt_length(processor, row: dict) -> int:
-    """Prompt tokens, exactly as the processor makes them: the chat text's tokens, where each
-    image's one <|image_pad|> becomes patches / merge^2 tokens (the image processor's own count,
-    after its resize). Only the order of rows depends on it."""
-    text = processor.apply_chat_template(reward.build_messages(row), add_generation_prompt=True,
-                                         tokenize=False)
-    length = len(processor.tokenizer(text)["input_ids"])
-    images = processor.image_processor
-    for image in row["images"] or []:
-        length += images.get_number_of_image_patches(image.height, image.width) // images.merge_size**2 - 1
-    return length
-
-
 @dataclass
 class Row:
     position: int  # in the checked dataset (after --limit and skipped rows)
@@ -162,19 +140,19 @@ class Row:
 def load_rows(args: Args, processor, show_progress: bool):
     """The split, checked once before any model work, and its rows with their prompt lengths.
 
-    Returns (dataset, rows, bad rows, the data's fingerprint). reward.load_split refuses an empty
+    Returns (dataset, rows, bad rows, the data's fingerprint). runtime.load_split refuses an empty
     set or a missing column (a missing `answer` is named now, not after the first batch);
     reward.check_rows names every bad row (docs/method.md section 10). A set left empty by --limit
     or by skipping is an error too: a run with zero benchmarks must not look like a success.
     """
-    ds = reward.load_split(args.data, args.split)
-    fingerprint = reward.data_fingerprint(ds)  # of the whole split: --limit is a setting
+    ds = runtime.load_split(args.data, args.split)
+    fingerprint = runtime.data_fingerprint(ds)  # of the whole split: --limit is a setting
     where = f"{args.data} (split {args.split})"
     if args.limit is not None:
         ds = ds.select(range(max(0, min(args.limit, len(ds)))))
         if len(ds) == 0:
             raise ValueError(f"{where}: --limit {args.limit} leaves no rows to evaluate")
-    base_dir = reward.data_dir(args.data)
+    base_dir = runtime.data_dir(args.data)
     progress = partial(tqdm, desc="checking rows", unit="row", disable=not show_progress)
     good, bad = reward.check_rows(ds, args.on_bad_row, base_dir, progress=progress)
     if not good:
@@ -187,7 +165,7 @@ def load_rows(args: Args, processor, show_progress: bool):
     for i, row in enumerate(tqdm(stored, total=len(ds), desc="measuring prompts", unit="row",
                                  disable=not show_progress)):
         row = reward.check_row(row, base_dir)  # decoded, for the image sizes
-        rows.append(Row(i, (row["dataset_name"], row["dataset_index"]), prompt_length(processor, row)))
+        rows.append(Row(i, (row["dataset_name"], row["dataset_index"]), engine.prompt_length(processor, row)))
     return ds, rows, bad, fingerprint
 
 
@@ -221,26 +199,12 @@ def load_model(args: Args, device):
 
 def generate(model, processor, rows: list[dict], n: int, gen_kwargs: dict, seed: int,
              share_prompt: bool = False) -> list[list[str]]:
-    """K responses per row: prompts and images repeated K times before the processor call.
-
-    Repeating before the processor (rather than num_return_sequences, which expands pixel_values
-    inside generate only) keeps one prompt per sequence everywhere (docs/method.md section 9).
-    The processor gets only real images, so a batch may mix image and text-only rows, and it
-    returns mm_token_type_ids, without which Qwen2.5-VL falls back to 1-D positions.
-    share_prompt (and K > 1): the rows once, each prefilled once and its cache repeated K times
-    (reward.generate_shared): the same [rows x K] sequences, in the same order.
-    """
-    shared = share_prompt and n > 1
-    texts, images = reward.chat_prompts(processor, rows if shared else [row for row in rows for _ in range(n)])
-    inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-    inputs = inputs.to(model.device)
+    """K responses per row from HF generate (engine.sample: prompts and images repeated K times
+    before the processor call, or with --share_prompt each prompt prefilled once), the sampler
+    seeded per batch."""
     torch.manual_seed(seed)
-    if shared:
-        output = reward.generate_shared(model, inputs, n, **gen_kwargs)
-    else:
-        output = model.generate(**inputs, **gen_kwargs)
-    completions = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :],
-                                         skip_special_tokens=True)
+    new = engine.sample(model, processor, rows, n, gen_kwargs, share_prompt)
+    completions = processor.batch_decode(new, skip_special_tokens=True)
     return [completions[i * n : (i + 1) * n] for i in range(len(rows))]
 
 
@@ -256,94 +220,16 @@ def row_seed(seed: int, row: Row) -> int:
     return reward.sampling_seed(seed, *row.key)
 
 
-def vllm_sampling(gen_kwargs: dict, n: int, vocab_size: int, stop_ids: list[int]) -> dict:
-    """SamplingParams' arguments with the meaning of reward.generation_kwargs' HF settings.
-
-    Derived from that one dict so both engines always sample alike: temperature (0 = greedy), top_p,
-    no top_k (0 disables it in vLLM), no repetition penalty, max_new_tokens. HF's suppress_tokens
-    becomes its complement, allowed_token_ids (both mask the logits before temperature and top_p).
-    The stop ids are HF generate's (generation_config.eos_token_id), so a completion ends at the
-    first end-of-turn as in HF. A setting added to generation_kwargs that is not translated here is
-    an error, not silently dropped.
-    """
-    known = {"max_new_tokens", "repetition_penalty", "suppress_tokens", "do_sample", "temperature",
-             "top_k", "top_p", "min_p", "num_beams"}
-    unknown = set(gen_kwargs) - known
-    if unknown or gen_kwargs.get("num_beams", 1) != 1 or gen_kwargs.get("min_p") is not None:
-        raise ValueError(f"generation settings vLLM is not told about: {sorted(unknown)}")
-    never = set(gen_kwargs["suppress_tokens"] or [])
-    sampled = gen_kwargs["do_sample"]
-    return dict(n=n, max_tokens=gen_kwargs["max_new_tokens"],
-                temperature=gen_kwargs["temperature"] if sampled else 0.0,
-                top_p=gen_kwargs["top_p"] if sampled else 1.0, top_k=gen_kwargs["top_k"] or 0,
-                repetition_penalty=gen_kwargs["repetition_penalty"],
-                allowed_token_ids=[i for i in range(vocab_size) if i not in never],
-                stop_token_ids=stop_ids)
-
-
-def load_vllm(args: Args, processor, ds, rows: list[Row]):
-    """vLLM's LLM in this process, set up for these rows; vLLM is imported only here.
-
-    Continuous batching: a finished sequence leaves the running batch at once and a waiting one takes
-    its place, where HF generate keeps every row of a batch until its longest ends. Set-up:
-    - max_model_len = the longest prompt + max_new_tokens; chunked prefill off with a token budget of
-      at least that, so no prompt is split over engine steps (on CPU, seeded requests split so crash
-      with "CPU Generator does not use offset");
-    - in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0), as TRL's colocate mode, and on CPU a
-      1 GiB KV cache (VLLM_CPU_KVCACHE_SPACE) unless set; OMP_NUM_THREADS is set to torch's thread
-      count if unset, otherwise vLLM cuts the process to one thread;
-    - the same dtype as the HF path (auto: bfloat16 on CUDA, float32 on CPU), no CUDA graphs on CPU.
-    """
-    cuda = torch.cuda.is_available()
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    if not cuda:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    import vllm  # main() has checked that it is installed
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if cuda else "float32")
-    max_images = 1  # vLLM's per-prompt limit: the most images any row has
-    if "images" in ds.column_names:
-        counts = pyarrow.compute.list_value_length(stored_rows(ds)["images"])
-        max_images = max(1, pyarrow.compute.max(counts).as_py() or 0)
-    max_len = max(r.length for r in rows) + args.max_new_tokens
-    return vllm.LLM(model=args.model, dtype=dtype, seed=args.seed, max_model_len=max_len,
-                    enable_chunked_prefill=False, max_num_batched_tokens=max(max_len, 8192),
-                    enforce_eager=not cuda, gpu_memory_utilization=args.vllm_memory,
-                    limit_mm_per_prompt={"image": max_images, "video": 0})
-
-
-def stop_ids(model: str) -> list[int]:
-    """The ids HF generate stops at: the checkpoint's generation_config.json eos_token_id (without
-    that file, generate derives one from the model's config)."""
-    try:
-        config = transformers.GenerationConfig.from_pretrained(model)
-    except OSError:
-        config = transformers.AutoConfig.from_pretrained(model)
-        config = transformers.GenerationConfig.from_model_config(config)
-    eos = config.eos_token_id
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-
-
-def generate_vllm(llm, processor, rows: list[dict], params: dict, seeds: list) -> list[list[str]]:
-    """K responses per row from vLLM: what `generate` returns, from the same prompt texts and images.
-
-    What differs from HF generate: vLLM schedules sequences itself (continuous batching, paged KV
-    cache) and draws from per-request generators, so sampled responses are other draws from the same
-    distribution (tests/test_vllm.py compares the distributions); greedy ones are the same up to
-    floating point (equal on the toy in fp32). The completion's token ids are decoded by the same
-    processor.batch_decode(skip_special_tokens=True) as HF's.
-    """
-    from vllm import SamplingParams
-
-    texts, _ = reward.chat_prompts(processor, rows)
-    prompts = [{"prompt": text} for text in texts]
-    for prompt, row in zip(prompts, rows):
-        if row.get("images"):  # text-only rows carry no multi_modal_data: a batch may mix both
-            prompt["multi_modal_data"] = {"image": row["images"]}
-    sampling = [SamplingParams(**params, seed=seed) for seed in seeds]
-    outputs = llm.generate(prompts, sampling, use_tqdm=False)
-    return [processor.batch_decode([list(c.token_ids) for c in sorted(o.outputs, key=lambda c: c.index)],
-                                   skip_special_tokens=True) for o in outputs]
+def generate_vllm(llm, processor, rows: list[dict], n: int, gen_kwargs: dict, eos_ids: list[int],
+                  seeds: list) -> list[list[str]]:
+    """K responses per row from vLLM (engine.VLLM: the same prompt texts, images and sampling
+    settings as HF's), decoded by the same processor.batch_decode(skip_special_tokens=True).
+    Continuous batching and per-request generators: sampled responses are other draws from the same
+    distribution (tests/test_vllm.py compares the distributions); greedy ones are HF's up to floating
+    point (equal on the toy in fp32)."""
+    completions = llm.generate(processor, rows, n, gen_kwargs, eos_ids, seeds)
+    texts = processor.batch_decode([ids for ids, _ in completions], skip_special_tokens=True)
+    return [texts[i * n : (i + 1) * n] for i in range(len(rows))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,42 +388,8 @@ def markdown_table(benchmarks: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Files: append as we go, resume, merge
+# 4. Files: append as we go, resume, merge (runtime.read_jsonl, drop_torn_tail, write_lines)
 # ---------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path, complete_only: bool) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each JSON line of a file, split on "\\n" and nothing else.
-
-    json.dumps(..., ensure_ascii=False), as the official code and we write these files, leaves
-    U+2028, U+2029 and U+0085 raw inside a response, and str.splitlines() ends a line at each of
-    them. Iterating over a text file does not, but with the default newline=None it ends a line at
-    a bare "\\r" too and turns "\\r\\n" into "\\n". newline="\\n" splits on "\\n" only and
-    changes no character: a file with "\\r\\n" ends still parses ("\\r" is JSON whitespace), and a
-    raw "\\r" inside a string (invalid JSON, but some writers leave it) stays in its response,
-    where the evaluation rule reads it as a line end (strict=False accepts it).
-    complete_only: a last line without its newline (a kill while writing it) is not done yet.
-    """
-    with open(path, encoding="utf-8", newline="\n") as f:
-        for number, text in enumerate(f, 1):
-            if complete_only and not text.endswith("\n"):
-                return
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text, strict=False)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number}: not JSON ({err})") from None
-
-
-def drop_torn_tail(path: Path):
-    """Cut a partial last line off before appending to a file again (b"\\n" never occurs inside a
-    UTF-8 multi-byte character, so bytes are safe here)."""
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
 
 
 def part_files(out: Path) -> list[Path]:
@@ -553,55 +405,9 @@ def saved_lines(out: Path) -> dict:
     found = {}
     for path in [out / "predictions.jsonl", *part_files(out)]:
         if path.exists():
-            for _, line in read_jsonl(path, complete_only=True):
+            for _, line in runtime.read_jsonl(path, complete_only=True):
                 found.setdefault((line["dataset_name"], line["dataset_index"]), line)
     return found
-
-
-def model_fingerprint(model: str) -> str:
-    """A local model folder: a digest of its files' names, sizes and modification times, so a model
-    trained again into the same folder is another model (reading it changes none of them). A hub id
-    stands for itself."""
-    if not os.path.isdir(model):
-        return model
-    digest = hashlib.sha256()
-    for entry in sorted(os.scandir(model), key=lambda e: e.name):
-        if entry.is_file():
-            stat = entry.stat()
-            digest.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def file_fingerprint(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def write_json(path: Path, obj):
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # a reader never sees half a file
-
-
-def write_lines(path: Path, lines: list[dict]):
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def git_hash() -> str | None:
-    """This project's commit (short), or None outside a git checkout or without git."""
-    try:
-        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                               cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if found.returncode != 0:
-        return None
-    return found.stdout.strip() or None
 
 
 def finish(out: Path, lines: list[dict], skipped: list[dict], info: dict, config: dict, started: float):
@@ -611,16 +417,16 @@ def finish(out: Path, lines: list[dict], skipped: list[dict], info: dict, config
     `results` per task with each metric and its `<metric>_stderr`, `config`, `git_hash`, `date`;
     our own keys stay beside them (`benchmarks`, the same as `results`, is what --compare reads).
     """
-    write_lines(out / "predictions.jsonl", lines)
+    runtime.write_lines(out / "predictions.jsonl", lines)
     benchmarks = summarize(lines)
     avg, avg_stderr = average(benchmarks)
-    results = {"results": benchmarks, "config": config, "git_hash": git_hash(),
+    results = {"results": benchmarks, "config": config, "git_hash": runtime.git_hash(),
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
                "benchmarks": benchmarks, "average": avg, "average_stderr": avg_stderr,
                "skipped": {"count": len(skipped), "rows": skipped}, **info,
                "seconds": round(time.time() - started, 2)}
-    write_json(out / "results.json", results)
+    runtime.write_json(out / "results.json", results)
     error = "" if avg_stderr is None else f" (stderr {avg_stderr:.2f})"
     print(f"\n{info.get('model') or info.get('regraded_from')}: average accuracy "
           f"{'-' if avg is None else f'{avg:.2f}'}{error} over {len(benchmarks)} benchmark(s)")
@@ -654,14 +460,14 @@ def regrade(args: Args):
     started, out = time.time(), Path(args.output_dir)
     try:
         lines = [regrade_line(line, f"{args.regrade} line {number}")
-                 for number, line in read_jsonl(args.regrade, complete_only=False)]
+                 for number, line in runtime.read_jsonl(args.regrade, complete_only=False)]
     except ValueError as err:
         raise SystemExit(str(err)) from None
     fingerprint = {"stage": "evaluate --regrade", "settings": {"regrade": os.path.abspath(args.regrade)},
-                   "data": file_fingerprint(args.regrade)}
+                   "data": runtime.file_fingerprint(args.regrade)}
     # Regrading is deterministic, so the same run may write its files again; any other folder (a
     # generation run's, say) is refused rather than overwritten.
-    reward.claim_output_dir(str(out), fingerprint, resume=True)
+    runtime.claim_output_dir(str(out), fingerprint, resume=True)
     return finish(out, lines, [], {"regraded_from": args.regrade}, {"regrade": args.regrade}, started)
 
 
@@ -673,24 +479,21 @@ def evaluate(args: Args):
     state = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=48))])
     processor = load_processor(args)
     ds, rows, skipped, data_fingerprint = load_rows(args, processor, state.is_main_process)
-    base_dir = reward.data_dir(args.data)
+    base_dir = runtime.data_dir(args.data)
 
     # The run folder: saved predictions are reused only by the very same run (same model files,
     # data and settings); another run's folder is refused, naming what differs (section 10).
     # Every rank computes the same fingerprint; the main one claims. If it refuses, it exits
     # with the message and `accelerate launch` stops the others.
-    settings = {k: v for k, v in asdict(args).items() if k not in NOT_RESULTS}
-    if args.engine == "hf":  # absent, so that folders of runs from before --engine still resume
-        del settings["engine"]
-    if args.engine == "vllm" and state.num_processes > 1:
-        raise SystemExit("--engine vllm runs in one process (vLLM batches the rows itself): "
-                         "run it with python, not accelerate launch")
+    settings = runtime.settings(args)
+    if args.engine == "vllm":
+        engine.check_vllm(state.num_processes)
     fingerprint = {"stage": "evaluate", "settings": settings, "data": data_fingerprint,
-                   "model": model_fingerprint(args.model)}
+                   "model": runtime.model_fingerprint(args.model)}
     if state.is_main_process:
-        reward.claim_output_dir(str(out), fingerprint, resume=True)
+        runtime.claim_output_dir(str(out), fingerprint, resume=True)
         if skipped:
-            reward.write_bad_rows(skipped, str(out))
+            runtime.write_bad_rows(skipped, str(out))
             print(f"skipped {len(skipped)} bad row(s) of {len(rows) + len(skipped)}, listed in "
                   f"{out / 'bad_rows.jsonl'}; the first: {skipped[0]['reason']}")
     state.wait_for_everyone()
@@ -701,7 +504,9 @@ def evaluate(args: Args):
     pending = [b for b in make_batches(rows, args.batch_size) if any(r.key not in done for r in b)]
     mine = pending[state.process_index :: state.num_processes]  # round robin: lengths balance
     if args.engine == "vllm":
-        model = load_vllm(args, processor, ds, rows) if mine else None
+        dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+        model = engine.VLLM(args.model, dtype, args.seed, max(r.length for r in rows) + args.max_new_tokens,
+                            args.vllm_memory, engine.max_images(ds)) if mine else None
     else:
         model = load_model(args, state.device) if mine else None
     # Every generate setting explicit, the same as grpo.py's (docs/method.md section 9): the paper's
@@ -709,13 +514,11 @@ def evaluate(args: Args):
     # repetition penalty, whatever the checkpoint's generation_config.json says; 0 = greedy.
     gen_kwargs = reward.generation_kwargs(args.temperature, args.top_p, args.max_new_tokens,
                                           reward.never_generate_ids(processor.tokenizer))
-    if args.engine == "vllm" and model is not None:
-        params = vllm_sampling(gen_kwargs, args.n, model.llm_engine.model_config.get_vocab_size(),
-                               stop_ids(args.model))
+    eos_ids = engine.end_of_turn_ids(args.model) if args.engine == "vllm" else None
 
     stored = stored_rows(ds)
     part = out / f"predictions.rank{state.process_index}.jsonl"
-    drop_torn_tail(part)
+    runtime.drop_torn_tail(part)
     n_rows = sum(len(b) for b in mine)
     bar = tqdm(total=n_rows, unit="row", desc=f"rank {state.process_index}",
                disable=not state.is_main_process)
@@ -726,7 +529,7 @@ def evaluate(args: Args):
                          for row in stored[[r.position for r in batch]].to_pylist()]
             if args.engine == "vllm":
                 seeds = [row_seed(args.seed, r) if args.temperature > 0 else None for r in batch]
-                responses = generate_vllm(model, processor, rows_read, params, seeds)
+                responses = generate_vllm(model, processor, rows_read, args.n, gen_kwargs, eos_ids, seeds)
             else:
                 responses = generate(model, processor, rows_read, args.n, gen_kwargs,
                                      batch_seed(args.seed, batch), args.share_prompt)
@@ -804,7 +607,7 @@ def compare(args: Args):
                 table.append(f"| {name} (paper) | " + " | ".join("-" for _ in names) + f" | {float(average):.2f} |")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "summary.json", summary)
+    runtime.write_json(out / "summary.json", summary)
     (out / "summary.md").write_text("\n".join(table) + "\n", encoding="utf-8")
     print("\n".join(table))
     if args.curves:
@@ -830,7 +633,7 @@ def plot_curves(curves: list[str], path: Path):
             raise SystemExit(f"--curves {label}={spec}: expected LABEL=metrics.jsonl:KEY")
         if not os.path.isfile(file):
             raise SystemExit(f"--curves {label}: {file} does not exist")
-        steps = [line for _, line in read_jsonl(file, complete_only=True) if line.get(key) is not None]
+        steps = [line for _, line in runtime.read_jsonl(file, complete_only=True) if line.get(key) is not None]
         if not steps:
             raise SystemExit(f"--curves {label}: no step of {file} has {key!r}")
         ax.plot([line.get("step", i + 1) for i, line in enumerate(steps)], [line[key] for line in steps])
@@ -843,7 +646,7 @@ def plot_curves(curves: list[str], path: Path):
 
 
 def main(argv=None):
-    args = reward.parse_args(Args, argv)  # a YAML/JSON file first (configs/eval.yaml), flags override
+    args = runtime.parse_args(Args, argv=argv)  # a YAML/JSON file first (configs/eval.yaml), flags override
     if args.compare:
         return compare(args)
     if args.regrade:
@@ -856,9 +659,8 @@ def main(argv=None):
         raise SystemExit("--n and --batch_size must be at least 1")
     if args.n > 1 and args.temperature <= 0:
         raise SystemExit("--n > 1 needs --temperature > 0: greedy samples would all be the same")
-    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:  # before any work
-        raise SystemExit("--engine vllm needs vLLM, which is not installed: run `make install-vllm` "
-                         "(CPU; docs/vllm.md) or see requirements-vllm.txt (GPUs)")
+    if args.engine == "vllm":  # before any work
+        engine.check_vllm(1)
     return evaluate(args)
 
 

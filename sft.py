@@ -11,59 +11,43 @@ that turns the random model into an "instruct" model for RL.
     accelerate launch --config_file configs/fsdp.yaml sft.py ...   # the paper: 8 GPUs, FSDP
 
 The story, top to bottom:
-0. every row is checked once, before any model work (docs/method.md section 10): the schema rules of
-   `reward.check_rows` plus SFT's own, a non-empty trace; a bad row is a named error, or with
-   `--on_bad_row skip` a counted skip listed in `bad_rows.jsonl`. The output folder is then claimed
-   for this run (`run.json`): another run's folder is never written into;
-1. every row becomes one sequence: the chat prompt of `reward.build_messages` (generation prompt
-   included) + the SFT target + the end-of-turn token (the model's generation_config names it, as
-   for grpo.py); labels are the assistant tokens only;
-2. one pass over the data measures every sequence (images expand to their real number of tokens)
-   and drops, and counts, those longer than `--max_length`;
-3. each optimizer step sees `--global_batch_size` sequences, split over processes and micro-batches
-   of `--micro_batch_size`;
-   its loss is the sum of the token losses over the whole step divided by the number of label tokens
-   of the whole step (every micro-batch, every process), so splitting never changes the gradient;
-4. AdamW, cosine schedule with warmup, gradient clipping, checkpoints that resume exactly
-   (`checkpoint-{step}/`, the contract of docs/method.md section 10, shared with grpo.py).
+1. every row is checked once, before any model work (`reward.check_rows` plus SFT's own rule, a
+   trace to learn from), then becomes one sequence: the chat prompt of `reward.build_messages` +
+   the SFT target + the end-of-turn token; labels are the assistant tokens only;
+2. one pass measures every sequence (images expand to their real number of tokens) and drops, and
+   counts, those longer than `--max_length`;
+3. each optimizer step sees `--global_batch_size` sequences, split over processes and micro-batches;
+   its loss is the sum of the token losses of the whole step over the number of label tokens of the
+   whole step, so splitting never changes the gradient;
+4. AdamW, cosine schedule with warmup, gradient clipping. The run folder and its checkpoints follow
+   the contract of docs/method.md section 10 (runtime.py), shared with grpo.py.
 
 A plain PyTorch loop with accelerate, no Trainer: every number above is visible below.
 """
 
-import json
 import math
 import os
-import shutil
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, get_cosine_schedule_with_warmup
 from transformers.trainer_pt_utils import get_parameter_names
-from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
+import engine
 import reward
+import runtime
 
 IGNORE = -100  # label of a position that carries no loss (prompt, padding); F.cross_entropy's default
 # Parameter names without weight decay: transformers' Trainer rule (Trainer.get_decay_parameter_names).
 NO_DECAY_NAMES = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 # Columns SFT reads: the schema's and the trace (docs/method.md section 2).
 COLUMNS = reward.SCHEMA_COLUMNS + ("reasoning",)
-# The checkpoint contract (docs/method.md section 10): what a complete checkpoint-{step}/ holds.
-STATE_FILE = "trainer_state.json"
-TRAINING_STATE = "training_state"  # accelerator.save_state: optimizer, schedule, RNG, fp32 weights
-# Args fields that never change what is trained, so they stay out of the run's fingerprint: where
-# things are, how often and how they are saved or logged, and how a step is split into micro-batches
-# (the loss is exact under any split, section 3 below). Every other field is a setting of the run.
-NOT_SETTINGS = ("model", "data", "output_dir", "resume", "save_steps", "save_total_limit", "report_to",
-                "dataloader_num_workers", "micro_batch_size", "gradient_checkpointing", "on_bad_row",
-                "save_dtype", "save_final")
 
 
 @dataclass
@@ -75,7 +59,6 @@ class Args:
     data: str = field(default="UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized",
                       metadata={"help": "Schema dataset: save_to_disk folder, parquet/jsonl, hub id."})
     split: str = field(default="train", metadata={"help": "Split of --data (the toy world: sft)."})
-    output_dir: str = field(default="outputs/sft", metadata={"help": "metrics.jsonl, checkpoints, final/."})
     learning_rate: float = 1e-5
     warmup_ratio: float = field(default=0.05, metadata={"help": "Linear warmup share of all steps."})
     weight_decay: float = 1e-4
@@ -96,28 +79,7 @@ class Args:
         "help": "Recompute activations in the backward pass: less memory, same numbers."})
     freeze_vision: bool = field(default=False, metadata={
         "help": "Freeze the vision tower and merger. Off: the paper trains everything."})
-    mixed_precision: str = field(default="auto", metadata={
-        "help": "auto: bf16 autocast on a GPU (the paper), fp32 on a CPU. bf16: bf16 autocast anywhere "
-                "(a CPU with bf16 support included). no: fp32. Weights stay fp32 (the optimizer's master "
-                "copy) in every case; this flag wins over an accelerate config's mixed_precision."})
-    save_dtype: str = field(default="auto", metadata={
-        "help": "dtype of the model files written (final/ and the model of each checkpoint-{step}/): "
-                "bfloat16, float32, or auto: bfloat16 after a bf16 run (as the hub checkpoints), float32 "
-                "after an fp32 one. training_state/ always keeps the fp32 master weights for resuming."})
-    save_final: bool = field(default=True, metadata={
-        "help": "Write final/ when the run completes. False: nothing at the end (benchmarks)."})
     seed: int = 42
-    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps (0: only final/)."})
-    save_total_limit: int | None = field(default=None, metadata={
-        "help": "Keep only the newest N checkpoint-{step} folders (default: all, as transformers does)."})
-    report_to: str = field(default="none", metadata={
-        "help": "none | tensorboard | wandb: also log every step's metrics there (OUTPUT_DIR/sft for "
-                "tensorboard). The package must be installed (requirements.txt pins tensorboard)."})
-    resume: str = field(default="", metadata={
-        "help": "A checkpoint-{step} folder, or 'latest' (the newest complete one in --output_dir; "
-                "the run starts afresh when there is none)."})
-    on_bad_row: str = field(default="error", metadata={
-        "help": "error: stop, naming every bad row. skip: train without them, listed in bad_rows.jsonl."})
     dataloader_num_workers: int = field(default=0, metadata={
         "help": "Processes that run the processor (image resizing) ahead of the GPU."})
 
@@ -135,7 +97,7 @@ def no_trace(row) -> str | None:
     return f"no reasoning trace to fine-tune on (reasoning is {row.get('reasoning')!r})"
 
 
-def usable_rows(data, args: Args, accelerator):
+def usable_rows(data, args: Args, on_bad_row: str, accelerator):
     """The rows SFT can train on, and the bad ones as reward.check_rows lists them.
 
     A row is bad when it breaks a schema rule of `reward.check_rows` (question, options, label,
@@ -146,21 +108,16 @@ def usable_rows(data, args: Args, accelerator):
     list in memory).
     """
     progress = partial(tqdm, desc="checking rows", disable=not accelerator.is_main_process)
-    good, bad = reward.check_rows(data, args.on_bad_row, reward.data_dir(args.data), progress=progress,
+    good, bad = reward.check_rows(data, on_bad_row, runtime.data_dir(args.data), progress=progress,
                                   extra_check=no_trace)
     return (data.select(good) if bad else data), bad
 
 
-def end_of_turn(generation_config, tokenizer) -> str:
-    """The token that ends the assistant turn: the first end-of-sequence id of the model's
-    generation_config, a token generate stops on (grpo.py reads the same ids). Qwen2.5-VL-Instruct
-    (and the toy model, with either tokenizer) lists [<|im_end|>, <|endoftext|>]: <|im_end|>, the
-    token its chat template closes every turn with."""
-    ids = generation_config.eos_token_id
-    ids = ids if isinstance(ids, list) else [ids]
-    if not ids or ids[0] is None:
-        raise ValueError("the model's generation_config has no eos_token_id to end the SFT target with")
-    return tokenizer.convert_ids_to_tokens(ids[0])
+def end_of_turn(model, tokenizer) -> str:
+    """The token that ends the assistant turn: the first end-of-turn id of the model's
+    generation_config (engine.end_of_turn_ids, the ids generate stops at; grpo.py reads the same),
+    <|im_end|> for Qwen2.5-VL-Instruct: the token its chat template closes every turn with."""
+    return tokenizer.convert_ids_to_tokens(engine.end_of_turn_ids(model)[0])
 
 
 def sft_texts(processor, rows, end_of_turn: str, base_dir: str = "") -> tuple[list[str], list[str], list]:
@@ -239,7 +196,7 @@ def prepare_data(args: Args, data, processor, end_of_turn: str, accelerator):
     load_from_disk set would write cache-*.arrow files into its folder; plain lists and `select`
     (an index list in memory) do not.
     """
-    base_dir = reward.data_dir(args.data)
+    base_dir = runtime.data_dir(args.data)
     with accelerator.split_between_processes(list(range(len(data)))) as mine:
         lengths = []
         for start in tqdm(range(0, len(mine), 16), desc="measuring sequences",
@@ -328,10 +285,8 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> torch
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Model, optimizer, schedule; the run folder and its checkpoints (method.md 10)
+# 4. Model, optimizer, schedule
 # ---------------------------------------------------------------------------------------------
-# Precision, writing the model files, FSDP, stale .tmp folders, metrics.jsonl on resume, timing and
-# memory: as in grpo.py, by reward.py section 5.
 
 
 def load_model(args: Args):
@@ -363,96 +318,16 @@ def build_optimizer(model, args: Args, total_steps: int):
     return optimizer, scheduler
 
 
-def fingerprint(args: Args, data) -> dict:
-    """What makes a run this run (reward.claim_output_dir): the stage, every setting that changes
-    what is trained (all Args fields but NOT_SETTINGS), the input data and the model."""
-    settings = {k: v for k, v in asdict(args).items() if k not in NOT_SETTINGS}
-    return {"stage": "sft", "settings": settings, "data": reward.data_fingerprint(data),
-            "model": args.model}
-
-
-def save_checkpoint(accelerator, model, processor, folder: str, step: int | None, plan_info: dict,
-                    dtype: torch.dtype = torch.float32):
-    """save_pretrained folder in `dtype` (loads like a hub id) + accelerate state (optimizer,
-    schedule, RNG, fp32 weights).
-
-    Everything is written into `folder.tmp`, `trainer_state.json` last, and the folder is then
-    renamed with os.replace: the rename is the completeness marker (docs/method.md section 10), so
-    a run killed while saving leaves only a .tmp folder, which resuming ignores and removes. The
-    accelerate state repeats the weights in fp32: the price of restoring them bit for bit (a resumed
-    run never reads the save_pretrained copy). `step` None saves the model alone (final/).
-    """
-    tmp = folder + ".tmp"
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    reward.save_model(accelerator, model, processor, tmp, dtype)
-    if step is not None:
-        accelerator.save_state(os.path.join(tmp, TRAINING_STATE))
-        if accelerator.is_main_process:
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump({"step": step, **plan_info}, f)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if os.path.exists(folder):  # this step saved before by this run (resumed from an older one)
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    accelerator.wait_for_everyone()
-
-
-def find_checkpoint(args: Args, accelerator) -> str | None:
-    """The folder to resume from: --resume itself, or with 'latest' the newest checkpoint-{step} of
-    --output_dir (transformers' get_last_checkpoint: `checkpoint-\\d+` only, so never a .tmp), or
-    None: start afresh, so that `--resume latest` is always safe to pass."""
-    if not args.resume:
-        return None
-    if args.resume != "latest":
-        if not os.path.isfile(os.path.join(args.resume, STATE_FILE)):
-            raise FileNotFoundError(f"--resume {args.resume}: no {STATE_FILE} there, so not a complete "
-                                    f"checkpoint; pass a checkpoint-{{step}} folder or 'latest'")
-        return args.resume
-    found = get_last_checkpoint(args.output_dir)
-    if found is None:
-        accelerator.print(f"--resume latest: no checkpoint in {args.output_dir}; the run starts afresh")
-    return found
-
-
-def resume_from(checkpoint: str | None, accelerator, plan_info: dict, metrics_path: str) -> int:
-    """Restores model, optimizer, schedule and RNG; returns the step to continue after (0: none)."""
-    step = 0
-    if checkpoint is not None:
-        with open(os.path.join(checkpoint, STATE_FILE)) as f:
-            state = json.load(f)
-        for key, value in plan_info.items():
-            if state[key] != value:
-                raise ValueError(f"{checkpoint}: saved with {key}={state[key]}, this run has {value}; "
-                                 f"resume with the same data and batch settings")
-        accelerator.load_state(os.path.join(checkpoint, TRAINING_STATE))
-        step = state["step"]
-        accelerator.print(f"resumed from {checkpoint} after step {step}")
-    if accelerator.is_main_process:
-        reward.keep_metrics_until(metrics_path, step)
-    accelerator.wait_for_everyone()  # no rank appends before the file is rewritten
-    return step
-
-
 # ---------------------------------------------------------------------------------------------
 # 5. The loop
 # ---------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
-    args = reward.parse_args(Args, argv)  # a YAML/JSON file first (configs/sft_pmc.yaml), flags override
-    log_with = reward.tracker(args.report_to)
-    if args.on_bad_row not in ("error", "skip"):
-        raise ValueError(f"--on_bad_row must be error or skip, got {args.on_bad_row!r}")
-    mixed_precision = reward.precision(args.mixed_precision)
-    dtype = reward.saved_dtype(args.save_dtype, mixed_precision)  # a wrong value fails now, not at the end
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision,  # bf16: autocast, on a GPU or a CPU
-        log_with=log_with, project_dir=args.output_dir,  # tensorboard: OUTPUT_DIR/sft/
-        # A rank whose micro-batches hold no image leaves the vision tower unused (method.md section 9).
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    # A YAML/JSON file first (configs/sft_pmc.yaml), flags override.
+    args, run = runtime.parse_args(Args, runtime.RunArgs, argv=argv,
+                                   defaults={"output_dir": "runs/sft", "save_steps": 500})
+    accelerator = runtime.accelerator_for(run)
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.global_batch_size % (args.micro_batch_size * world):
         raise ValueError(f"--global_batch_size {args.global_batch_size} is not a multiple of "
@@ -461,58 +336,51 @@ def main(argv=None):
     set_seed(args.seed)
 
     # The data and the run folder, before any model work (docs/method.md section 10).
-    data = reward.load_split(args.data, args.split, columns=COLUMNS)
-    run = fingerprint(args, data)
-    final = os.path.join(args.output_dir, "final")
-    if args.resume and os.path.isdir(final):
+    data = runtime.load_split(args.data, args.split, columns=COLUMNS)
+    fingerprint = {"stage": "sft", "settings": runtime.settings(args, run), "model": args.model,
+                   "data": runtime.data_fingerprint(data)}
+    final = os.path.join(run.output_dir, "final")
+    if run.resume and os.path.isdir(final):
         if accelerator.is_main_process:
             # Only a check here: this run's folder has run.json; another run's folder is refused.
-            reward.claim_output_dir(args.output_dir, run, resume=True)
-        accelerator.print(f"{args.output_dir} is a finished run ({final} exists): nothing to do")
+            runtime.claim_output_dir(run.output_dir, fingerprint, resume=True)
+        accelerator.print(f"{run.output_dir} is a finished run ({final} exists): nothing to do")
         return
-    data, bad = usable_rows(data, args, accelerator)
+    data, bad = usable_rows(data, args, run.on_bad_row, accelerator)
     if accelerator.is_main_process:
-        reward.claim_output_dir(args.output_dir, run, resume=bool(args.resume))
+        runtime.claim_output_dir(run.output_dir, fingerprint, resume=bool(run.resume))
     accelerator.wait_for_everyone()
-    checkpoint = find_checkpoint(args, accelerator)  # a wrong --resume path fails before any change
-    if accelerator.is_main_process:
-        reward.remove_stale_tmp(args.output_dir)
-        if args.on_bad_row == "skip":
-            reward.write_bad_rows(bad, args.output_dir)
-    accelerator.wait_for_everyone()
+    checkpoint = runtime.find_checkpoint(run, accelerator)  # a wrong --resume path fails before any change
+    if accelerator.is_main_process and run.on_bad_row == "skip":
+        runtime.write_bad_rows(bad, run.output_dir)
     if bad:
         accelerator.print(f"{len(bad)} bad row(s) skipped, listed in "
-                          f"{os.path.join(args.output_dir, 'bad_rows.jsonl')}")
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+                          f"{os.path.join(run.output_dir, 'bad_rows.jsonl')}")
+    metrics_path = os.path.join(run.output_dir, "metrics.jsonl")
 
     model, processor = load_model(args)
-    eot = end_of_turn(model.generation_config, processor.tokenizer)
-    if accelerator.distributed_type == DistributedType.FSDP and world > 1:
-        reward.run_vision_on_every_forward(model)
+    eot = end_of_turn(model, processor.tokenizer)
     data, lengths, n_dropped = prepare_data(args, data, processor, eot, accelerator)
     steps_per_epoch = len(data) // args.global_batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{args.data} [{args.split}]: {len(data)} usable rows, fewer than one global "
                          f"batch of {args.global_batch_size}")
     total_steps = args.max_steps if args.max_steps > 0 else args.num_epochs * steps_per_epoch
+    # What a checkpoint must agree with to be resumed: the same rows in the same steps.
     plan_info = {"n_rows": len(data), "global_batch_size": args.global_batch_size,
                  "total_steps": total_steps, "seed": args.seed}
+    runtime.read_state(checkpoint, expect=plan_info)  # before any change to the run folder
 
     optimizer, scheduler = build_optimizer(model, args, total_steps)
-    # The scheduler is not passed to prepare(): accelerate's wrapper would step it once per process
-    # at each optimizer step. Registering it still saves and restores it with the state.
-    reward.fsdp_mixed_precision(accelerator)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    start_step = resume_from(checkpoint, accelerator, plan_info, metrics_path)
-    if log_with:
-        accelerator.init_trackers("sft", config=asdict(args))
+    model, optimizer = runtime.prepare(accelerator, model, optimizer, scheduler)
+    start_step = runtime.restore(accelerator, checkpoint, run, metrics_path)["step"]
+    accelerator.init_trackers("sft", config=runtime.settings(args, run) | {"model": args.model})
 
     plan = micro_batch_plan(len(data), args, start_step, total_steps, rank, world)
     # The loader yields positions; collate turns them into rows and tensors.
     loader = DataLoader(range(len(data)), batch_sampler=plan, num_workers=args.dataloader_num_workers,
                         collate_fn=partial(collate, data=data, lengths=lengths, processor=processor,
-                                           end_of_turn=eot, base_dir=reward.data_dir(args.data)))
+                                           end_of_turn=eot, base_dir=runtime.data_dir(args.data)))
     batches = iter(loader)
     accelerator.print(f"{total_steps} steps ({steps_per_epoch} per epoch) of {args.global_batch_size} "
                       f"sequences = {world} processes x {accumulation} micro-batches x "
@@ -521,7 +389,7 @@ def main(argv=None):
     progress = tqdm(total=total_steps, initial=start_step, desc="sft",
                     disable=not accelerator.is_main_process)
     for step in range(start_step + 1, total_steps + 1):
-        started = reward.synced_time(accelerator.device)
+        started = runtime.synced_time(accelerator.device)
         micro_batches = [{k: v.to(accelerator.device) for k, v in next(batches).items()}
                          for _ in range(accumulation)]
         loss = accumulate_gradients(model, micro_batches, accelerator)
@@ -531,28 +399,18 @@ def main(argv=None):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         n_tokens = accelerator.reduce(sum(mb["attention_mask"].sum() for mb in micro_batches), "sum")
-        seconds = reward.synced_time(accelerator.device) - started
-        metrics = {"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": loss.item(), "lr": lr,
-                   "grad_norm": float(grad_norm), "tokens_per_s": n_tokens.item() / seconds,
-                   "peak_memory_gb": reward.peak_memory_gb(accelerator.device), "dropped_too_long": n_dropped}
-        if accelerator.is_main_process:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        accelerator.log(metrics, step=step)
+        seconds = runtime.synced_time(accelerator.device) - started
+        runtime.log(accelerator, metrics_path, {
+            "step": step, "epoch": step / steps_per_epoch, "loss": loss.item(), "lr": lr,
+            "grad_norm": float(grad_norm), "tokens_per_s": n_tokens.item() / seconds,
+            "peak_memory_gb": runtime.peak_memory_gb(accelerator.device), "dropped_too_long": n_dropped})
         progress.update(1)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
-        if args.save_steps > 0 and step % args.save_steps == 0:
-            folder = os.path.join(args.output_dir, f"checkpoint-{step}")
-            save_checkpoint(accelerator, model, processor, folder, step, plan_info, dtype)
-            if accelerator.is_main_process:
-                # transformers' own rotation (oldest first, the newest always kept). accelerate's
-                # ProjectConfiguration(total_limit=...) only counts the folders it names itself
-                # (checkpoints/checkpoint_{i}), not the checkpoint-{step} layout resuming reads.
-                rotate_checkpoints(args.output_dir, args.save_total_limit)
+        progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+        if run.save_steps > 0 and step % run.save_steps == 0:
+            runtime.save_checkpoint(accelerator, model, processor, run, step, plan_info)
     progress.close()
-    if args.save_final:
-        save_checkpoint(accelerator, model, processor, final, None, plan_info, dtype)
-        accelerator.print(f"saved {final} ({str(dtype).removeprefix('torch.')})")
+    if run.save_final:
+        runtime.save_checkpoint(accelerator, model, processor, run, total_steps, None)
     accelerator.end_training()
 
 

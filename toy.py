@@ -49,7 +49,6 @@ train: it should hold. The `train`, `validation` and `test` splits carry gold la
 import base64
 import importlib.util
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import reward
+import runtime
 
 # ---------------------------------------------------------------------------------------------
 # The synthetic questions
@@ -519,7 +519,7 @@ def main(argv=None):
     if not argv or argv[0] not in ("model", "data"):
         raise SystemExit("usage: python toy.py model|data --output_dir DIR [options]")
     if argv[0] == "model":
-        args = reward.parse_args(ModelArgs, argv[1:])  # a YAML/JSON file, then flags, as every stage
+        args = runtime.parse_args(ModelArgs, argv=argv[1:])  # a YAML/JSON file, then flags, as every stage
         if args.size not in SIZES:
             raise SystemExit(f"--size must be one of {list(SIZES)}, got {args.size!r}")
         model, processor = build_model(args)
@@ -529,7 +529,7 @@ def main(argv=None):
         print(f"saved a {args.size} Qwen2.5-VL ({n / 1e6:.2f}M parameters, {args.tokenizer} tokenizer) "
               f"to {args.output_dir}")
     else:
-        args = reward.parse_args(DataArgs, argv[1:])
+        args = runtime.parse_args(DataArgs, argv=argv[1:])
         data = build_data(args)
         data.save_to_disk(args.output_dir)
         print(f"saved toy data to {args.output_dir}: " + ", ".join(f"{k} {len(v)}" for k, v in data.items()))

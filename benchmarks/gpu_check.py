@@ -10,8 +10,9 @@ stage scripts do not set, so generate takes it from the checkpoint), and every s
 token limit. (`bad_words_ids` would not do: transformers drops end-of-sequence ids from it.) Then, each stage in its own process,
 called with its command-line arguments (`main(argv)`), nothing else of it used:
 1. evaluate.py: 64 prompts x 8 samples x 1024 new tokens in one generate call -> tokens/s;
-2. grpo.py: one step (8 prompts x 8 samples x 512 tokens) -> its time split (generate, log-probs,
-   update, from its metrics.jsonl) and each phase's MFU, with benchmarks/plan.py's FLOP formulas;
+2. grpo.py: one step (8 prompts x 8 samples x 512 tokens) -> its time split (generate, score,
+   log-probs, update, from its metrics.jsonl) and the MFU of generate, log-probs and update, with
+   benchmarks/plan.py's FLOP formulas;
 3. sft.py: two steps of one 4096-token sequence -> the second step's time and MFU;
 and the peak memory of each process (torch's peak allocation on a GPU, peak RSS on a CPU).
 grpo.py and sft.py run with --save_steps 0 --save_final False: no checkpoint and no final/ (7.5 GB
@@ -230,18 +231,18 @@ def check(args: CheckArgs, work: Path) -> dict:
         "--micro_batch_size", str(args.grpo_micro_batch), "--max_new_tokens", str(args.grpo_new_tokens),
         "--max_steps", "1", "--learning_rate", "1e-6", *train_flags], env)
     m = last_metrics(work / "grpo" / "metrics.jsonl",
-                     ["time_generate", "time_logprob", "time_update", "completion_length"])
+                     ["time_generate", "time_score", "time_logprob", "time_update", "completion_length"])
     shape = plan.PlanArgs(prompts=args.grpo_prompts, group_size=args.grpo_group, mini_batch=args.grpo_prompts,
                           mean_prompt_tokens=round(lengths["grpo_prompt_tokens"]),
                           mean_new_tokens=round(m["completion_length"]))
     f = plan.step_flops(made["config"], params, shape)
     mfu = {k: f[k] / (m[f"time_{k}"] * peak_flops) for k in ("generate", "logprob", "update")}
-    total = m["time_generate"] + m["time_logprob"] + m["time_update"]
+    total = m["time_generate"] + m["time_score"] + m["time_logprob"] + m["time_update"]
     rows["grpo"] = dict(
         what=f"grpo.py, one step: {args.grpo_prompts} prompts x {args.grpo_group} samples x "
              f"{args.grpo_new_tokens} tokens, micro-batch {args.grpo_micro_batch}",
         figure=f"{total:.1f} s: generate {m['time_generate']:.1f} s (MFU {100 * mfu['generate']:.1f}%), "
-               f"log-probs {m['time_logprob']:.1f} s (MFU {100 * mfu['logprob']:.1f}%), "
+               f"score {m['time_score']:.1f} s, log-probs {m['time_logprob']:.1f} s (MFU {100 * mfu['logprob']:.1f}%), "
                f"update {m['time_update']:.1f} s (MFU {100 * mfu['update']:.1f}%)",
         seconds=total, mfu=mfu, completion_length=m["completion_length"], peak=peak(report), report=report)
 

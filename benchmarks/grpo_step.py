@@ -6,9 +6,10 @@
 For each toy size it builds the model (random weights: no completion ends early, so every sample
 runs to max_new_tokens, the worst case) and a toy data set, runs `grpo.py` for a few steps in a
 fresh process (so peak memory is that run's own), and prints the mean over the steps after the
-first (which pays one-off costs) of the time per step and its split (generation / log-prob passes
-/ update), generated tokens per second, peak memory and MFU (the share of the matmul peak, grpo.py's
-`mfu`), from the run's metrics.jsonl.
+first (which pays one-off costs) of the time per step (its four phases) and its split (generation /
+scoring / log-prob passes / update), generated tokens per second of generation (grpo.py's
+`generate_tokens_per_s`), peak memory and MFU (the share of the matmul peak, grpo.py's `mfu`), from
+the run's metrics.jsonl.
 The update settings keep the paper's ratios: mini-batch = B / 2 (two optimizer steps per rollout,
 so the logp_old pass runs) and a reference model (beta 0.01).
 """
@@ -73,16 +74,18 @@ def main():
         def mean(key):
             return sum(s[key] for s in steps) / len(steps)
 
-        step_time = mean("time_generate") + mean("time_logprob") + mean("time_update")
-        cells = [size, f"{step_time:.2f}", f"{mean('time_generate'):.2f}", f"{mean('time_logprob'):.2f}",
-                 f"{mean('time_update'):.2f}", f"{mean('tokens_per_s'):.0f}", f"{mean('peak_memory_gb'):.2f}",
+        step_time = sum(mean(f"time_{phase}") for phase in ("generate", "score", "logprob", "update"))
+        cells = [size, f"{step_time:.2f}", f"{mean('time_generate'):.2f}", f"{mean('time_score'):.2f}",
+                 f"{mean('time_logprob'):.2f}", f"{mean('time_update'):.2f}", f"{mean('generate_tokens_per_s'):.0f}",
+                 f"{mean('peak_memory_gb'):.2f}",
                  f"{100 * mean('mfu'):.0f}%", f"{wall:.0f}"]
         rows.append("| " + " | ".join(cells) + " |")
     print(f"B={args.rollout_batch_size} prompts x G={args.group_size}, {args.max_new_tokens} new tokens, "
           f"{args.threads} CPU thread(s), mini-batch B/2, micro-batch {args.micro_batch_size}, "
           f"OMP_WAIT_POLICY={args.omp_wait_policy or '(default)'}, --share_prompt {args.share_prompt}")
-    print("| model | s/step | generate | logprob passes | update | tokens/s | peak RSS GB | MFU | run wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | s/step | generate | score | logprob passes | update | generated tokens/s | peak RSS GB | MFU "
+          "| run wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

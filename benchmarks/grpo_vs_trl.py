@@ -27,8 +27,8 @@ grpo.py (with --share_prompt True and False) and of TRL's GRPOTrainer (1.16, pla
 How: each run is a fresh process with OMP_NUM_THREADS=--threads (and torch.set_num_threads;
 OMP_WAIT_POLICY unset unless --omp_wait_policy), run in turn (grpo share, grpo no-share, trl, grpo
 share, ...) for --rounds rounds, each --steps steps. The first step of every run is discarded (warm-up).
-grpo.py is run as its command line and its step time is time_generate + time_logprob + time_update of
-OUTPUT_DIR/metrics.jsonl; TRL runs in its own venv (--trl_python; requirements-trl.txt) through the
+grpo.py is run as its command line and its step time is time_generate + time_score + time_logprob +
+time_update of OUTPUT_DIR/metrics.jsonl; TRL runs in its own venv (--trl_python; requirements-trl.txt) through the
 driver at the bottom of this file, which times each optimizer step with a TrainerCallback (on_step_begin
 to on_step_end: generation, scoring, the reference pass, 4 forward/backward passes, the optimizer step)
 and its `_generate` call. Reported: the median step time of each (over all kept steps of all rounds),
@@ -167,7 +167,7 @@ def n_parameters(model: Path) -> int:
 
 
 def run_grpo(model: Path, data: Path, out: Path, share: bool, args: BenchArgs) -> list[dict]:
-    """grpo.py as its command line; per step: time (its three phases), generation time, tokens."""
+    """grpo.py as its command line; per step: time (its four phases), generation time, tokens."""
     shutil.rmtree(out, ignore_errors=True)  # grpo.py refuses a finished run's folder
     B = args.rollout_batch_size
     run([sys.executable, "grpo.py", "--model", str(model), "--data", str(data), "--output_dir", str(out),
@@ -181,7 +181,7 @@ def run_grpo(model: Path, data: Path, out: Path, share: bool, args: BenchArgs) -
     with open(out / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f if line.strip()]
     n = B * args.group_size
-    return [{"step": r["step"], "time": r["time_generate"] + r["time_logprob"] + r["time_update"],
+    return [{"step": r["step"], "time": sum(r[f"time_{phase}"] for phase in ("generate", "score", "logprob", "update")),
              "time_generate": r["time_generate"], "completion_tokens": r["completion_length"] * n}
             for r in records]
 
@@ -290,13 +290,14 @@ def trl_dataset(args: DriverArgs, processor):
     from trl.data_utils import prepare_multimodal_messages
 
     import reward
+    import runtime
 
-    rows = reward.load_split(args.data, "train")
+    rows = runtime.load_split(args.data, "train")
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed))  # grpo.step_rows
     rows = rows.select(order.tolist())
 
     def convert(row):
-        row = reward.check_row(row, reward.data_dir(args.data))
+        row = reward.check_row(row, runtime.data_dir(args.data))
         return {"prompt": [{"role": "user", "content": reward.build_prompt_text(row)}],
                 "images": row["images"] or []}
 
@@ -306,7 +307,7 @@ def trl_dataset(args: DriverArgs, processor):
         row = dataset[i]
         text = processor.apply_chat_template(prepare_multimodal_messages(row["prompt"], images=row["images"]),
                                              add_generation_prompt=True, tokenize=False)
-        expected, _ = reward.chat_prompts(processor, [reward.check_row(rows[i], reward.data_dir(args.data))])
+        expected, _ = reward.chat_prompts(processor, [reward.check_row(rows[i], runtime.data_dir(args.data))])
         if text != expected[0]:
             raise AssertionError(f"TRL renders a prompt differently:\n{text!r}\nvs grpo.py's\n{expected[0]!r}")
     return dataset

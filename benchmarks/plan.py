@@ -102,7 +102,7 @@ class PlanArgs:
         "help": "ASSUMPTION: memory per GPU not available to tensors (CUDA context, NCCL buffers, fragmentation)."})
     fsdp_version: int = field(default=2, metadata={
         "help": "configs/fsdp.yaml's fsdp_version. 2 (the default): grpo.py gathers the whole policy in bf16 "
-                "once per rollout (grpo.full_parameters). 1: the root unit (embedding, output layer, vision "
+                "once per rollout (engine.full_parameters). 1: the root unit (embedding, output layer, vision "
                 "patch embedding and merger) gathered in fp32 for the rollout, every decoder layer "
                 "all-gathered in bf16 at every decode step."})
     logprob_chunk_tokens: int = field(default=2048, metadata={
@@ -218,7 +218,7 @@ def memory(config, p: dict, args: PlanArgs) -> dict:
     vision_runs = args.image_tokens > 0  # under DDP the vision tower runs only on images
 
     def logits(sequences: int, new_tokens: int) -> float:
-        """One piece of grpo.logprob_head: min(chunk, all completion tokens of the micro-batch)."""
+        """One piece of engine.logprob_head: min(chunk, all completion tokens of the micro-batch)."""
         tokens = sequences * new_tokens
         return min(args.logprob_chunk_tokens or tokens, tokens) * V * args.logit_bytes
 

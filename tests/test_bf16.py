@@ -24,6 +24,7 @@ from accelerate.state import AcceleratorState
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import engine
 import evaluate
 import grpo
 import reward
@@ -71,17 +72,17 @@ def test_bf16_logprobs_stay_close_to_fp32(warm_tiny_dir, toy_data_dir):  # noqa:
     torch.manual_seed(0)
     args = grpo.Args(data="-", temperature=1.0, max_new_tokens=24)
     out = fp32.generate(**inputs, **grpo.sampling_kwargs(args, never_ids))
-    samples = grpo.build_samples(processor, rows, grpo.cut_completions(out[:, inputs["input_ids"].shape[1]:],
-                                                                       eos_ids))
-    batch = grpo.collate(samples, processor.tokenizer.pad_token_id, "cpu")
+    samples = grpo.build_samples(processor, rows, engine.cut_completions(out[:, inputs["input_ids"].shape[1]:],
+                                                                         eos_ids))
+    batch = engine.collate(samples, processor.tokenizer.pad_token_id, "cpu")
     mask = batch["completion_mask"]
     bf16 = AutoModelForImageTextToText.from_pretrained(warm_tiny_dir, dtype=torch.bfloat16).eval()
     with torch.no_grad():
-        reference = grpo.completion_logprobs(fp32, batch, 1.0, never_ids)
+        reference = engine.completion_logprobs(fp32, batch, 1.0, never_ids)
         # accelerate's bf16 on a CPU is this autocast around the model's forward.
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            policy = grpo.completion_logprobs(fp32, batch, 1.0, never_ids, chunk_tokens=16)
-        ref_model = grpo.completion_logprobs(bf16, batch, 1.0, never_ids)
+            policy = engine.completion_logprobs(fp32, batch, 1.0, never_ids, chunk_tokens=16)
+        ref_model = engine.completion_logprobs(bf16, batch, 1.0, never_ids)
     assert policy.dtype == ref_model.dtype == torch.float32  # the log-softmax itself runs in fp32
     assert mask.sum() > 50 and reference[mask].min() < -1  # enough tokens, not all near-certain
     for logp in (policy, ref_model):

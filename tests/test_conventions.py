@@ -1,7 +1,7 @@
 """One vocabulary across the stage scripts, and the tracker option.
 
 Every stage (curate.py's subcommands, sft.py, grpo.py, evaluate.py) parses its arguments with
-reward.parse_args: a YAML or JSON settings file may come first, flags after it override it, and each
+runtime.parse_args: a YAML or JSON settings file may come first, flags after it override it, and each
 takes --output_dir and --seed (the parse tests stop at the parse: no model, no data). toy.py is
 tested as well once it takes --output_dir. --report_to tensorboard writes event files that
 tensorboard reads back, for sft.py and grpo.py; a tracker that is not installed is an error.
@@ -16,20 +16,22 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import curate
 import evaluate
 import grpo
-import reward
+import runtime
 import sft
 import toy
 
 # Per stage: its main, the arguments before the settings file (curate's subcommand), and settings
-# only the file gives (the required ones among them, so the file makes them optional).
+# only the file gives (the required ones among them, so the file makes them optional; for sft.py
+# and grpo.py one of each of their dataclasses).
 STAGES = {
     "curate.py prepare": (curate.main, ["prepare"], {"data": "d", "min_side": 30}),
     "curate.py filter": (curate.main, ["filter"], {"data": "d", "min_pass": 2}),
     "curate.py traces": (curate.main, ["traces"], {"data": "d", "predictions": "p.jsonl"}),
     "curate.py split": (curate.main, ["split"], {"data": "d", "n": 5}),
     "curate.py mix": (curate.main, ["mix"], {"data": ["a", "b"]}),
-    "sft.py": (sft.main, [], {"learning_rate": 0.5}),
-    "grpo.py": (grpo.main, [], {"data": "d", "group_size": 3}),
+    "sft.py": (sft.main, [], {"learning_rate": 0.5, "save_steps": 7}),
+    "grpo.py": (grpo.main, [], {"data": "d", "group_size": 3, "micro_batch_size": 5, "save_steps": 7,
+                                "max_skipped_steps": 2}),
     "evaluate.py": (evaluate.main, [], {"max_new_tokens": 7}),
 }
 
@@ -40,12 +42,21 @@ class Parsed(Exception):
 
 @pytest.fixture
 def stop_after_parsing(monkeypatch):
-    parse = reward.parse_args
+    parse = runtime.parse_args
 
-    def parse_then_stop(args_class, argv=None):
-        raise Parsed(parse(args_class, argv))
+    def parse_then_stop(*classes, argv=None, defaults=None):
+        raise Parsed(parse(*classes, argv=argv, defaults=defaults))
 
-    monkeypatch.setattr(reward, "parse_args", parse_then_stop)
+    monkeypatch.setattr(runtime, "parse_args", parse_then_stop)
+
+
+def setting(parsed: Parsed, name: str):
+    """A setting of what a stage parsed: one dataclass, or several (grpo.py's Args, EngineArgs,
+    RunArgs, GuardArgs), each field in exactly one of them."""
+    found = parsed.args[0]
+    holders = [obj for obj in (found if isinstance(found, tuple) else (found,)) if hasattr(obj, name)]
+    assert len(holders) == 1, (name, holders)
+    return getattr(holders[0], name)
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
@@ -58,10 +69,10 @@ def test_every_stage_takes_a_settings_file_output_dir_and_seed(stage, suffix, st
     path.write_text(json.dumps(settings))
     with pytest.raises(Parsed) as parsed:
         main([*before, str(path), "--output_dir", str(tmp_path / "out"), "--seed", "3"])
-    args = parsed.value.args[0]
-    assert (args.output_dir, args.seed) == (str(tmp_path / "out"), 3)  # flags override the file
+    # Flags override the file.
+    assert (setting(parsed.value, "output_dir"), setting(parsed.value, "seed")) == (str(tmp_path / "out"), 3)
     for key, value in only_in_file.items():
-        assert getattr(args, key) == value, key
+        assert setting(parsed.value, key) == value, key
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -76,7 +87,7 @@ def test_an_unknown_setting_in_the_file_is_refused(stage, tmp_path):
 def test_toy_takes_output_dir_and_seed(stop_after_parsing, tmp_path):
     with pytest.raises(Parsed) as parsed:
         toy.main(["model", "--output_dir", str(tmp_path), "--seed", "3"])
-    assert (parsed.value.args[0].output_dir, parsed.value.args[0].seed) == (str(tmp_path), 3)
+    assert (setting(parsed.value, "output_dir"), setting(parsed.value, "seed")) == (str(tmp_path), 3)
 
 
 # ---------------------------------------------------------------------------------------------

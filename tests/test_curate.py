@@ -22,6 +22,7 @@ from PIL import Image
 
 import curate
 import reward
+import runtime
 from conftest import ROOT, run_env
 
 
@@ -244,7 +245,7 @@ def test_schema_set_validated_copy(toy_data_dir, tmp_path):
     with pytest.raises(reward.RowError, match=r"^5 bad row\(s\) of 9"):
         curate.main(argv)
     # refused after the image pass: its cache stays for the rerun with skip (the same run)
-    assert sorted(os.listdir(tmp_path / "out")) == [curate.IMAGE_CACHE, reward.RUN_FILE]
+    assert sorted(os.listdir(tmp_path / "out")) == [curate.IMAGE_CACHE, runtime.RUN_FILE]
     curate.main(argv + ["--on_bad_row", "skip"])
     assert listing(tmp_path / "in") == before
 
@@ -305,7 +306,7 @@ def test_column_mapping_for_a_medqa_like_set(tmp_path):
     reasons = {b["position"]: b["reason"] for b in bad_rows_of(tmp_path / "out2")}
     assert "matches options ['A', 'B']" in reasons[1] and "is not among the options" in reasons[2]
     assert "question must be a non-empty string" in reasons[4]
-    with pytest.raises(ValueError, match="missing column"):   # reward.load_split names the data
+    with pytest.raises(ValueError, match="missing column"):   # runtime.load_split names the data
         curate.main(["prepare", "--data", str(tmp_path / "other.jsonl"), "--dataset_name", "Other",
                      "--output_dir", str(tmp_path / "out3")])
 

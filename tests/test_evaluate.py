@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import engine
 import evaluate
 import reward
 from conftest import ROOT, run_env
@@ -131,7 +132,7 @@ def test_prompt_length_is_the_processors_token_count(model_dir, test_split):
     for row in rows:
         texts, images = reward.chat_prompts(processor, [row])
         expected = processor(text=texts, images=images or None, return_tensors="pt")["input_ids"].shape[1]
-        assert evaluate.prompt_length(processor, row) == expected
+        assert engine.prompt_length(processor, row) == expected
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,12 +11,12 @@ configs/fsdp.yaml's settings (2 processes, fp32 so that one process is the refer
 What they check, against one process on the same rows:
 - sft.py: losses, gradient norms and weights of 3 steps where, within a step, one process's
   micro-batch has an image and the other's has none (every FSDP unit must be all-gathered by every
-  process: reward.run_vision_on_every_forward), then a resume from a sharded checkpoint;
+  process: runtime.run_vision_on_every_forward), then a resume from a sharded checkpoint;
 - grpo.py (FSDP2 and v1): every sampled completion token for token (generate under FSDP: the whole
   policy gathered once per rollout with FSDP2, root gathered + synced_gpus with v1), rewards,
   losses, gradient norms and weights, with image prompts generated on one process only, two
   optimizer steps per rollout, gradient checkpointing and chunked log-probs; and the same under
-  FSDP2 with grpo.py's --share_prompt (issue 16; without grpo._unshard_before_backward it fails with
+  FSDP2 with grpo.py's --share_prompt (issue 16; without engine._unshard_before_backward it fails with
   "aten.mul.Tensor got mixed torch.Tensor and DTensor").
 """
 
@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import engine
 import grpo
 import reward
 import sft
@@ -45,7 +46,7 @@ from test_grpo import warm_tiny_dir  # noqa: F401 (a fixture: the tiny model tau
 # MULTI_CPU this does what that branch does (state.py: the plugin's mixed precision, the plugin,
 # DistributedType.FSDP, also in PartialState, which later AcceleratorState() calls copy from) and
 # gives the plain "cpu" device that torch's FSDP expects ("cpu:0" fails its device check). With
-# RECORD set, every rollout of grpo.py is written to RECORD.<rank>.
+# RECORD set, every rollout of grpo.py (engine.Engine.rollout) is written to RECORD.<rank>.
 LAUNCHER = r"""
 import json, os, sys
 import torch
@@ -68,11 +69,12 @@ S.AcceleratorState.__init__ = fsdp_on_cpu
 stage = __import__(sys.argv[1])  # sft or grpo, called with its command line as `python STAGE.py` does
 record = os.environ.get("RECORD")
 if record:
-    calls, rollout = [], stage.rollout
+    import engine
+    calls, rollout = [], engine.Engine.rollout
     def recorded(*args, **kwargs):
         calls.append(rollout(*args, **kwargs))
         return calls[-1]
-    stage.rollout = recorded
+    engine.Engine.rollout = recorded
 stage.main(sys.argv[2:])
 if record:
     with open(record + "." + os.environ["RANK"], "w") as f:
@@ -85,22 +87,22 @@ import json, os, sys
 import datasets, torch
 from accelerate import Accelerator
 from transformers import AutoModelForImageTextToText, AutoProcessor
-import grpo, reward
+import engine, grpo, reward, runtime
 
 def main(argv):
     model_dir, data_dir, out = argv
     accelerator = Accelerator(mixed_precision="bf16")
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-    reward.run_vision_on_every_forward(model)
-    reward.fsdp_mixed_precision(accelerator)
+    runtime.run_vision_on_every_forward(model)
+    runtime.fsdp_mixed_precision(accelerator)
     policy = accelerator.state.fsdp_plugin.mixed_precision_policy
     model, _ = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
     processor = AutoProcessor.from_pretrained(model_dir)
     rows = list(datasets.load_from_disk(data_dir)["train"])[2 * accelerator.process_index:][:2]
     samples = grpo.build_samples(processor, rows, [([353, 29, 320, 74, 274, 275], True)] * 2)
-    batch = grpo.collate(samples, processor.tokenizer.pad_token_id, accelerator.device)
-    logp = grpo.completion_logprobs(model, batch, 1.0, reward.never_generate_ids(processor.tokenizer),
-                                    chunk_tokens=4)
+    batch = engine.collate(samples, processor.tokenizer.pad_token_id, accelerator.device)
+    logp = engine.completion_logprobs(model, batch, 1.0, reward.never_generate_ids(processor.tokenizer),
+                                      chunk_tokens=4)
     with open(out + "." + os.environ["RANK"], "w") as f:
         json.dump({"dtype": str(logp.dtype), "logp": logp.tolist(), "policy": [str(policy.param_dtype),
                    str(policy.reduce_dtype), str(getattr(policy, "output_dtype", None))]}, f)
@@ -203,7 +205,7 @@ def test_sft_under_fsdp_equals_one_process_and_resumes(tiny_model_dir, toy_data_
 
 def test_fsdp_in_bf16_keeps_fp32_logprobs_and_reductions(warm_tiny_dir, toy_data_dir, tmp_path):  # noqa: F811
     """accelerate's bf16 policy for FSDP2 casts every output to bf16 and reduces gradients in bf16;
-    reward.fsdp_mixed_precision keeps both in fp32 (measured without it: log-probs such as
+    runtime.fsdp_mixed_precision keeps both in fp32 (measured without it: log-probs such as
     -1.7890625, dtype bfloat16). Parameters compute in bf16, so the log-probs move by bf16 rounding
     but come out in fp32, unrounded."""
     (tmp_path / "bf16_logprobs.py").write_text(BF16_LOGPROBS)
@@ -220,8 +222,8 @@ def test_fsdp_in_bf16_keeps_fp32_logprobs_and_reductions(warm_tiny_dir, toy_data
     rows = list(datasets.load_from_disk(toy_data_dir)["train"])[:4]
     samples = grpo.build_samples(processor, rows, [([353, 29, 320, 74, 274, 275], True)] * 4)
     with torch.no_grad():
-        fp32 = grpo.completion_logprobs(model, grpo.collate(samples, processor.tokenizer.pad_token_id, "cpu"),
-                                        1.0, reward.never_generate_ids(processor.tokenizer))
+        fp32 = engine.completion_logprobs(model, engine.collate(samples, processor.tokenizer.pad_token_id, "cpu"),
+                                          1.0, reward.never_generate_ids(processor.tokenizer))
     for rank in (0, 1):
         with open(f"{tmp_path / 'logp'}.{rank}") as f:
             result = json.load(f)
@@ -252,7 +254,7 @@ def test_grpo_under_fsdp_equals_one_process(version, share_prompt, warm_tiny_dir
                                             tmp_path):
     # share_prompt: grpo.py's shared prompt (issue 16) with whole groups per micro-batch, so each
     # prompt's keys and values get their gradient from both completions (FSDP2 must gather the layer
-    # first: grpo._unshard_before_backward); the rollout prefills each prompt once.
+    # first: engine._unshard_before_backward); the rollout prefills each prompt once.
     common = ["--model", warm_tiny_dir, "--data", alternating_rows, "--max_steps", "2",
               "--rollout_batch_size", "4", "--mini_batch_size", "2", "--group_size", "2",
               "--micro_batch_size", "2" if share_prompt else "1", "--share_prompt", str(share_prompt),
@@ -265,7 +267,7 @@ def test_grpo_under_fsdp_equals_one_process(version, share_prompt, warm_tiny_dir
     two, one = tmp_path / "two", tmp_path / "one"
     launch(tmp_path, cpu_config(tmp_path, version), "grpo", *common, "--output_dir", two,
            env={"RECORD": str(tmp_path / "rollouts")})
-    one_rollouts, rollout = [], grpo.rollout
+    one_rollouts, rollout = [], engine.Engine.rollout
 
     def recorded(*args, **kwargs):
         one_rollouts.append(rollout(*args, **kwargs))
@@ -273,14 +275,15 @@ def test_grpo_under_fsdp_equals_one_process(version, share_prompt, warm_tiny_dir
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the processes: the same reductions
-    grpo.rollout = recorded
+    engine.Engine.rollout = recorded
     try:
         grpo.main(common + ["--output_dir", str(one)])
     finally:
-        grpo.rollout = rollout
+        engine.Engine.rollout = rollout
         torch.set_num_threads(threads)
     # Validation (4 greedy), step 1, step 2, validation: every completion token for token, on both
     # processes, although each generate call ran on one process with or without images.
+    assert [len(completions) for completions in one_rollouts] == [4, 8, 8, 4]
     for rank in (0, 1):
         with open(f"{tmp_path / 'rollouts'}.{rank}") as f:
             assert json.load(f) == json.loads(json.dumps(one_rollouts)), rank

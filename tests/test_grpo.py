@@ -26,8 +26,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import engine as engines
 import grpo
 import reward
+import runtime
 from conftest import ROOT, run_env
 
 # ---------------------------------------------------------------------------------------------
@@ -102,10 +104,10 @@ def test_completion_mask_by_position_not_by_pad():
                         [9, 9, 9, 9],   # pad == end id: only the first one is the completion's
                         [4, 9, 9, 9]])
     expected = [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
-    assert grpo.completion_mask(ids, eos).long().tolist() == expected
+    assert engines.completion_mask(ids, eos).long().tolist() == expected
 
 
-def test_generation_settings_are_the_ones_grpo_always_passed(monkeypatch):
+def test_generation_settings_are_the_ones_grpo_always_passed():
     """The rollout samples, and validation decodes, with reward.generation_kwargs; the settings are
     key for key those grpo.py wrote out itself before (the demo's measured numbers depend on them)."""
     args = grpo.Args(data="-", temperature=0.7, top_p=0.9, max_new_tokens=33)
@@ -115,13 +117,19 @@ def test_generation_settings_are_the_ones_grpo_always_passed(monkeypatch):
         max_new_tokens=33, suppress_tokens=never_ids)
     seen = {}
 
-    def rollout(model, accelerator, processor, rows, group_size, batch_size, gen_kwargs, eos_ids, **kwargs):
-        seen.update(gen_kwargs)
-        return []
+    class Recorder:
+        """An engine that records the settings of its rollout and samples nothing."""
 
-    monkeypatch.setattr(grpo, "rollout", rollout)
-    decoder = type("Decoder", (), {"batch_decode": staticmethod(lambda ids, **kwargs: [])})
-    grpo.validate(None, None, decoder, [], args, never_ids, [0])
+        processor = type("Decoder", (), {"batch_decode": staticmethod(lambda ids, **kwargs: [])})
+
+        def __init__(self):
+            self.never_ids = never_ids
+
+        def rollout(self, model, rows, group_size, gen_kwargs, batch_size, **kwargs):
+            seen.update(gen_kwargs)
+            return []
+
+    grpo.validate(None, Recorder(), [], args, 1, version=0)
     assert seen == dict(do_sample=False, num_beams=1, repetition_penalty=1.0, max_new_tokens=33,
                         suppress_tokens=never_ids, temperature=None, top_k=None, top_p=None)
 
@@ -129,8 +137,8 @@ def test_generation_settings_are_the_ones_grpo_always_passed(monkeypatch):
 def test_arguments_and_validation_slice(toy_data_dir):
     """--num_epochs parses; the validation slice is the shuffle with --eval_seed (42, the slice of
     every earlier run), whatever --seed is."""
-    assert reward.parse_args(grpo.Args, ["--data", "d", "--num_epochs", "3"]).num_epochs == 3
-    full = reward.load_split(toy_data_dir, "validation")
+    assert runtime.parse_args(grpo.Args, argv=["--data", "d", "--num_epochs", "3"]).num_epochs == 3
+    full = runtime.load_split(toy_data_dir, "validation")
     before = full.shuffle(seed=42, keep_in_memory=True).select(range(5), keep_in_memory=True)
     for seed in (0, 42):
         chosen = grpo.validation_slice(grpo.Args(data=toy_data_dir, eval_limit=5, seed=seed))
@@ -166,12 +174,12 @@ def test_long_prompts_are_counted_skips_and_bad_rows_named(tiny_model_dir, toy_d
             break
     assert [bool(r["images"]) for r in rows] == [False, False, True]
     # The length counts the image's tokens as the processor expands them, without running it.
-    assert [grpo.prompt_length(row, processor, "") for row in rows] == list(lengths.values())
+    assert [engines.prompt_length(processor, row, "") for row in rows] == list(lengths.values())
     assert list(lengths.values()).count(lengths[longest]) == 1
     broken = dict(rows[0], options="{not json", dataset_index=777)
     dataset = datasets.Dataset.from_list([rows[0], broken, rows[2], rows[1]], features=rows.features)
-    args = grpo.Args(data="-", max_prompt_length=lengths[longest] - 1, on_bad_row="skip")
-    kept, skipped = grpo.usable_prompts(dataset, "d", "train", processor, args, accelerator)
+    kept, skipped = engines.usable_prompts(dataset, "d", "train", processor, lengths[longest] - 1, "skip",
+                                           accelerator)
     order = [rows[0]["dataset_index"], rows[2]["dataset_index"], rows[1]["dataset_index"]]
     assert [r["dataset_index"] for r in kept] == [i for i in order if i != longest]
     assert [s["dataset_index"] for s in skipped] == [777, longest]
@@ -181,7 +189,8 @@ def test_long_prompts_are_counted_skips_and_bad_rows_named(tiny_model_dir, toy_d
     assert "checking d:train" in err and "measuring the prompts of d:train" in err
     # --on_bad_row error (the default): a bad row is an error naming it; a long prompt stays a skip.
     with pytest.raises(reward.RowError, match="dataset_index=777"):
-        grpo.usable_prompts(dataset, "d", "train", processor, grpo.Args(data="-"), accelerator)
+        engines.usable_prompts(dataset, "d", "train", processor, grpo.Args(data="-").max_prompt_length,
+                               runtime.RunArgs().on_bad_row, accelerator)
 
 
 @pytest.fixture(scope="module")
@@ -222,14 +231,21 @@ def ids_of(processor):
         processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
 
+def engine_of(model, processor, model_dir, accelerator, **settings) -> engines.Engine:
+    """The run's engine (HF generate, engine.EngineArgs `settings`) around a model loaded here."""
+    return engines.Engine(engines.EngineArgs(**settings), accelerator, processor, model, model_dir, seed=0,
+                          max_model_len=4096, images_per_prompt=1)
+
+
 def test_validation_shows_its_progress(tiny_model_dir, toy_data_dir, accelerator, capsys):
     """Validation (rows x up to max_new_tokens, while the step's bar stands still) has its own bar,
     over the prompts; it reports the accuracy overall and per benchmark."""
     model, processor = load(tiny_model_dir)
-    never_ids, eos_ids = ids_of(processor)
+    engine = engine_of(model, processor, tiny_model_dir, accelerator, eval_batch_size=2)
+    assert (engine.never_ids, engine.eos_ids) == ids_of(processor)
     rows = [reward.check_row(r) for r in datasets.load_from_disk(toy_data_dir)["validation"].select(range(3))]
-    args = grpo.Args(data="-", max_new_tokens=4, eval_batch_size=2)
-    metrics = grpo.validate(model, accelerator, processor, rows, args, never_ids, eos_ids)
+    args = grpo.Args(data="-", max_new_tokens=4)
+    metrics = grpo.validate(model, engine, rows, args, engine.args.eval_batch_size, version=0)
     assert set(metrics) == {"val_accuracy"} | {f"val_accuracy/{r['dataset_name']}" for r in rows}
     err = capsys.readouterr().err
     assert "validating:" in err and "0/3 [" in err
@@ -246,7 +262,8 @@ def test_logprob_pass_equals_generate_scores(warm_tiny_dir, toy_data_dir):
     text = [r for r in candidates if not r["images"]]
     # Two text prompts of different lengths first (left padding in the text-only batch), then four
     # more rows, two with an image.
-    other = next(r for r in text[1:] if grpo.prompt_length(r, processor, "") != grpo.prompt_length(text[0], processor, ""))
+    other = next(r for r in text[1:]
+                 if engines.prompt_length(processor, r, "") != engines.prompt_length(processor, text[0], ""))
     images = [r for r in candidates if r["images"]][:2]
     rest = [r for r in text[1:] if r is not other][:2]
     rows = [text[0], other, images[0], rest[0], images[1], rest[1]]
@@ -260,7 +277,7 @@ def test_logprob_pass_equals_generate_scores(warm_tiny_dir, toy_data_dir):
         torch.manual_seed(0)
         out = model.generate(**inputs, **grpo.sampling_kwargs(args, never_ids), output_scores=True,
                              return_dict_in_generate=True)
-        completions = grpo.cut_completions(out.sequences[:, inputs["input_ids"].shape[1]:], eos_ids)
+        completions = engines.cut_completions(out.sequences[:, inputs["input_ids"].shape[1]:], eos_ids)
         samples = grpo.build_samples(processor, batch_rows, completions)
         scores = torch.stack(out.scores, 1).log_softmax(-1)  # [n, new tokens, vocab]
         assert torch.isinf(scores[..., never_ids]).all()
@@ -269,9 +286,9 @@ def test_logprob_pass_equals_generate_scores(warm_tiny_dir, toy_data_dir):
         order = list(reversed(range(len(samples))))
         for start in range(0, len(order), 3):
             idx = order[start:start + 3]
-            batch = grpo.collate([samples[i] for i in idx], processor.tokenizer.pad_token_id, "cpu")
+            batch = engines.collate([samples[i] for i in idx], processor.tokenizer.pad_token_id, "cpu")
             with torch.no_grad():
-                logp = grpo.completion_logprobs(model, batch, args.temperature, never_ids)
+                logp = engines.completion_logprobs(model, batch, args.temperature, never_ids)
             for row, i in enumerate(idx):
                 n = len(samples[i].completion_ids)
                 expected = scores[i, :n].gather(-1, samples[i].completion_ids[:, None]).squeeze(-1)
@@ -295,7 +312,7 @@ def test_chunked_logprobs_equal_the_whole_computation(warm_tiny_dir, toy_data_di
     samples = [s for row in rows for length in (5, 11, 17)
                for s in grpo.build_samples(processor, [row], [(torch.randint(0, 500, (length,), generator=generator)
                                                                .tolist(), True)])]
-    batch = grpo.collate(samples, processor.tokenizer.pad_token_id, "cpu")
+    batch = engines.collate(samples, processor.tokenizer.pad_token_id, "cpu")
     n, C = batch["completion_ids"].shape
 
     # The whole computation, written out: every completion position's logits at once.
@@ -311,12 +328,13 @@ def test_chunked_logprobs_equal_the_whole_computation(warm_tiny_dir, toy_data_di
     whole_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
-    shapes, token_logprobs = [], grpo.token_logprobs
-    monkeypatch.setattr(grpo, "token_logprobs", lambda logits, *a: (shapes.append(tuple(logits.shape)),
-                                                                    token_logprobs(logits, *a))[1])
+    shapes, token_logprobs = [], engines.token_logprobs
+    monkeypatch.setattr(engines, "token_logprobs", lambda logits, *a: (shapes.append(tuple(logits.shape)),
+                                                                       token_logprobs(logits, *a))[1])
     for chunk in (7, 64, 0):
         shapes.clear()
-        logp, entropy = grpo.completion_logprobs(model, batch, 0.7, never_ids, with_entropy=True, chunk_tokens=chunk)
+        logp, entropy = engines.completion_logprobs(model, batch, 0.7, never_ids, with_entropy=True,
+                                                    chunk_tokens=chunk)
         # Not bitwise: a matmul over 7 rows may take another kernel than one over all rows (on a
         # clean checkout chunk 7 differed in the last bits), so fp32 rounding is allowed.
         torch.testing.assert_close(logp, whole.detach(), rtol=0, atol=1e-5, msg=f"chunk {chunk}")
@@ -341,11 +359,41 @@ def hand_sample(processor, row, completion: str, advantage: float = 0.0) -> grpo
     return sample
 
 
+class RecordingOptimizer:
+    """Stands in for AdamW in `grpo.update`: each step keeps the gradients it would apply and moves
+    no weight; zero_grad drops them, as AdamW's does."""
+
+    def __init__(self, model):
+        self.model, self.gradients = model, []
+
+    def step(self):
+        self.gradients.append([p.grad.clone() for p in self.model.parameters() if p.grad is not None])
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+class Constant:
+    """A learning-rate schedule that never changes anything."""
+
+    def step(self):
+        pass
+
+
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
 def test_gradient_same_with_and_without_micro_batches(warm_tiny_dir, toy_data_dir, accelerator, loss_agg):
+    """The gradient `grpo.update` applies for a mini-batch of 12 samples (3 groups of 4) is the
+    naive one: token-mean, grad( sum_t l_t / T ) with T the mini-batch's completion tokens (or the
+    mean of per-sequence token means), whatever the micro-batches it is accumulated over. Two
+    optimizer steps per rollout (the same 12 samples twice), so that the update reads logp_old from
+    the samples: set away from the current policy, every clip acts. No gradient clipping."""
     model, processor = load(warm_tiny_dir)
     never_ids, _ = ids_of(processor)
     pad_id = processor.tokenizer.pad_token_id
+    engine = engine_of(model, processor, warm_tiny_dir, accelerator)
+    args = grpo.Args(data="-", group_size=4, rollout_batch_size=6, mini_batch_size=3, beta=0.1,
+                     loss_agg=loss_agg, max_grad_norm=1e30)
+    assert args.updates_per_step == 2
     rows = list(datasets.load_from_disk(toy_data_dir)["validation"].select(range(3)))  # one with an image
     gen = torch.Generator().manual_seed(0)
     samples = []
@@ -355,25 +403,26 @@ def test_gradient_same_with_and_without_micro_batches(warm_tiny_dir, toy_data_di
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
     for s, a in zip(samples, grpo.group_advantages(rewards, 4)):
         s.advantage = a.item()
-    current = grpo.sequence_logprobs(model, samples, grpo.Args(data="-", micro_batch_size=12),
-                                     pad_id, never_ids, "cpu")
-    for s, logp in zip(samples, current):  # old and ref policies away from the current one: clips act
-        s.old_logp = logp + torch.randn(logp.shape, generator=gen)
-        s.ref_logp = logp + torch.randn(logp.shape, generator=gen)
+    # logp_old and logp_ref of the current policy (the model twice), then moved away from it: clips act.
+    grpo.old_and_ref_logprobs(model, model, engine, samples, args, micro=12)
+    for s in samples:
+        s.old_logp = s.old_logp + torch.randn(s.old_logp.shape, generator=gen)
+        s.ref_logp = s.ref_logp + torch.randn(s.ref_logp.shape, generator=gen)
 
     def gradient(micro_batch_size):
         model.zero_grad()
-        args = grpo.Args(data="-", micro_batch_size=micro_batch_size, beta=0.1, loss_agg=loss_agg)
-        stats = grpo.accumulate_gradients(model, accelerator, samples, args, pad_id, never_ids,
-                                          on_policy=False)
-        return [p.grad.clone() for p in model.parameters() if p.grad is not None], stats
+        optimizer = RecordingOptimizer(model)
+        updates = grpo.update(model, accelerator, optimizer, Constant(), engine, samples + samples, args,
+                              micro_batch_size, runtime.Guard(runtime.GuardArgs()))
+        assert len(optimizer.gradients) == len(updates["grad_norms"]) == 2 and not updates["skips"]
+        return optimizer.gradients[0], dict(zip(grpo.STATS, updates["sums"]))
 
     whole, stats = gradient(12)
     assert stats["clip_low"] > 0 and stats["clip_high"] > 0 and stats["clip_dual"] > 0  # all three occur
     # A naive reference: the mean over all tokens (or of per-sequence means) in one graph.
     model.zero_grad()
-    batch = grpo.collate(samples, pad_id, "cpu")
-    logp = grpo.completion_logprobs(model, batch, 1.0, never_ids)
+    batch = engines.collate(samples, pad_id, "cpu")
+    logp = engines.completion_logprobs(model, batch, 1.0, never_ids)
     mask = batch["completion_mask"]
     old = grpo.pad_rows([s.old_logp for s in samples], mask, "cpu")
     ref = grpo.pad_rows([s.ref_logp for s in samples], mask, "cpu")
@@ -395,33 +444,33 @@ def test_gradient_same_with_and_without_micro_batches(warm_tiny_dir, toy_data_di
 
 
 def test_one_update_raises_the_rewarded_answer(warm_tiny_dir, toy_data_dir, accelerator):
+    """One rollout of one prompt, one optimizer step of AdamW (on-policy, the KL to the starting
+    model, no gradient clipping): the rewarded letter gains probability, the other loses it."""
     model, processor = load(warm_tiny_dir)
-    never_ids, _ = ids_of(processor)
-    pad_id = processor.tokenizer.pad_token_id
+    engine = engine_of(model, processor, warm_tiny_dir, accelerator)
+    args = grpo.Args(data="-", group_size=4, rollout_batch_size=1, mini_batch_size=1, max_grad_norm=1e30)
     row = datasets.load_from_disk(toy_data_dir)["validation"][0]
     right, wrong = reward.sft_target("ok", "A"), reward.sft_target("ok", "B")
     samples = [hand_sample(processor, row, text) for text in (right, right, wrong, wrong)]
     rewards = torch.tensor([1.0, 1.0, 0.0, 0.0])
     for s, a in zip(samples, grpo.group_advantages(rewards, 4)):
         s.advantage = a.item()
-    for s, logp in zip(samples, grpo.sequence_logprobs(model, samples, grpo.Args(data="-"), pad_id,
-                                                       never_ids, "cpu")):
-        s.ref_logp = logp
+    grpo.old_and_ref_logprobs(model, model, engine, samples, args, micro=8)  # logp_ref: the model itself
     # The two completions differ in one token, the letter; the tokens they share get opposite
     # gradients from the two groups and, under AdamW's first, sign-like step, move by noise.
     letter = next(i for i, (a, b) in enumerate(zip(samples[0].completion_ids, samples[2].completion_ids))
                   if a != b)
 
     def letter_logps():
-        logps = grpo.sequence_logprobs(model, samples[1:3], grpo.Args(data="-"), pad_id, never_ids,
-                                       "cpu")
+        with torch.no_grad():
+            logps, _, _ = engine.logprobs(model, samples[1:3], args.temperature)
         return [lp[letter].item() for lp in logps]
 
     before = letter_logps()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    grpo.accumulate_gradients(model, accelerator, samples, grpo.Args(data="-", micro_batch_size=2),
-                              pad_id, never_ids, on_policy=True)
-    optimizer.step()
+    updates = grpo.update(model, accelerator, optimizer, Constant(), engine, samples, args, 2,
+                          runtime.Guard(runtime.GuardArgs()))
+    assert len(updates["grad_norms"]) == 1 and not updates["skips"]
     after = letter_logps()
     assert after[0] > before[0] + 0.01  # the rewarded answer became more likely
     assert after[1] < before[1] - 0.01  # the other one less
@@ -430,7 +479,7 @@ def test_one_update_raises_the_rewarded_answer(warm_tiny_dir, toy_data_dir, acce
 def test_collapse_warning_on_a_crafted_sequence():
     """docs/method.md section 10: K steps in a row without a well-formatted completion and with every
     group's rewards equal give one warning naming the step; anything else resets the count."""
-    guard = grpo.Guard(max_skipped=3, collapse_steps=3)
+    guard = runtime.Guard(runtime.GuardArgs(max_skipped_steps=3, collapse_steps=3))
 
     def record(step, format_rate, zero_advantage_groups):
         return {"step": step, "skipped": False, "format_rate": format_rate,
@@ -445,7 +494,7 @@ def test_collapse_warning_on_a_crafted_sequence():
     assert [step for step, warning in warnings.items() if warning] == [7]
     assert warnings[7].startswith("warning: step 7: for 3 steps in a row no completion had the answer format")
     assert "entropy 6.2" in warnings[7]
-    assert grpo.Guard(collapse_steps=0).after_step(record(1, 0.0, 1.0)) is None  # 0: never warn
+    assert runtime.Guard(runtime.GuardArgs(collapse_steps=0)).after_step(record(1, 0.0, 1.0)) is None  # 0: never
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,12 +545,12 @@ def four_rows(toy_data_dir, tmp_path_factory) -> str:
 # Runs with this in place of grpo.py record every rollout (all completions, on every process).
 RECORDER = """
 import json, os, sys
-import grpo
-calls, rollout = [], grpo.rollout
-def recorded(*args, **kwargs):
-    calls.append(rollout(*args, **kwargs))
+import engine, grpo
+calls, rollout = [], engine.Engine.rollout
+def recorded(self, *args, **kwargs):
+    calls.append(rollout(self, *args, **kwargs))
     return calls[-1]
-grpo.rollout = recorded
+engine.Engine.rollout = recorded
 grpo.main(sys.argv[2:])
 with open(sys.argv[1] + "." + os.environ.get("RANK", "0"), "w") as f:
     json.dump(calls, f)
@@ -526,13 +575,13 @@ def test_two_processes_equal_one(warm_tiny_dir, four_rows, tmp_path, monkeypatch
               "--output_dir", two, *common]
     proc = subprocess.Popen(launch, env=run_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    one_rollouts, rollout = [], grpo.rollout
+    one_rollouts, rollout = [], engines.Engine.rollout
 
-    def recorded(*args, **kwargs):
-        one_rollouts.append(rollout(*args, **kwargs))
+    def recorded(self, *args, **kwargs):
+        one_rollouts.append(rollout(self, *args, **kwargs))
         return one_rollouts[-1]
 
-    monkeypatch.setattr(grpo, "rollout", recorded)
+    monkeypatch.setattr(engines.Engine, "rollout", recorded)
     with one_thread():  # the one-process run, here, while the two processes start
         one = grpo.main(["--output_dir", str(tmp_path / "one"), *common])
     output, _ = proc.communicate(timeout=240)
@@ -622,7 +671,7 @@ def test_run_folders_afresh_refused_finished(tiny_model_dir, four_rows, tmp_path
     assert "this run is finished" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="holds another run.*settings differ: learning_rate"):
         grpo.main([*args, "--learning_rate", "0.5", "--resume", "latest"])
-    with pytest.raises(ValueError, match="not a complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match=r"not a complete checkpoint \(no trainer_state.json there\)"):
         grpo.main([*args[:5], str(tmp_path / "other"), *args[6:], "--resume", run])
     assert listing(run) == before
 
@@ -777,16 +826,16 @@ def test_nonfinite_gradients_skip_steps_then_stop(warm_tiny_dir, four_rows, tmp_
     """From the second optimizer step on, one gradient entry is NaN: each such step is skipped (the
     weights do not move) and logged; the third in a row stops the run naming the step and the last
     finite metrics."""
-    accumulate, calls = grpo.accumulate_gradients, []
+    clip, calls = Accelerator.clip_grad_norm_, []
 
-    def poisoned(model, *args, **kwargs):
-        stats = accumulate(model, *args, **kwargs)
+    def poisoned(self, parameters, *args, **kwargs):  # once per optimizer step, its gradients complete
+        parameters = list(parameters)
         calls.append(1)
         if len(calls) > 1:
-            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
-        return stats
+            next(p for p in parameters if p.grad is not None).grad.view(-1)[0] = math.nan
+        return clip(self, parameters, *args, **kwargs)
 
-    monkeypatch.setattr(grpo, "accumulate_gradients", poisoned)
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", poisoned)
     run = tmp_path / "run"
     with one_thread(), pytest.raises(SystemExit) as stop:
         grpo.main(["--model", warm_tiny_dir, "--data", four_rows, "--output_dir", str(run),

@@ -16,7 +16,6 @@ label mask, GRPO's completion mask, and one short run of each stage's command li
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,16 +190,17 @@ def test_sft_label_mask_with_real_ids(processor):
 
 
 def test_grpo_completion_mask_with_real_ids(qwen_model_dir):
-    import grpo
+    import engine
 
-    eos_ids = GenerationConfig.from_pretrained(qwen_model_dir).eos_token_id  # as grpo.main reads it
+    eos_ids = engine.end_of_turn_ids(qwen_model_dir)  # the ids generate stops at, as the stages read them
+    assert eos_ids == GenerationConfig.from_pretrained(qwen_model_dir).eos_token_id == [IM_END, ENDOFTEXT]
     # Padding after the end is <|endoftext|>, itself an end id: the mask goes by position, not by id.
     completions = torch.tensor([
         [13708, 766, 29, IM_END, ENDOFTEXT, ENDOFTEXT],  # ends at <|im_end|>
         [13708, 766, 29, 362, 9217, 29],                 # truncated: no end token
         [ENDOFTEXT, ENDOFTEXT, ENDOFTEXT, ENDOFTEXT, ENDOFTEXT, ENDOFTEXT],  # ends at once
     ])
-    mask = grpo.completion_mask(completions, eos_ids)
+    mask = engine.completion_mask(completions, eos_ids)
     assert mask.tolist() == [[True] * 4 + [False] * 2, [True] * 6, [True] + [False] * 5]
 
 

@@ -5,18 +5,24 @@ import json
 import re
 import shlex
 import subprocess
+from dataclasses import asdict
+from types import SimpleNamespace
 
 import datasets
 import pytest
 
 import curate
+import engine
 import evaluate
 import grpo
-import reward
+import runtime
 import sft
 from conftest import ROOT, run_env
 
-ARGS = {"evaluate.py": evaluate.Args, "grpo.py": grpo.Args, "sft.py": sft.Args}
+# Each stage's argument classes, as its main parses them.
+ARGS = {"evaluate.py": (evaluate.Args,),
+        "grpo.py": (grpo.Args, engine.EngineArgs, runtime.RunArgs, runtime.GuardArgs),
+        "sft.py": (sft.Args, runtime.RunArgs)}
 
 
 def make(*args, timeout=300) -> str:
@@ -34,11 +40,17 @@ def stage_commands(out: str, script: str) -> list[list[str]]:
 
 
 def stage_args(argv: list[str], script: str):
-    """What the stage runs with: its own argument class over its command line, the settings file the
-    line names first included (reward.parse_args, as the stage parses), flags overriding the file."""
+    """What the stage runs with: its own argument classes over its command line, the settings file
+    the line names first included (runtime.parse_args, as the stage parses), flags overriding the
+    file; the fields of all its classes in one namespace (a field name is in one class only)."""
     if script == "curate.py":
-        return reward.parse_args(curate.COMMANDS[argv[0]][0], absolute_config(argv[1:]))
-    return reward.parse_args(ARGS[script], absolute_config(argv))
+        return runtime.parse_args(curate.COMMANDS[argv[0]][0], argv=absolute_config(argv[1:]))
+    parsed = runtime.parse_args(*ARGS[script], argv=absolute_config(argv))
+    fields = {}
+    for obj in parsed if isinstance(parsed, tuple) else (parsed,):
+        assert not set(fields) & set(asdict(obj)), set(fields) & set(asdict(obj))
+        fields.update(asdict(obj))
+    return SimpleNamespace(**fields)
 
 
 def absolute_config(argv: list[str]) -> list[str]:
@@ -102,7 +114,7 @@ def test_make_n_reproduce_3b_pmc_and_sft():
 
 @pytest.mark.parametrize("config", ["grpo_m23k", "grpo_pmc", "grpo_synther", "sft_pmc", "eval", "passcount"])
 def test_every_settings_file_holds_only_settings_of_its_stage(config):
-    """reward.parse_args refuses a key the stage does not have (a renamed flag, a typo)."""
+    """runtime.parse_args refuses a key the stage does not have (a renamed flag, a typo)."""
     script = {"grpo": "grpo.py", "sft": "sft.py"}.get(config.split("_")[0], "evaluate.py")
     required = {"grpo.py": ["--data", "d"], "evaluate.py": ["--output_dir", "o"]}.get(script, [])
     stage_args([f"configs/{config}.yaml", *required], script)

@@ -33,10 +33,6 @@ from reward import (
     RowError,
     check_row,
     check_rows,
-    claim_output_dir,
-    parse_args,
-    load_split,
-    write_bad_rows,
     build_messages,
     build_prompt_text,
     extract_answer,
@@ -47,6 +43,7 @@ from reward import (
     sft_target,
     think_text,
 )
+from runtime import claim_output_dir, load_split, parse_args, write_bad_rows
 
 # --------------------------------------------------------------------------------------------
 # Naive reference: the official rules written directly as regular expressions.
@@ -663,15 +660,15 @@ def test_parse_args_config_file_then_flags(tmp_path):
     (tmp_path / "c.yaml").write_text("data: some/set\nlearning_rate: 2.0e-6\ngradient_checkpointing: false\n")
     (tmp_path / "c.json").write_text(json.dumps({"data": "other", "num_epochs": 1}))
     (tmp_path / "bad.yaml").write_text("data: x\nlerning_rate: 1\n")
-    args = parse_args(Args, [str(tmp_path / "c.yaml")])
+    args = parse_args(Args, argv=[str(tmp_path / "c.yaml")])
     assert (args.data, args.learning_rate, args.num_epochs, args.gradient_checkpointing) == \
         ("some/set", 2e-6, 5, False)
-    args = parse_args(Args, [str(tmp_path / "c.yaml"), "--learning_rate", "3e-6", "--data", "cli"])
+    args = parse_args(Args, argv=[str(tmp_path / "c.yaml"), "--learning_rate", "3e-6", "--data", "cli"])
     assert (args.data, args.learning_rate) == ("cli", 3e-6)  # a flag overrides the file
-    assert parse_args(Args, [str(tmp_path / "c.json")]).num_epochs == 1
-    assert parse_args(Args, ["--data", "d"]).learning_rate == 1e-6  # no file: the defaults
+    assert parse_args(Args, argv=[str(tmp_path / "c.json")]).num_epochs == 1
+    assert parse_args(Args, argv=["--data", "d"]).learning_rate == 1e-6  # no file: the defaults
     with pytest.raises(SystemExit, match=r"unknown setting\(s\) \['lerning_rate'\]"):
-        parse_args(Args, [str(tmp_path / "bad.yaml")])
+        parse_args(Args, argv=[str(tmp_path / "bad.yaml")])
 
 
 def test_generation_kwargs_explicit():
@@ -685,8 +682,8 @@ def test_generation_kwargs_explicit():
 
 
 def test_importing_reward_loads_no_torch():
-    """Curation and regrading import reward.py without torch; only the trainers' plumbing (its last
-    section) imports torch, inside the functions."""
+    """Curation and regrading import reward.py without torch: reward.py holds the task only, and
+    the machinery that needs torch is in runtime.py and engine.py."""
     import subprocess
     import sys
 

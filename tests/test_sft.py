@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
 import reward
+import runtime
 import sft
 from conftest import ROOT, run_env
 
@@ -408,9 +409,9 @@ def test_a_bad_row_is_a_named_error_or_a_counted_skip(fault, toy_data_dir, tmp_p
     assert not out.exists()
 
     # --on_bad_row skip: the row is left out and counted; the others are kept in order.
-    args = sft.Args(data=data, split="sft", on_bad_row="skip")
-    loaded = reward.load_split(data, "sft", columns=sft.COLUMNS)
-    kept, bad = sft.usable_rows(loaded, args, Accelerator(cpu=True))
+    args = sft.Args(data=data, split="sft")
+    loaded = runtime.load_split(data, "sft", columns=sft.COLUMNS)
+    kept, bad = sft.usable_rows(loaded, args, "skip", Accelerator(cpu=True))
     assert [(b["position"], b["dataset_name"], b["dataset_index"]) for b in bad] == [(bad_at, name, index)]
     assert problem in bad[0]["reason"]
     assert kept["dataset_index"] == [r["dataset_index"] for i, r in enumerate(rows) if i != bad_at]
@@ -437,12 +438,12 @@ def test_image_paths_in_a_data_file_are_read_relative_to_its_folder(suffix, tiny
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     processor.tokenizer.padding_side = "right"
     args = sft.Args(data=data, split="sft")
-    loaded = reward.load_split(data, "sft", columns=sft.COLUMNS)
-    kept, bad = sft.usable_rows(loaded, args, Accelerator(cpu=True))
+    loaded = runtime.load_split(data, "sft", columns=sft.COLUMNS)
+    kept, bad = sft.usable_rows(loaded, args, "error", Accelerator(cpu=True))
     first = next(i for i, r in enumerate(rows) if r["images"])
     assert bad == [] and kept[first]["images"] == [f"images/{rows[first]['dataset_index']}-0.png"]
     kept, lengths, _ = sft.prepare_data(args, kept, processor, EOT, Accelerator(cpu=True))
-    from_paths = sft.collate(list(range(8)), kept, lengths, processor, EOT, reward.data_dir(data))
+    from_paths = sft.collate(list(range(8)), kept, lengths, processor, EOT, runtime.data_dir(data))
     saved = datasets.Dataset.from_list(rows, features=features)
     expected = sft.tokenize(processor, [saved[i] for i in range(8)], EOT)
     assert from_paths.keys() == expected.keys() and "pixel_values" in expected
@@ -465,7 +466,7 @@ def test_a_run_skips_a_bad_row_and_writes_nothing_next_to_its_input(tiny_model_d
     printed = capsys.readouterr()
     assert "checking rows: 100%" in printed.err  # the row check shows its progress (the main process's)
     printed = printed.out
-    assert "no checkpoint" in printed and "starts afresh" in printed and "1 bad row(s) skipped" in printed
+    assert "no complete checkpoint" in printed and "starts afresh" in printed and "1 bad row(s) skipped" in printed
     bad = [json.loads(line) for line in (out / "bad_rows.jsonl").read_text().splitlines()]
     assert [(b["position"], b["dataset_index"]) for b in bad] == [(missing, rows[missing]["dataset_index"])]
     assert "image file not found: 'images/missing.png'" in bad[0]["reason"]

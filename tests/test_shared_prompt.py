@@ -24,9 +24,11 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import engine as engines
 import evaluate
 import grpo
 import reward
+import runtime
 from test_grpo import warm_tiny_dir  # noqa: F401 (a fixture: the tiny model taught the answer format)
 
 G = 4
@@ -76,13 +78,33 @@ def ids_of(processor):
     return reward.never_generate_ids(processor.tokenizer), processor.tokenizer.pad_token_id
 
 
-def args_of(shared: bool, **kwargs) -> grpo.Args:
-    return grpo.Args(data="-", temperature=0.7, share_prompt=shared, **kwargs)
+def args_of(**kwargs) -> grpo.Args:
+    return grpo.Args(data="-", temperature=0.7, **kwargs)
 
 
+def engine_of(model, processor, shared: bool, **kwargs) -> engines.Engine:
+    """grpo.py's engine (HF generate) with --share_prompt `shared` and the EngineArgs in kwargs."""
+    return engines.Engine(engines.EngineArgs(share_prompt=shared, **kwargs), Accelerator(), processor, model,
+                          model_path="", seed=0, max_model_len=0, images_per_prompt=1)
+
+
+def pass_of(shared: bool):
+    """(collate, log-prob function) of one micro-batch: the plain pass, or the shared prompt's."""
+    if shared:
+        return engines.collate_shared, engines.shared_completion_logprobs
+    return engines.collate, engines.completion_logprobs
+
+
+@torch.no_grad()
 def logprobs(model, processor, samples, shared: bool, **kwargs) -> list[torch.Tensor]:
-    never, pad = ids_of(processor)
-    return grpo.sequence_logprobs(model, samples, args_of(shared, **kwargs), pad, never, "cpu")
+    """Every sample's completion log-probs, Engine.logprobs on --micro_batch_size samples at a time."""
+    engine = engine_of(model, processor, shared, **kwargs)
+    micro, out = engine.args.micro_batch_size, []
+    for start in range(0, len(samples), micro):
+        chunk = samples[start:start + micro]
+        logp, _, _ = engine.logprobs(model, chunk, 0.7)
+        out += [row[:len(s.completion_ids)] for row, s in zip(logp, chunk)]
+    return out
 
 
 def set_old_and_ref(model, processor, samples, gen):
@@ -92,24 +114,43 @@ def set_old_and_ref(model, processor, samples, gen):
         s.ref_logp = logp + torch.randn(logp.shape, generator=gen)
 
 
-def loss_and_grads(model, processor, samples, shared: bool, checkpointing: bool, **kwargs):
-    """grpo.accumulate_gradients (clipped surrogate + k3 KL over micro-batches): its statistics and
-    the gradients."""
-    never, pad = ids_of(processor)
+class FirstUpdate:
+    """A stand-in for runtime.Guard in grpo.update: it keeps the gradients of the first optimizer
+    step, applies none, and lets only the first count in update's sums (the later ones are skips)."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def optimizer_step(self, optimizer, scheduler, loss, grad_norm) -> bool:
+        first = self.grads is None
+        if first:
+            self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+        self.model.zero_grad(set_to_none=True)
+        return first
+
+
+def loss_and_grads(model, processor, samples, shared: bool, checkpointing: bool, micro_batch_size: int,
+                   **kwargs):
+    """One mini-batch of grpo.update (clipped surrogate + k3 KL over micro-batches): its statistics
+    (STATS) and the gradients. update runs two mini-batches, both `samples`, so that logp_old is the
+    samples' own (with one, update takes the current log-probs); only the first counts (`FirstUpdate`).
+    No clipping of the gradient norm (max_grad_norm inf), so the gradients are the loss's."""
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine = engine_of(model, processor, shared, micro_batch_size=micro_batch_size)
+    args = args_of(beta=0.1, rollout_batch_size=2, mini_batch_size=1, max_grad_norm=math.inf, **kwargs)
+    guard = FirstUpdate(model)
     model.train()
     model.zero_grad()
     try:
-        stats = grpo.accumulate_gradients(model, Accelerator(), samples, args_of(shared, beta=0.1, **kwargs),
-                                          pad, never, on_policy=False)
+        done = grpo.update(model, Accelerator(), None, None, engine, samples + samples, args, micro_batch_size,
+                           guard)
     finally:
         model.eval()
         if checkpointing:
             model.gradient_checkpointing_disable()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return torch.stack([stats[name] for name in grpo.STATS]), grads
+    assert len(done["grad_norms"]) == 1 and len(done["skips"]) == 1
+    return done["sums"], guard.grads
 
 
 def relative_difference(a: dict, b: dict) -> float:
@@ -126,10 +167,10 @@ def relative_difference(a: dict, b: dict) -> float:
 def test_micro_batches_compute_each_prompt_once(tiny, rows):
     _, processor = tiny
     samples, _ = make_samples(processor, pick(rows, "mixed"), group_size=3)
-    assert grpo.prompt_runs(samples) == [3, 3, 3, 3]
-    assert grpo.prompt_runs(samples[5:12]) == [1, 3, 3]  # a micro-batch that cuts groups
+    assert engines.prompt_runs(samples) == [3, 3, 3, 3]
+    assert engines.prompt_runs(samples[5:12]) == [1, 3, 3]  # a micro-batch that cuts groups
     pad = processor.tokenizer.pad_token_id
-    shared, plain = grpo.collate_shared(samples[5:12], pad, "cpu"), grpo.collate(samples[5:12], pad, "cpu")
+    shared, plain = engines.collate_shared(samples[5:12], pad, "cpu"), engines.collate(samples[5:12], pad, "cpu")
     C = plain["completion_ids"].shape[1]
     assert shared["prompt_ids"].shape == (3, plain["input_ids"].shape[1] - C)
     assert torch.equal(shared["completion_ids"], plain["completion_ids"])
@@ -138,7 +179,7 @@ def test_micro_batches_compute_each_prompt_once(tiny, rows):
     assert shared["image_grid_thw"].shape[0] == 2 and plain["image_grid_thw"].shape[0] == 4
     # The same question in two adjacent groups is one run: just as exact.
     twice, _ = make_samples(processor, [rows[0], rows[0]], group_size=2)
-    assert grpo.prompt_runs(twice) == [4]
+    assert engines.prompt_runs(twice) == [4]
 
 
 def test_positions_continue_the_plain_paths(tiny, rows):
@@ -148,8 +189,8 @@ def test_positions_continue_the_plain_paths(tiny, rows):
     for kind in ("text", "mixed"):
         samples, _ = make_samples(processor, pick(rows, kind), group_size=2)
         pad = processor.tokenizer.pad_token_id
-        plain, shared = grpo.collate(samples, pad, "cpu"), grpo.collate_shared(samples, pad, "cpu")
-        prompt, start = grpo.prompt_positions(model, shared)
+        plain, shared = engines.collate(samples, pad, "cpu"), engines.collate_shared(samples, pad, "cpu")
+        prompt, start = engines.prompt_positions(model, shared)
         P, C = shared["prompt_ids"].shape[1], shared["completion_ids"].shape[1]
         if kind == "text":
             expected = torch.arange(P + C).view(1, 1, -1).expand(3, len(samples), -1)
@@ -231,14 +272,14 @@ def test_without_the_switch_checkpointing_drops_the_cache(tiny, rows, monkeypatc
     model, processor = tiny
     samples, gen = make_samples(processor, pick(rows, "text"))
     set_old_and_ref(model, processor, samples, gen)
-    monkeypatch.setattr(grpo, "_cache_through_checkpointing", lambda module: contextlib.nullcontext())
+    monkeypatch.setattr(engines, "_cache_through_checkpointing", lambda module: contextlib.nullcontext())
     loss_and_grads(model, processor, samples, True, False, micro_batch_size=2 * G)  # no checkpointing: fine
     with pytest.raises(RuntimeError, match="recorded the keys and values of 0 layers"):
         loss_and_grads(model, processor, samples, True, True, micro_batch_size=2 * G)
 
 
 def fp64_everywhere(monkeypatch):
-    """Qwen2.5-VL computes its RMSNorms and the vision rotary embedding in fp32, and grpo's log-softmax
+    """Qwen2.5-VL computes its RMSNorms and the vision rotary embedding in fp32, and engine's log-softmax
     casts to fp32, whatever the model's dtype; for the fp64 check they keep the input's dtype (the
     same formulas)."""
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
@@ -258,7 +299,7 @@ def fp64_everywhere(monkeypatch):
 
     monkeypatch.setattr(qwen.Qwen2_5_VLRMSNorm, "forward", norm)
     monkeypatch.setattr(qwen, "apply_rotary_pos_emb_vision", rotary)
-    monkeypatch.setattr(grpo, "token_logprobs", token_logprobs)
+    monkeypatch.setattr(engines, "token_logprobs", token_logprobs)
 
 
 def test_exact_in_fp64(tiny_model_dir, rows, monkeypatch):
@@ -277,7 +318,7 @@ def test_exact_in_fp64(tiny_model_dir, rows, monkeypatch):
     model.train()
     result = {}
     for shared, micro in ((False, 2 * G), (True, G + G // 2)):
-        collate, fn = grpo.logprob_pass(args_of(shared))
+        collate, fn = pass_of(shared)
         model.zero_grad()
         logps = []
         for start in range(0, len(samples), micro):
@@ -319,7 +360,7 @@ def _ddp_worker(rank, world, init_file, model_dir, rows, result_file):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         ddp = DDP(model, find_unused_parameters=True)
-        collate, fn = grpo.logprob_pass(args_of(shared))
+        collate, fn = pass_of(shared)
         for k, chunk in enumerate([samples[:G], samples[G:]]):  # accumulation: no_sync on the first
             batch = collate(chunk, pad, "cpu")
             with ddp.no_sync() if k == 0 else contextlib.nullcontext():
@@ -354,14 +395,13 @@ def test_ddp_two_processes(tiny_model_dir, rows, tmp_path):
 
 @pytest.mark.parametrize("kind,temperature", [("text", 1.0), ("image", 1.0), ("mixed", 1.0), ("mixed", 0.7)])
 def test_rollout_same_samples_with_a_fixed_seed(tiny, rows, kind, temperature):
-    """grpo.rollout with and without --share_prompt, two prompts per generate call: the sampler's
+    """Engine.rollout with and without --share_prompt, two prompts per generate call: the sampler's
     random stream is unchanged, so the same seed gives the same tokens."""
     model, processor = tiny
     never, _ = ids_of(processor)
     kwargs = grpo.sampling_kwargs(grpo.Args(data="-", temperature=temperature, max_new_tokens=32), never)
-    eos = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    plain, shared = (grpo.rollout(model, Accelerator(), processor, pick(rows, kind), G, 2, kwargs, eos,
-                                  seed=(42, 0), share_prompt=share) for share in (False, True))
+    plain, shared = (engine_of(model, processor, share).rollout(model, pick(rows, kind), G, kwargs, 2,
+                                                                seed=(42, 0)) for share in (False, True))
     assert plain == shared
     assert len({tuple(ids) for ids, _ in plain}) > 1  # sampled: not all the same
 
@@ -381,7 +421,7 @@ def test_rollout_prefills_each_prompt_once(tiny, rows):
     try:
         texts, images = reward.chat_prompts(processor, chosen)
         inputs = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
-        reward.generate_shared(model, inputs, G, **kwargs)
+        engines.generate_shared(model, inputs, G, **kwargs)
     finally:
         h1.remove()
         h2.remove()
@@ -427,13 +467,12 @@ def test_grpo_main_with_the_shared_prompt(warm_tiny_dir, toy_data_dir, tmp_path)
             assert math.isclose(a[key], b[key], rel_tol=1e-5 if a["step"] == 1 else 1e-3, abs_tol=1e-7), key
 
 
-def test_share_prompt_is_not_a_setting(tiny_model_dir, toy_data_dir, tmp_path):
+def test_share_prompt_is_not_a_setting():
     """A run folder accepts either value on --resume (the same computation up to rounding, as
     --micro_batch_size), so the default can change without locking older runs out."""
-    assert "share_prompt" in grpo.NOT_SETTINGS
-    dataset = datasets.load_from_disk(toy_data_dir)["train"]
-    fingerprints = [grpo.fingerprint(grpo.Args(data="d", share_prompt=v), dataset, None) for v in (False, True)]
-    assert fingerprints[0] == fingerprints[1]
+    assert "share_prompt" in runtime.NOT_SETTINGS
+    settings = [runtime.settings(grpo.Args(data="d"), engines.EngineArgs(share_prompt=v)) for v in (False, True)]
+    assert settings[0] == settings[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,13 +492,13 @@ def test_evaluate_samples_with_the_shared_prompt_equal_the_plain_ones(tiny_model
                               "--batch_size", "6", "--share_prompt", str(share)])
 
     plain = run(False, tmp_path / "plain")
-    calls, real_generate_shared = [], reward.generate_shared
+    calls, real_generate_shared = [], engines.generate_shared
 
     def counted(model, inputs, group_size, **kwargs):
         calls.append((inputs["input_ids"].shape[0], group_size))
         return real_generate_shared(model, inputs, group_size, **kwargs)
 
-    monkeypatch.setattr(reward, "generate_shared", counted)
+    monkeypatch.setattr(engines, "generate_shared", counted)
     shared = run(True, tmp_path / "shared")
     assert calls == [(6, 4), (6, 4)]
 

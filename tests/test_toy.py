@@ -2,7 +2,6 @@
 
 import filecmp
 import json
-from pathlib import Path
 
 import datasets
 import numpy as np

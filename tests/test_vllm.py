@@ -25,6 +25,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import engine as engines
 import evaluate
 import grpo
 import reward
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason
 
 @pytest.fixture(scope="module")
 def vllm():
-    """vLLM, imported when the first test here needs it, set up as evaluate.load_vllm sets it up:
+    """vLLM, imported when the first test here needs it, set up as engine.VLLM sets it up:
     in-process engine, a 1 GiB KV cache on the CPU, torch's thread count kept."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -181,7 +182,7 @@ def chi_square_z(counts: list[int], probs: list[float]) -> float:
 def test_first_token_follows_hf_distribution_and_suppressed_ids_never_appear(vllm, base_dir, toy_data_dir,
                                                                              tmp_path):
     """The sampler itself, token by token: 2,000 first tokens of a text and an image prompt, drawn by
-    vLLM with evaluate.vllm_sampling's translation of reward.generation_kwargs (T 1.0, top_p 0.9),
+    vLLM with engine.vllm_sampling's translation of reward.generation_kwargs (T 1.0, top_p 0.9),
     against the exact distribution of an HF forward pass. The model is the random tiny32 with its
     matrices redrawn at std 0.3 (first-token entropy about 4 nats: some 30 tokens are drawn 5 times
     or more), its output embedding untied and its rows of the suppressed ids (vision specials,
@@ -218,8 +219,8 @@ def test_first_token_follows_hf_distribution_and_suppressed_ids_never_appear(vll
     llm = vllm.LLM(model=str(folder), dtype="float32", enforce_eager=True, max_model_len=512,
                    enable_chunked_prefill=False, max_num_batched_tokens=8192, gpu_memory_utilization=0.9)
     gen_kwargs = reward.generation_kwargs(temperature, top_p, 1, never)
-    params = evaluate.vllm_sampling(gen_kwargs, n, llm.llm_engine.model_config.get_vocab_size(),
-                                    evaluate.stop_ids(str(folder)))
+    params = engines.vllm_sampling(gen_kwargs, n, llm.llm_engine.model_config.get_vocab_size(),
+                                   engines.end_of_turn_ids(str(folder)))
     assert params["top_k"] == 0 and params["repetition_penalty"] == 1.0 and params["max_tokens"] == 1
     prompts = [{"prompt": t, **({"multi_modal_data": {"image": r["images"]}} if r.get("images") else {})}
                for t, r in zip(texts, rows)]
@@ -284,14 +285,16 @@ def grpo_rows(data_dir: str, split: str = "train", n: int = 8) -> list[dict]:
 
 
 @pytest.fixture(scope="class")
-def grpo_engine(vllm, model_dir, toy_data_dir, tmp_path_factory):
-    """grpo.VLLMRollouts on the trained tiny32, as grpo.main sets it up for --engine vllm."""
+def grpo_engine(vllm, model_dir, toy_data_dir):
+    """engine.Engine with --engine vllm on the trained tiny32, as grpo.main sets it up."""
     from accelerate import Accelerator
 
-    args = grpo.Args(data=toy_data_dir, model=model_dir, output_dir=str(tmp_path_factory.mktemp("g")),
-                     engine="vllm", max_prompt_length=512, max_new_tokens=GRPO_TOKENS)
+    args = grpo.Args(data=toy_data_dir, model=model_dir, max_prompt_length=512, max_new_tokens=GRPO_TOKENS)
     dataset = datasets.load_from_disk(toy_data_dir)["train"]
-    engine = grpo.VLLMRollouts(args, Accelerator(), dataset, [])
+    policy = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    engine = engines.Engine(engines.EngineArgs(engine="vllm"), Accelerator(), AutoProcessor.from_pretrained(model_dir),
+                            policy, args.model, args.seed, args.max_prompt_length + args.max_new_tokens,
+                            engines.max_images(dataset))
     yield engine
     # Shut down before the whole runs below: accelerate's end_training destroys the default process
     # group, which this engine's vLLM set up (grpo.main closes its engine first for the same reason).
@@ -299,11 +302,11 @@ def grpo_engine(vllm, model_dir, toy_data_dir, tmp_path_factory):
 
 
 class TestGRPOEngine:
-    """grpo.VLLMRollouts itself: one engine for these tests, shut down after them."""
+    """engine.Engine's vLLM (engine.VLLM) itself: one engine for these tests, shut down after them."""
 
     def test_logprobs_after_a_weight_sync_equal_the_policys(self, grpo_engine, model_dir, toy_data_dir):
         """After a sync, vLLM samples from the policy: the log-probs it gives its sampled tokens
-        (processed_logprobs: after the temperature and the suppression) equal grpo.completion_logprobs of
+        (processed_logprobs: after the temperature and the suppression) equal engine.completion_logprobs of
         the same tokens, the policy's forward pass that logp_old and the update use. The policy is the
         trained model with every weight moved by noise (std 0.02), so vLLM's copy of --model would not
         match it: pushed back to --model's weights, they differ by up to 5.5. fp32; measured largest
@@ -323,50 +326,50 @@ class TestGRPOEngine:
         eos = eos if isinstance(eos, list) else [eos]
         rows = grpo_rows(toy_data_dir)
         gen_kwargs = reward.generation_kwargs(1.0, 1.0, GRPO_TOKENS, never)
-        params = evaluate.vllm_sampling(gen_kwargs, 2, grpo_engine.vocab_size, eos)
+        llm = grpo_engine.vllm
+        params = engines.vllm_sampling(gen_kwargs, 2, llm.vocab_size, eos)
+        texts, _ = reward.chat_prompts(processor, rows)
+        prompts = [{"prompt": t, **({"multi_modal_data": {"image": r["images"]}} if r.get("images") else {})}
+                   for t, r in zip(texts, rows)]
 
         def sampled_logprobs():
             sampling = [SamplingParams(**params, seed=s, logprobs=0) for s in range(len(rows))]
-            outputs = grpo_engine.llm.generate(grpo_engine.prompts(processor, rows), sampling, use_tqdm=False)
+            outputs = llm.llm.generate(prompts, sampling, use_tqdm=False)
             completions, logps = [], []
             for output in outputs:
                 for c in sorted(output.outputs, key=lambda c: c.index):
                     completions.append((list(c.token_ids), not c.token_ids or c.token_ids[-1] not in eos))
                     logps.append(torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]))
             samples = grpo.build_samples(processor, rows, completions)
-            batch = grpo.collate(samples, processor.tokenizer.pad_token_id, "cpu")
+            batch = engines.collate(samples, processor.tokenizer.pad_token_id, "cpu")
             with torch.no_grad():
-                mine = grpo.completion_logprobs(policy, batch, 1.0, never)
+                mine = engines.completion_logprobs(policy, batch, 1.0, never)
             return max((mine[i, :len(lp)] - lp).abs().max().item() for i, lp in enumerate(logps))
 
-        grpo_engine.sync(policy)
+        llm.sync(policy)
         assert sampled_logprobs() < 1e-4
         start = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-        grpo_engine.sync(start)  # vLLM back on --model's weights: the policy's log-probs differ
+        llm.sync(start)  # vLLM back on --model's weights: the policy's log-probs differ
         assert sampled_logprobs() > 0.1
 
 
     def test_rollouts_suppress_stop_at_the_first_end_and_are_seeded_per_prompt(self, grpo_engine, model_dir,
                                                                                      toy_data_dir):
-        """grpo.rollout with the engine: G completions per row at [i G, (i + 1) G), each cut at its first
+        """Engine.rollout with vLLM: G completions per row at [i G, (i + 1) G), each cut at its first
         end-of-turn token (which it ends with, unless truncated at max_new_tokens), no suppressed id in
         any, and a mixed image / text-only batch. Seeds are per prompt, from (--seed, step, position):
         the same step samples the same completions again (a resumed run), another step other ones."""
-        from accelerate import Accelerator
-
         processor = AutoProcessor.from_pretrained(model_dir)
         policy = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
         never = reward.never_generate_ids(processor.tokenizer)
-        _, _, eos = grpo.special_ids(processor, policy, model_dir)
+        eos = grpo_engine.eos_ids
         rows, G, tokens = grpo_rows(toy_data_dir), 4, 48  # 48 tokens: some completions are truncated
         args = grpo.Args(data=toy_data_dir, group_size=G, max_new_tokens=tokens)
-        accelerator = Accelerator()
-        grpo_engine.stale = True
-        run = lambda step: grpo.rollout(policy, accelerator, processor, rows, G, 8,
-                                        grpo.sampling_kwargs(args, never), eos, seed=(args.seed, step),
-                                        engine=grpo_engine)
+        grpo_engine.vllm.version = None  # as if vLLM's copy were older than the policy's step 3
+        run = lambda step: grpo_engine.rollout(policy, rows, G, grpo.sampling_kwargs(args, never), 8,
+                                               seed=(args.seed, step), version=step)
         completions = run(3)
-        assert not grpo_engine.stale  # pushed before sampling
+        assert grpo_engine.vllm.version == 3  # pushed before sampling
         assert len(completions) == len(rows) * G
         ended = truncated = 0
         for ids, cut in completions:
@@ -382,9 +385,8 @@ class TestGRPOEngine:
         assert run(3) == completions
         assert run(4) != completions
         greedy = reward.generation_kwargs(0, 1.0, tokens, never)  # validation's rollouts
-        first = grpo.rollout(policy, accelerator, processor, rows, 1, 8, greedy, eos, engine=grpo_engine)
-        assert len(first) == len(rows) and first == grpo.rollout(policy, accelerator, processor, rows, 1, 8,
-                                                                  greedy, eos, engine=grpo_engine)
+        first = grpo_engine.rollout(policy, rows, 1, greedy, 8)
+        assert len(first) == len(rows) and first == grpo_engine.rollout(policy, rows, 1, greedy, 8)
 
 
 def test_grpo_steps_with_vllm_learn_like_hf(vllm, model_dir, toy_data_dir, tmp_path):
@@ -408,17 +410,17 @@ def test_grpo_steps_with_vllm_learn_like_hf(vllm, model_dir, toy_data_dir, tmp_p
         return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
     syncs = []
-    real_sync = grpo.VLLMRollouts.sync
+    real_sync = engines.VLLM.sync
 
     def counted_sync(self, model):
         syncs.append(1)
         return real_sync(self, model)
 
-    grpo.VLLMRollouts.sync = counted_sync
+    engines.VLLM.sync = counted_sync
     try:
         runs = {engine: train(engine) for engine in ("hf", "vllm")}
     finally:
-        grpo.VLLMRollouts.sync = real_sync
+        engines.VLLM.sync = real_sync
     # Once at the start (vLLM loaded --model; a resumed run's policy is a checkpoint's), then after each
     # of the 12 updates, before what samples next: steps 2 to 12 and the final validation.
     assert len(syncs) == 1 + 12
@@ -437,7 +439,7 @@ def test_grpo_steps_with_vllm_learn_like_hf(vllm, model_dir, toy_data_dir, tmp_p
 
 
 class StandInLLM:
-    """vllm.LLM as VLLMRollouts uses it, recording the calls: a CPU has no sleep mode to test with."""
+    """vllm.LLM as engine.VLLM uses it, recording the calls: a CPU has no sleep mode to test with."""
 
     def __init__(self, **kwargs):
         self.kwargs, self.calls = kwargs, []
@@ -469,19 +471,22 @@ def test_grpo_vllm_sleeps_between_rollouts_on_a_gpu(vllm, monkeypatch, tiny_mode
     """--vllm_sleep on a GPU: the engine is built with sleep mode; after each rollout it sleeps at
     level 2 (weights and KV cache freed for the update); before the next it allocates its weights,
     receives the policy's (every rollout syncs: level 2 dropped them), allocates its KV cache, then
-    samples. Without it, or on a CPU: no sleep, and a rollout with no update since the last one
-    does not sync. Against a stand-in for vllm.LLM: the order of the calls, not vLLM's GPU memory."""
+    samples. Without it, or on a CPU: no sleep, and a rollout with no update since the last one (the
+    same version) does not sync. Against a stand-in for vllm.LLM: the order of the calls, not vLLM's
+    GPU memory."""
     monkeypatch.setattr(vllm, "LLM", StandInLLM)
-    accelerator = SimpleNamespace(device=torch.device(device), mixed_precision="no")
-    args = grpo.Args(data=toy_data_dir, model=tiny_model_dir, engine="vllm", vllm_sleep=vllm_sleep)
-    engine = grpo.VLLMRollouts(args, accelerator, datasets.load_from_disk(toy_data_dir)["train"], [])
+    with monkeypatch.context() as patch:  # the device engine.VLLM sees
+        patch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+        engine = engines.VLLM(tiny_model_dir, "float32", 0, 512, 0.3,
+                              engines.max_images(datasets.load_from_disk(toy_data_dir)["train"]), sleep=vllm_sleep)
     sleeps = device == "cuda" and vllm_sleep
     assert engine.llm.kwargs["enable_sleep_mode"] is sleeps
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     gen_kwargs = reward.generation_kwargs(1.0, 1.0, 8, reward.never_generate_ids(processor.tokenizer))
     rows, policy = grpo_rows(toy_data_dir, n=3), torch.nn.Linear(2, 2)
     for step in (1, 2):
-        completions = engine.rollout(policy, processor, rows, 2, gen_kwargs, [7], seed=(0, step))
+        seeds = [reward.sampling_seed(0, step, i) for i in range(len(rows))]
+        completions = engine.generate(processor, rows, 2, gen_kwargs, [7], seeds, policy=policy, version=0)
         assert completions == [([5, 7], False)] * 6
     sync = ["reload_weights", "reset_encoder_cache", "reset_prefix_cache"]
     if sleeps:
@@ -493,15 +498,15 @@ def test_grpo_vllm_sleeps_between_rollouts_on_a_gpu(vllm, monkeypatch, tiny_mode
 
 def test_grpo_vllm_refuses_several_processes_and_names_the_install(monkeypatch):
     """One engine in one process for now; without vLLM the run stops naming the make target, before
-    any work (Args.check runs before the run folder is claimed)."""
-    with pytest.raises(ValueError, match="one process"):
-        grpo.Args(data="-", engine="vllm").check(2)
-    grpo.Args(data="-", engine="vllm").check(1)
+    any work (EngineArgs.check runs before the run folder is claimed)."""
+    with pytest.raises(SystemExit, match="one process"):
+        engines.EngineArgs(engine="vllm").check(2)
+    engines.EngineArgs(engine="vllm").check(1)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
     with pytest.raises(SystemExit, match="make install-vllm"):
-        grpo.Args(data="-", engine="vllm").check(1)
+        engines.EngineArgs(engine="vllm").check(1)
 
 
 def test_grpo_vllm_resumed_run_samples_the_same_completions(vllm, model_dir, toy_data_dir, tmp_path):

@@ -1,0 +1,818 @@
+"""The run's machinery, shared by every stage: settings, the run folder, checkpoints, precision and
+FSDP, timing and MFU, the numerical guard. A reader of the paper never needs to open this file: the
+method is in reward.py and the stage scripts (docs/method.md section 1).
+
+Sections, in the order a run meets them:
+1. settings: the stage's dataclasses from a settings file and flags (`parse_args`), RunArgs;
+2. data: reading a split, the data's fingerprint, the bad-rows list;
+3. the run folder: its fingerprint and its claim (`claim_output_dir`);
+4. precision and FSDP hooks;
+5. checkpoints: one contract for both trainers (`save_checkpoint`, `find_checkpoint`, `restore`);
+6. timing, memory and MFU;
+7. the numerical guard (grpo.py).
+"""
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import torch
+
+import reward
+
+# ---------------------------------------------------------------------------------------------
+# 1. Settings: dataclasses from a settings file and flags
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunArgs:
+    """Where a run writes, how it saves, logs and computes: knobs that never change what the
+    algorithm computes, apart from --mixed_precision (the arithmetic) which is fingerprinted."""
+
+    output_dir: str = field(default="runs/out", metadata={
+        "help": "The run folder (default runs/<stage>): run.json, metrics.jsonl, checkpoint-{step}/, final/."})
+    resume: str | None = field(default=None, metadata={
+        "help": "A checkpoint-{step} folder, or 'latest' (the newest complete one in --output_dir; the "
+                "run starts afresh when there is none, and a finished run is left as it is)."})
+    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps (0: only final/)."})
+    save_total_limit: int | None = field(default=None, metadata={
+        "help": "Keep only the newest N checkpoint-{step} folders (default: all, as transformers does)."})
+    save_dtype: str = field(default="auto", metadata={
+        "help": "dtype of the model files written (final/ and the model of each checkpoint-{step}/): "
+                "bfloat16, float32, or auto: bfloat16 after a bf16 run (as the hub checkpoints), float32 "
+                "after an fp32 one. training_state/ always keeps the fp32 master weights for resuming."})
+    save_final: bool = field(default=True, metadata={
+        "help": "Write final/ (model and processor) when the run completes. False: nothing at the end "
+                "(benchmarks). A run that completes never writes its optimizer state: nothing resumes "
+                "a finished run."})
+    mixed_precision: str = field(default="auto", metadata={
+        "help": "auto: bf16 autocast on a GPU (the paper), fp32 on a CPU. bf16: bf16 autocast anywhere "
+                "(a CPU with bf16 support included). no: fp32. The weights stay fp32 (the optimizer's "
+                "master copy); this flag wins over an accelerate config's mixed_precision."})
+    report_to: str = field(default="none", metadata={
+        "help": "none, tensorboard or wandb: also log every step's metrics there (OUTPUT_DIR/<stage> "
+                "for tensorboard). The package must be installed (requirements.txt pins tensorboard)."})
+    on_bad_row: str = field(default="error", metadata={
+        "help": "error: stop, naming every bad row. skip: leave them out, listed in bad_rows.jsonl."})
+
+
+# Fields, in any stage's dataclasses, that never change what a run computes, so they stay out of
+# its fingerprint: where things are (the fingerprints of the data and the model stand for them),
+# how often and how much is saved or logged, how a batch is cut into forward passes (the losses are
+# exact under any split), how a pass is computed (--share_prompt: the same numbers in another order
+# of fp32 sums, the size of the rounding a change of --micro_batch_size makes), the engine's memory,
+# the guard's thresholds, and --on_bad_row (a run with "error" that runs had no bad row, so "skip"
+# gives the same output). Every other field is a setting.
+NOT_SETTINGS = frozenset((
+    "model", "data", "eval_data", "output_dir", "resume", "save_steps", "save_total_limit", "save_dtype",
+    "save_final", "report_to", "on_bad_row", "micro_batch_size", "eval_batch_size", "gradient_checkpointing",
+    "logprob_chunk_tokens", "share_prompt", "peak_flops", "vllm_memory", "vllm_sleep", "max_skipped_steps",
+    "collapse_steps", "dataloader_num_workers", "num_proc", "regrade", "compare", "paper", "curves"))
+
+
+def settings(*args) -> dict:
+    """The fields of a stage's dataclasses that change what it computes (all but NOT_SETTINGS).
+    --engine is left out at its default, hf, the reference."""
+    found = {}
+    for obj in args:
+        found.update({k: v for k, v in asdict(obj).items() if k not in NOT_SETTINGS})
+    if found.get("engine") == "hf":
+        del found["engine"]
+    return found
+
+
+def parse_args(*classes, argv=None, defaults: dict | None = None):
+    """The stage's dataclasses from the command line, TRL-style: a YAML or JSON file as the first
+    argument gives values (`python grpo.py configs/grpo_m23k.yaml`), and flags after it override
+    them (`... --learning_rate 2e-6`). transformers' HfArgumentParser does the parsing; the file's
+    values become the parser's defaults, so a flag always wins and a field the file sets is no
+    longer required on the command line. An unknown key in the file is an error. `defaults`: the
+    stage's own defaults for fields of shared dataclasses (RunArgs' output_dir). Returns one instance
+    per class (a tuple when several)."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(classes)
+    parser.set_defaults(**(defaults or {}))
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        path = argv.pop(0)
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".json"):
+                values = json.load(f)
+            else:
+                import yaml
+
+                values = yaml.safe_load(f) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SystemExit(f"{path}: unknown setting(s) {unknown} for "
+                             f"{', '.join(c.__name__ for c in classes)}")
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False
+        parser.set_defaults(**values)
+    parsed = parser.parse_args_into_dataclasses(argv)
+    return parsed[0] if len(classes) == 1 else parsed
+
+
+def tracker(report_to: str) -> str | None:
+    """accelerate's `log_with` for --report_to (none, tensorboard or wandb). accelerate silently
+    drops a tracker whose package is not installed (the run then logs nothing there), so a missing
+    one is an error here, before any work."""
+    if report_to == "none":
+        return None
+    if report_to not in ("tensorboard", "wandb"):
+        raise ValueError(f"--report_to must be none, tensorboard or wandb, got {report_to!r}")
+    from accelerate.tracking import get_available_trackers
+
+    if report_to not in {str(t) for t in get_available_trackers()}:
+        raise SystemExit(f"--report_to {report_to}: the {report_to} package is not installed. Install it "
+                         f"(pip install {report_to}; requirements.txt pins tensorboard) or pass "
+                         f"--report_to none.")
+    return report_to
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Data: a split in the schema, its fingerprint, the skipped rows
+# ---------------------------------------------------------------------------------------------
+
+def load_split(data: str, split: str, columns=reward.SCHEMA_COLUMNS):
+    """A schema dataset from a `save_to_disk` folder, parquet/jsonl file(s), or a hub id.
+
+    Refuses, naming the data, an empty set or one without a column a stage needs: better now than
+    after the first batch.
+    """
+    import datasets
+
+    if os.path.isdir(data) and any(os.path.exists(os.path.join(data, f))
+                                   for f in ("dataset_dict.json", "state.json")):
+        try:
+            loaded = datasets.load_from_disk(data)
+        except IndexError:  # datasets 5.2 fails so on a saved split of zero rows
+            raise ValueError(f"{data}: a split saved with no rows (the dataset is empty)") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{data}: no split {split!r} (it has {list(loaded)})")
+            loaded = loaded[split]
+    elif data.endswith((".parquet", ".jsonl", ".json")):
+        if not os.path.isfile(data):
+            raise FileNotFoundError(f"{data}: no such file")
+        if os.path.getsize(data) == 0:  # datasets' json reader raises a bare StopIteration
+            raise ValueError(f"{data}: the file is empty (no rows)")
+        kind = "parquet" if data.endswith(".parquet") else "json"
+        try:
+            loaded = datasets.load_dataset(kind, data_files=data, split="train")
+        except ValueError as err:  # an empty parquet file: 'Instruction "train" corresponds to no data'
+            if "corresponds to no data" in str(err):
+                raise ValueError(f"{data}: the file holds no rows") from None
+            raise
+    else:
+        loaded = datasets.load_dataset(data, split=split)
+    where = f"{data}" + (f" (split {split})" if split else "")
+    if len(loaded) == 0:
+        raise ValueError(f"{where}: the dataset is empty (no rows)")
+    missing = [c for c in columns if c not in loaded.column_names]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {missing}; the schema needs {list(columns)} "
+                         f"(it has {loaded.column_names})")
+    return loaded
+
+
+def data_dir(data: str) -> str:
+    """Where relative image paths of a data set are read from: a data file's folder, or the folder."""
+    return data if os.path.isdir(data) else os.path.dirname(os.path.abspath(data))
+
+
+def data_fingerprint(dataset) -> str:
+    """datasets' fingerprint of the loaded split: it changes when the files behind it change. Image
+    files referenced by path are not part of it: replacing one under the same name goes unseen."""
+    return dataset._fingerprint
+
+
+def file_fingerprint(path: str) -> str:
+    """A file input (CSV, predictions) by its content: a changed file is another run, a file
+    rewritten with the same bytes (evaluate.py finishing again) is not. About 1 s a gigabyte."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: str) -> str:
+    """A local model folder: a digest of its files' names, sizes and modification times, so a model
+    trained again into the same folder is another model (reading it changes none of them). A hub id
+    stands for itself."""
+    if not os.path.isdir(model):
+        return model
+    digest = hashlib.sha256()
+    for entry in sorted(os.scandir(model), key=lambda e: e.name):
+        if entry.is_file():
+            stat = entry.stat()
+            digest.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def write_bad_rows(bad: list[dict], output_dir: str) -> None:
+    """The skipped rows, one JSON line each, in the stage's output folder."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "bad_rows.jsonl"), "w", encoding="utf-8") as f:
+        for item in bad:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The run folder
+# ---------------------------------------------------------------------------------------------
+
+RUN_FILE = "run.json"
+
+
+def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool) -> None:
+    """Make `output_dir` this run's folder, or refuse, saying how to go on.
+
+    `fingerprint` names what makes a run this run (the stage, the settings that change its results,
+    the input data's fingerprint). It is written to run.json in a new or empty folder. A folder of
+    another run (different fingerprint, or files but no run.json) is never written into; a folder of
+    this very run is continued only with `resume` (evaluate.py always resumes: its predictions are
+    reused). Nothing already computed is ever overwritten or silently mixed.
+    """
+    path = os.path.join(output_dir, RUN_FILE)
+    fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))  # as stored
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            previous = json.load(f)
+        if previous != fingerprint:
+            changed = sorted(k for k in set(previous) | set(fingerprint)
+                             if previous.get(k) != fingerprint.get(k))
+            before, now = previous.get("settings", {}), fingerprint.get("settings", {})
+            detail = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise SystemExit(
+                f"{output_dir} holds another run ({', '.join(changed)} differ"
+                + (f": {', '.join(detail)}" if detail else "") + "). Choose another --output_dir, "
+                f"or delete {output_dir} to start over.")
+        if not resume:
+            raise SystemExit(f"{output_dir} holds this run already. Pass --resume latest to continue "
+                             f"it, or delete {output_dir} to start over.")
+        return
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise SystemExit(f"{output_dir} is not empty and is not a run folder of this project (no "
+                         f"{RUN_FILE}). Choose another --output_dir, or empty it.")
+    os.makedirs(output_dir, exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(fingerprint, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj) -> None:
+    """A JSON file written whole or not at all: a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# JSON lines: the prediction files of evaluate.py and the official code.
+
+
+def read_jsonl(path, complete_only: bool) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each JSON line of a file, split on "\\n" and nothing else.
+
+    json.dumps(..., ensure_ascii=False), as the official code and we write these files, leaves
+    U+2028, U+2029 and U+0085 raw inside a response, and str.splitlines() ends a line at each of
+    them. Iterating over a text file does not, but with the default newline=None it ends a line at
+    a bare "\\r" too and turns "\\r\\n" into "\\n". newline="\\n" splits on "\\n" only and
+    changes no character: a file with "\\r\\n" ends still parses ("\\r" is JSON whitespace), and a
+    raw "\\r" inside a string (invalid JSON, but some writers leave it) stays in its response,
+    where the evaluation rule reads it as a line end (strict=False accepts it).
+    complete_only: a last line without its newline (a kill while writing it) is not done yet.
+    """
+    with open(path, encoding="utf-8", newline="\n") as f:
+        for number, text in enumerate(f, 1):
+            if complete_only and not text.endswith("\n"):
+                return
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text, strict=False)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number}: not JSON ({err})") from None
+
+
+def drop_torn_tail(path) -> None:
+    """Cut a partial last line off before appending to a file again (b"\\n" never occurs inside a
+    UTF-8 multi-byte character, so bytes are safe here)."""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            data = f.read()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+
+def write_lines(path, lines: list[dict]) -> None:
+    """JSON lines (ensure_ascii=False, as the official files), written whole or not at all."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def git_hash() -> str | None:
+    """This project's commit (short), or None outside a git checkout or without git."""
+    try:
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if found.returncode != 0:
+        return None
+    return found.stdout.strip() or None
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Precision and FSDP
+# ---------------------------------------------------------------------------------------------
+
+
+def precision(mixed_precision: str) -> str:
+    """accelerate's mixed_precision for --mixed_precision: auto is bf16 on a GPU, no (fp32) on a CPU."""
+    if mixed_precision not in ("auto", "bf16", "no"):
+        raise ValueError(f"--mixed_precision must be auto, bf16 or no, got {mixed_precision!r}")
+    if mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return mixed_precision
+
+
+def saved_dtype(save_dtype: str, mixed_precision: str):
+    """The torch dtype of the model files a run writes, for --save_dtype. auto: bf16 after a bf16
+    run, as the hub's Qwen2.5-VL and MedVLThinker checkpoints are, half the size of fp32, and losing
+    nothing a bf16 forward pass sees (it computes with bf16 copies of the weights); fp32 after an
+    fp32 run, so that CPU runs (the demo, the tests) keep their exact weights."""
+    choices = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+    if save_dtype == "auto":
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    if save_dtype not in choices:
+        raise ValueError(f"--save_dtype must be auto, bfloat16 or float32, got {save_dtype!r}")
+    return choices[save_dtype]
+
+
+def accelerator_for(run: RunArgs):
+    """The run's Accelerator, once --on_bad_row and --save_dtype are known good: --mixed_precision (bf16 autocast, on a GPU or a CPU), the tracker, and
+    DDP's find_unused_parameters (a process whose micro-batch has no image leaves the vision tower
+    without gradient, docs/method.md section 9)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    if run.on_bad_row not in ("error", "skip"):
+        raise ValueError(f"--on_bad_row must be error or skip, got {run.on_bad_row!r}")
+    saved_dtype(run.save_dtype, "no")  # a wrong --save_dtype fails now, not at the end of the run
+    return Accelerator(mixed_precision=precision(run.mixed_precision), log_with=tracker(run.report_to),
+                       project_dir=run.output_dir,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def run_vision_on_every_forward(model) -> None:
+    """Under FSDP, make every forward pass run the vision tower, with images or without.
+
+    FSDP all-gathers each wrapped unit (every decoder layer and vision block, configs/fsdp.yaml) as
+    it runs, and all processes must issue the same all-gathers in the same order. A micro-batch or a
+    generate call without images skips the vision blocks; if another process's has images, the
+    collectives no longer match: on gloo the run dies with "Received data size doesn't match
+    expected size" (measured, tests/test_fsdp.py), on NCCL it would hang or mix up buffers. DDP
+    handles the same case with find_unused_parameters. So a forward without pixel_values (that is
+    not a decoding step of generate, where no process runs the tower) sends one dummy image of 2 x 2
+    patches (one token after the merge) through the tower first, and adds 0 x its sum to the input
+    embeddings (generate, in transformers 5, runs the tower on real images before its first forward,
+    passing `mm_encoder_outputs`; no collective comes in between, so the order still matches): the
+    numbers are unchanged, and every vision parameter joins the backward pass with
+    an exact zero gradient.
+    """
+    inner = model.model  # Qwen2_5_VLModel: embeddings, vision tower, decoder
+    vision = model.config.vision_config
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    side = vision.spatial_merge_size
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        encoded = kwargs.get("mm_encoder_outputs") or {}  # generate runs the tower before its first forward
+        if (kwargs.get("pixel_values") is not None or encoded.get("image") is not None
+                or (cache is not None and cache.get_seq_length() > 0)):
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = inner.get_input_embeddings()(kwargs["input_ids"])
+        pixels = torch.zeros(side * side, patch_dim, dtype=inner.visual.dtype, device=embeds.device)
+        grid = torch.tensor([[1, side, side]], device=embeds.device)
+        dummy = inner.visual(pixels, grid_thw=grid).pooler_output
+        return args, dict(kwargs, inputs_embeds=embeds + 0.0 * dummy.sum().to(embeds.dtype))
+
+    inner.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def fsdp_mixed_precision(accelerator) -> None:
+    """Under FSDP with bf16, gradients reduced in fp32 and outputs left as the forward made them.
+
+    accelerate's bf16 policy for FSDP computes with bf16 parameters and also reduces gradients in
+    bf16, keeps FSDP (v1) buffers (the rotary frequencies) in bf16, and has FSDP2 cast every output
+    to bf16: then the fp32 log-probs and losses computed inside the forward come out rounded to bf16
+    (measured on 2 CPU processes: log-probs like -1.7890625), and a sum over 8 GPUs' gradients
+    loses bits. So, as verl's FSDP workers do: parameters bf16, reductions and buffers fp32, no
+    output cast. Called before accelerator.prepare, which applies the plugin's policy.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if not is_fsdp(accelerator) or plugin is None or plugin.mixed_precision_policy is None:
+        return
+    extra = {"output_dtype": None} if accelerator.is_fsdp2 else {"buffer_dtype": torch.float32}
+    plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy,
+                                                        reduce_dtype=torch.float32, **extra)
+
+
+def prepare(accelerator, model, optimizer, scheduler):
+    """accelerate's prepare for a trainer: FSDP's hooks first (the dummy image on several processes,
+    fp32 reductions), the scheduler registered but not prepared (accelerate would step it once per
+    process per optimizer step; registered, save_state still keeps it)."""
+    if is_fsdp(accelerator) and accelerator.num_processes > 1:
+        run_vision_on_every_forward(model)
+    fsdp_mixed_precision(accelerator)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    return model, optimizer
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Checkpoints: one contract for sft.py and grpo.py (docs/method.md section 10)
+# ---------------------------------------------------------------------------------------------
+# DIR/checkpoint-{step}/ holds the model and processor (save_pretrained, loadable like a hub id),
+# training_state/ (accelerator.save_state: the fp32 weights, optimizer, scheduler, every process's
+# RNG) and trainer_state.json (the step and what the stage adds), written last. DIR/final/ holds the
+# model and processor only: a finished run is never resumed.
+
+TRAINING_STATE = "training_state"
+TRAINER_STATE = "trainer_state.json"
+
+
+def save_model(accelerator, model, processor, folder: str, dtype) -> None:
+    """The model and processor as a save_pretrained folder whose weights and config.json are `dtype`
+    (a torch dtype, `saved_dtype`), so that from_pretrained (dtype "auto") loads it in that dtype, as
+    it loads a hub checkpoint.
+
+    Every process joins get_state_dict (FSDP gathers the shards); the main one writes. A tied output
+    layer (the 3B's) must be one tensor for save_pretrained to store it once; FSDP's gathered state
+    dict holds two equal copies, so the tie is restored first. Tensors that share storage are
+    converted once, so they still share it.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    for tied, source in (getattr(unwrapped, "all_tied_weights_keys", None) or {}).items():
+        if tied in state_dict and source in state_dict and torch.equal(state_dict[tied], state_dict[source]):
+            state_dict[tied] = state_dict[source]
+    converted = {}
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point():
+            key = (tensor.data_ptr(), tensor.shape, tensor.stride())
+            if key not in converted:
+                converted[key] = tensor.to(dtype)
+            state_dict[name] = converted[key]
+    unwrapped.save_pretrained(folder, state_dict=state_dict, save_function=accelerator.save)
+    config = copy.deepcopy(unwrapped.config)  # save_pretrained wrote the parameters' dtype (fp32)
+    for sub in [config] + [getattr(config, name) for name in getattr(config, "sub_configs", {})]:
+        sub.dtype = dtype
+    config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def save_checkpoint(accelerator, model, processor, run: RunArgs, step: int, state: dict | None) -> str:
+    """DIR/checkpoint-{step} with `state` (a JSON object: the stage's own resume data) in
+    trainer_state.json beside "step", or DIR/final (state None: the model and processor alone).
+
+    Everything is written into a .tmp folder, then renamed with os.replace: the rename is the
+    completeness marker, so a run killed while saving leaves only a .tmp folder, which resuming
+    ignores and removes. Then checkpoints beyond --save_total_limit go, oldest first, with
+    transformers' rotate_checkpoints (accelerate's ProjectConfiguration(total_limit) rotates only its
+    own checkpoints/checkpoint_{i} layout, not this one). Returns the folder.
+    """
+    from transformers.trainer_utils import rotate_checkpoints
+
+    folder = os.path.join(run.output_dir, "final" if state is None else f"checkpoint-{step}")
+    tmp = folder + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if state is not None:
+        accelerator.save_state(os.path.join(tmp, TRAINING_STATE))
+    dtype = saved_dtype(run.save_dtype, accelerator.mixed_precision)
+    save_model(accelerator, model, processor, tmp, dtype)  # full weights, gathered under FSDP
+    if accelerator.is_main_process and state is not None:
+        with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+            json.dump({"step": step, **state}, f)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)  # saved before by this run, resumed from an older one
+        os.replace(tmp, folder)
+        if state is not None:
+            rotate_checkpoints(run.output_dir, run.save_total_limit)
+    accelerator.wait_for_everyone()
+    if state is None:
+        accelerator.print(f"saved {folder} ({str(dtype).removeprefix('torch.')})")
+    return folder
+
+
+def find_checkpoint(run: RunArgs, accelerator) -> str | None:
+    """The folder to resume from: --resume itself (it must be a complete checkpoint), or with
+    'latest' the newest complete checkpoint-{step} of --output_dir (transformers'
+    get_last_checkpoint matches `checkpoint-<digits>` only, never a .tmp), or None: start afresh, so
+    that `--resume latest` is always safe to pass."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not run.resume:
+        return None
+    if run.resume != "latest":
+        if not os.path.isfile(os.path.join(run.resume, TRAINER_STATE)):
+            raise FileNotFoundError(f"--resume {run.resume}: not a complete checkpoint (no {TRAINER_STATE} "
+                                    "there); pass a checkpoint-{step} folder or 'latest'")
+        return run.resume
+    found = get_last_checkpoint(run.output_dir) if os.path.isdir(run.output_dir) else None
+    if found is None:
+        accelerator.print(f"--resume latest: no complete checkpoint in {run.output_dir}; the run "
+                          "starts afresh")
+    return found
+
+
+def read_state(checkpoint: str | None, expect: dict | None = None) -> dict:
+    """A checkpoint's trainer_state.json ({"step": 0} for None: a fresh start). `expect`: values the
+    checkpoint must have been saved with (the same rows in the same steps), or a named error."""
+    if checkpoint is None:
+        return {"step": 0}
+    with open(os.path.join(checkpoint, TRAINER_STATE)) as f:
+        state = json.load(f)
+    for key, value in (expect or {}).items():
+        if state.get(key) != value:
+            raise ValueError(f"{checkpoint}: saved with {key}={state.get(key)}, this run has {value}; "
+                             f"resume with the same data and batch settings")
+    return state
+
+
+def restore(accelerator, checkpoint: str | None, run: RunArgs, metrics_path: str) -> dict:
+    """Load `checkpoint`'s training state (weights, optimizer, scheduler, RNG) and return its
+    trainer_state.json ({"step": 0} without one). Then, in the run folder: the .tmp folders of saves
+    a kill interrupted are removed, and metrics.jsonl keeps the lines up to the checkpoint's step
+    (later ones are computed again)."""
+    state = read_state(checkpoint)
+    if checkpoint is not None:
+        accelerator.load_state(os.path.join(checkpoint, TRAINING_STATE))
+        accelerator.print(f"resumed from {checkpoint} after step {state['step']}")
+    if accelerator.is_main_process:
+        remove_stale_tmp(run.output_dir)
+        keep_metrics_until(metrics_path, state["step"])
+    accelerator.wait_for_everyone()  # no process logs before the file is rewritten
+    return state
+
+
+def remove_stale_tmp(output_dir: str) -> None:
+    """Delete the .tmp folders of saves a killed run never finished (checkpoint-N.tmp, final.tmp):
+    a save is written to such a folder and renamed when complete (docs/method.md section 10)."""
+    for name in os.listdir(output_dir):
+        if re.fullmatch(r"(checkpoint-\d+|final)\.tmp", name):
+            shutil.rmtree(os.path.join(output_dir, name))
+
+
+def keep_metrics_until(metrics_path: str, step: int) -> None:
+    """Keep the metrics.jsonl lines of steps up to `step` (the resumed checkpoint's): the ones a
+    stopped run logged after its last checkpoint are computed again, and a line torn by a kill
+    mid-write (not a JSON object) is dropped. Rewritten via a .tmp file and os.replace, so a kill now
+    loses nothing. No file yet: nothing to do (the first logged line makes it)."""
+    if not os.path.exists(metrics_path):
+        return
+    kept = []
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                metrics = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(metrics, dict) and metrics.get("step", math.inf) <= step:
+                kept.append(json.dumps(metrics) + "\n")
+    with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(metrics_path + ".tmp", metrics_path)
+
+
+def log(accelerator, metrics_path: str, record: dict) -> None:
+    """A line of metrics.jsonl (written by the main process) and the tracker's numbers (--report_to)."""
+    if accelerator.is_main_process:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Timing, memory and model FLOPs utilisation
+# ---------------------------------------------------------------------------------------------
+
+
+def synced_time(device) -> float:
+    """time.perf_counter() once the GPU has finished what was queued: CUDA kernels run
+    asynchronously, so without the synchronize a step's (or a phase's) time would stop before its
+    last kernels."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def peak_memory_gb(device) -> float:
+    """Peak GPU memory allocated by torch; on CPU, the peak resident memory of the process (neither
+    torch nor accelerate has one call that covers both devices)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports kB
+
+
+class Timer:
+    """Seconds per phase of a training step (`lap`), each phase's queued GPU work included; the
+    peak memory is counted from the start of the step."""
+
+    def __init__(self, device):
+        self.device, self.times = device, {}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.start = synced_time(device)
+
+    def lap(self, name: str) -> None:
+        now = synced_time(self.device)
+        self.times[name], self.start = now - self.start, now
+
+
+def matmul_parameters(model_path: str) -> int:
+    """Parameters a token multiplies by: all but the input embedding table (a lookup), the output
+    layer included even when it shares that table (tied, as in Qwen2.5-VL-3B). Counted on the meta
+    device from the config: no weights are read, and FSDP's sharding cannot hide any."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_path))
+    embedding = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # a tied weight is listed once
+    return total if model.get_output_embeddings().weight is embedding else total - embedding.numel()
+
+
+def matmul_peak(device, dtype, seconds: float = 0.5) -> float:
+    """FLOP/s of this device on square matmuls in the compute dtype, measured: the best a step's
+    matmuls can reach here (a data sheet's peak is higher, so MFU against it is lower)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up
+    start, runs = synced_time(device), 0
+    while synced_time(device) - start < seconds:
+        for _ in range(4):
+            a @ b
+        runs += 4
+    return 2 * n ** 3 * runs / (synced_time(device) - start)
+
+
+@dataclass
+class Flops:
+    """Model FLOPs utilisation: the FLOPs a step needs over the FLOP/s available.
+
+    Needed: 2 N a token for each forward pass without gradient and 6 N a token for each forward and
+    backward, the estimate of Kaplan et al. (2020, section 2.1), N the parameters a token multiplies
+    by (`matmul_parameters`), the attention's context term left out (an estimate to compare steps
+    and runs, not a profiler's count). The caller counts the tokens each pass must compute: a prompt
+    shared by a group is counted once, so the ratio never exceeds what the device can do. Available:
+    `peak` per process (`matmul_peak`, or --peak_flops) x processes x the step's seconds.
+    """
+
+    parameters: int  # N
+    peak: float  # FLOP/s of one process's device
+
+    def utilisation(self, forward_tokens: float, train_tokens: float, seconds: float, processes: int) -> float:
+        needed = 2 * self.parameters * forward_tokens + 6 * self.parameters * train_tokens
+        return needed / max(seconds * self.peak * processes, 1e-9)
+
+
+def flops_of(model_path: str, accelerator, peak_flops: float = 0.0) -> Flops:
+    """The run's `Flops`: the model's matmul parameters, and the device's peak in the compute dtype
+    (measured once, unless given)."""
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    return Flops(matmul_parameters(model_path), peak_flops or matmul_peak(accelerator.device, dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The numerical guard (grpo.py; docs/method.md section 10)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GuardArgs:
+    """The numerical guard's thresholds (grpo.py)."""
+
+    max_skipped_steps: int = field(default=3, metadata={
+        "help": "Stop after this many optimizer steps in a row skipped for a non-finite loss or "
+                "gradient norm (0: never stop)."})
+    collapse_steps: int = field(default=5, metadata={
+        "help": "Warn when for this many steps in a row no completion has the answer format and every "
+                "group's rewards are equal (0: never)."})
+
+
+@dataclass
+class Guard:
+    """The numerical guard of a run; its counts are saved with every checkpoint (`state`).
+
+    - An optimizer step whose loss or gradient norm is not finite is skipped (`optimizer_step`): its
+      gradients are dropped and AdamW does not step, since one NaN in its moments would reach every
+      weight for good. All processes decide alike: both numbers are reduced over processes first.
+    - --max_skipped_steps skipped optimizer steps in a row stop the run, naming the step and the last
+      finite metrics: a run that keeps producing them is diverging, not meeting one odd batch.
+    - --collapse_steps steps in a row where no completion has the answer format and every group's
+      rewards are equal are warned about: every advantage is then 0, and nothing but the KL term
+      moves the policy. Measured on the toy world at lr 1e-2: the policy went near uniform in one
+      step and stayed there, reward 0 and gradient norm 0, without any error.
+    """
+
+    args: GuardArgs
+    skipped_in_a_row: int = 0  # optimizer steps
+    collapsed_in_a_row: int = 0  # training steps
+    last_finite: dict | None = None  # a few metrics of the last step whose updates all ran
+
+    def state(self) -> dict:
+        return {"skipped_in_a_row": self.skipped_in_a_row, "collapsed_in_a_row": self.collapsed_in_a_row,
+                "last_finite": self.last_finite}
+
+    def optimizer_step(self, optimizer, scheduler, loss, grad_norm) -> bool:
+        """AdamW and the scheduler step when loss and gradient norm are finite; otherwise the step is
+        skipped and counted. The gradients are dropped either way. Returns whether it stepped."""
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+            scheduler.step()
+            self.skipped_in_a_row = 0
+        else:
+            self.skipped_in_a_row += 1
+        optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    def after_step(self, record: dict) -> str | None:
+        """Count a logged step: SystemExit after too many skipped optimizer steps in a row; the
+        collapse warning (returned) on the step that completes --collapse_steps collapsed ones."""
+        max_skipped, collapse_steps = self.args.max_skipped_steps, self.args.collapse_steps
+        if not record["skipped"]:
+            self.last_finite = {k: record[k] for k in ("step", "reward", "loss", "grad_norm", "kl",
+                                                       "entropy")}
+        if 0 < max_skipped <= self.skipped_in_a_row:
+            last = (f"last finite metrics: {json.dumps(self.last_finite)}" if self.last_finite
+                    else "no step with finite metrics in this run")
+            raise SystemExit(
+                f"grpo.py stopped at step {record['step']}: {self.skipped_in_a_row} optimizer steps in a "
+                f"row skipped for a non-finite loss or gradient norm ({record['skip_reason']}); {last}. "
+                f"Lower --learning_rate, or resume from an earlier checkpoint.")
+        collapsed = record["format_rate"] == 0 and record["zero_advantage_groups"] == 1
+        self.collapsed_in_a_row = self.collapsed_in_a_row + 1 if collapsed else 0
+        if 0 < collapse_steps == self.collapsed_in_a_row:
+            return (f"warning: step {record['step']}: for {collapse_steps} steps in a row no "
+                    f"completion had the answer format and every group's rewards were equal (all "
+                    f"advantages 0, nothing to learn from): the policy has likely collapsed (entropy "
+                    f"{record['entropy']}). Lower --learning_rate, or resume from an earlier checkpoint.")
+        return None
+
+
+@contextlib.contextmanager
+def named_sampling_failure(step: int, model, learning_rate: float):
+    """Why generate found no finite probabilities at `step` (torch.multinomial's "probability tensor
+    contains inf/nan": the updates diverged): a SystemExit naming the weights the updates left,
+    instead of a traceback from inside generate."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "probability tensor contains" not in str(err):
+            raise
+        weights = [p.detach() for p in model.parameters()]
+        nonfinite = sum(int((~w.isfinite()).sum()) for w in weights)
+        largest = max(float(w.abs().max()) for w in weights if w.numel())
+        policy = "the starting model (--model)" if step == 1 else f"the policy after step {step - 1}"
+        cause = (f"{nonfinite} of its weights are not finite" if nonfinite else
+                 f"its weights are finite but reach |w| = {largest:.3g}, and its activations overflow")
+        raise SystemExit(
+            f"grpo.py stopped at step {step}: sampling failed ({err}): {policy} gives non-finite "
+            f"probabilities; {cause}. The updates diverged: lower --learning_rate (now {learning_rate:g}) "
+            f"and start over, or resume from an earlier checkpoint.") from None
