@@ -5,7 +5,8 @@ method is in reward.py and the stage scripts (docs/method.md section 1).
 Sections, in the order a run meets them:
 1. settings: the stage's dataclasses from a settings file and flags (`parse_args`), RunArgs;
 2. data: reading a split, the data's fingerprint, the bad-rows list;
-3. the run folder: its fingerprint and its claim (`claim_output_dir`);
+3. the run folder: its fingerprint and its claim (`claim_output_dir`), files written whole, JSON
+   lines (`read_jsonl`, `write_lines`);
 4. precision and FSDP hooks;
 5. checkpoints: one contract for both trainers (`save_checkpoint`, `find_checkpoint`, `restore`);
 6. timing, memory and MFU;
@@ -286,7 +287,7 @@ def write_json(path, obj) -> None:
     os.replace(tmp, path)
 
 
-# JSON lines: the prediction files of evaluate.py and the official code.
+# Files written whole, and JSON lines: the prediction files of evaluate.py and the official code.
 
 
 def read_jsonl(path, complete_only: bool) -> Iterator[tuple[int, dict]]:
