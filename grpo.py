@@ -225,21 +225,39 @@ def score(samples: list[Sample], group_size: int, scale_rewards: bool) -> None:
         s.advantage = advantage
 
 
+def micro_batches(samples: list[Sample], updates_per_step: int, micro: int) -> list[list[list[Sample]]]:
+    """This process's samples as the update cuts them: mini-batch k (one optimizer step) is the k-th
+    of `updates_per_step` equal slices, cut into consecutive micro-batches of `micro` samples (one
+    forward each). The log-prob passes of step 4 use the very same micro-batches as step 5 (see
+    `old_and_ref_logprobs`)."""
+    n = len(samples) // updates_per_step
+    minis = [samples[k * n:(k + 1) * n] for k in range(updates_per_step)]
+    return [[mini[i:i + micro] for i in range(0, len(mini), micro)] for mini in minis]
+
+
 @torch.no_grad()
 def old_and_ref_logprobs(model, ref_model, engine, samples: list[Sample], args: Args, micro: int) -> None:
     """logp_old (the sampling policy's) and logp_ref (the frozen reference's) of every sample, once
-    per rollout, without gradients, `micro` samples per forward. With one mini-batch per rollout
-    there is no logp_old pass: the policy has not moved since sampling, and the update uses the
-    detached current logp."""
+    per rollout, without gradients. With one mini-batch per rollout there is no logp_old pass: the
+    policy has not moved since sampling, and the update uses the detached current logp.
+
+    Each pass runs on the update's own micro-batches (`micro_batches`). Where the policy still equals
+    the reference (the first update of a run), logp_ref is then logp to the bit, and the KL term's
+    gradient beta (1 - exp(logp_ref - logp)) is exactly 0. Batched otherwise (other padding, other
+    prompt neighbours) logp_ref differs from logp by fp32 rounding (~1e-7), and in a mini-batch whose
+    groups all have A = 0 that rounding would be the whole gradient: AdamW divides each entry by its
+    own magnitude, turning a 1e-9 gradient into a full learning-rate step in a direction set by
+    rounding (docs/method.md section 5).
+    """
     model.eval()
     passes = ([("old_logp", model)] if args.updates_per_step > 1 else []) + \
              ([("ref_logp", ref_model)] if ref_model is not None else [])
     for name, scorer in passes:
-        for start in range(0, len(samples), micro):
-            chunk = samples[start:start + micro]
-            logp, _, _ = engine.logprobs(scorer, chunk, args.temperature)
-            for s, row in zip(chunk, logp.cpu()):
-                setattr(s, name, row[:len(s.completion_ids)])
+        for mini in micro_batches(samples, args.updates_per_step, micro):
+            for batch in mini:
+                logp, _, _ = engine.logprobs(scorer, batch, args.temperature)
+                for s, row in zip(batch, logp.cpu()):
+                    setattr(s, name, row[:len(s.completion_ids)])
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool = True) -> torch.Tensor:
@@ -304,17 +322,15 @@ def update(model, accelerator, optimizer, scheduler, engine, samples: list[Sampl
     samples per forward. Returns the logs' sums over the applied steps (`mini_batch_stats`), their
     gradient norms and why any step was skipped (the guard skips a non-finite one)."""
     model.train()
-    device, world, n = accelerator.device, accelerator.num_processes, len(samples) // args.updates_per_step
+    device, world = accelerator.device, accelerator.num_processes
     done = {"sums": 0, "grad_norms": [], "skips": []}
-    for k in range(args.updates_per_step):
-        mini = samples[k * n:(k + 1) * n]
-        counts = torch.tensor([sum(len(s.completion_ids) for s in mini), len(mini)], dtype=torch.float,
-                              device=device)
+    for k, mini in enumerate(micro_batches(samples, args.updates_per_step, micro)):
+        counts = torch.tensor([sum(len(s.completion_ids) for b in mini for s in b), sum(map(len, mini))],
+                              dtype=torch.float, device=device)
         n_tokens, n_seqs = accelerator.reduce(counts, "sum")  # before any backward
         totals = torch.zeros(len(STATS), device=device)
-        micro_batches = [mini[i:i + micro] for i in range(0, len(mini), micro)]
-        for m, batch in enumerate(micro_batches):
-            with sync_on_last(model, accelerator, last=m == len(micro_batches) - 1):
+        for m, batch in enumerate(mini):
+            with sync_on_last(model, accelerator, last=m == len(mini) - 1):
                 logp, entropy, mask = engine.logprobs(model, batch, args.temperature, with_entropy=True)
                 advantages = torch.tensor([s.advantage for s in batch], device=device)
                 old_logp = logp.detach() if args.updates_per_step == 1 else pad_rows(

@@ -614,6 +614,74 @@ def test_two_processes_equal_one(warm_tiny_dir, four_rows, tmp_path, monkeypatch
     assert listing(four_rows) == inputs  # the input folder is never written into (eval slice included)
 
 
+@pytest.fixture(scope="module")
+def idle_first_pair(four_rows, tmp_path_factory) -> str:
+    """`four_rows` with rows 0 and 1 given a fourth option D as their answer. The warm model writes
+    A, B or C, so their groups all score 0 and have A = 0: with --mini_batch_size 2 the first update's
+    gradient is the KL term's alone, where the policy still equals the reference."""
+    out = str(tmp_path_factory.mktemp("idle_first_pair"))
+
+    def unanswerable(row, i):
+        if i < 2:
+            row["options"] = json.dumps(json.loads(row["options"]) | {"D": "None of these"})
+            row["answer_label"], row["answer"] = "D", "None of these"
+        return row
+
+    train = datasets.load_from_disk(four_rows)["train"].map(unanswerable, with_indices=True)
+    datasets.DatasetDict({"train": train}).save_to_disk(out)
+    return out
+
+
+@pytest.mark.parametrize("generation_batch_size", [2, 4], ids=["calls-aligned", "calls-not-aligned"])
+def test_two_processes_equal_one_at_the_papers_kl(generation_batch_size, warm_tiny_dir, idle_first_pair,
+                                                  tmp_path):
+    """At the defaults (beta 0.01, --share_prompt, gradient checkpointing) and 8 steps, 2 processes
+    with --micro_batch_size 8 give the rollouts, metrics and weights, bit for bit, of 1 process with
+    --micro_batch_size 4: the fp32 sums are then the same ones in the same order. Each process holds
+    1 prompt x G = 4 samples of each mini-batch (one micro-batch); one process holds 8, cut in the same
+    two micro-batches of 4; its gradient accumulates a + b, DDP's all-reduce of two processes adds
+    a + b, and the loss's factor W = 2 and DDP's mean over W are powers of two, exact. So the derived
+    tolerance is 0. Generate calls of 2 prompts give each process one call; calls of 4 give rank 0
+    the only one. The first mini-batch teaches nothing (`idle_first_pair`): the reference pass must
+    batch as the update does, or its rounding becomes the whole first gradient (measured before that:
+    2.3e-3 apart after 8 steps, where training moved the weights by 1.2e-2)."""
+    common = ["--model", warm_tiny_dir, "--data", idle_first_pair, "--max_steps", "8", "--save_steps", "0",
+              "--eval_every", "0", "--rollout_batch_size", "4", "--group_size", "4", "--mini_batch_size", "2",
+              "--generation_batch_size", str(generation_batch_size), "--max_new_tokens", "48",
+              "--learning_rate", "1e-3"]
+    two = str(tmp_path / "two")
+    (tmp_path / "recorder.py").write_text(RECORDER)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs" / "cpu_2proc.yaml"), str(tmp_path / "recorder.py"),
+              str(tmp_path / "rollouts"), "--output_dir", two, *common, "--micro_batch_size", "8"]
+    proc = subprocess.Popen(launch, env=run_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    one = str(tmp_path / "one")
+    (tmp_path / "one_recorder.py").write_text(RECORDER)
+    single = subprocess.run([sys.executable, str(tmp_path / "one_recorder.py"), str(tmp_path / "one_rollouts"),
+                             "--output_dir", one, *common, "--micro_batch_size", "4"],
+                            env=run_env(), cwd=ROOT, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    with open(tmp_path / "one_rollouts.0") as f:
+        one_rollouts = json.load(f)
+    assert len(one_rollouts) == 8
+    for rank in (0, 1):
+        with open(tmp_path / f"rollouts.{rank}") as f:
+            assert json.load(f) == one_rollouts, rank
+    one_metrics, two_metrics = read_metrics(one), read_metrics(two)
+    assert one_metrics[0]["zero_advantage_groups"] >= 0.5  # rows 0 and 1 teach nothing
+    assert 0 < one_metrics[0]["reward"] < 1 and all(m["kl"] > 0 for m in one_metrics[1:])
+    timing = ("time_", "tokens_per_s", "generate_tokens_per_s", "mfu", "peak_memory_gb")
+    for a, b in zip(one_metrics, two_metrics, strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith(timing)} == \
+               {k: v for k, v in b.items() if not k.startswith(timing)}
+    w1, w2, w0 = weights(os.path.join(one, "final")), weights(os.path.join(two, "final")), weights(warm_tiny_dir)
+    assert max((w1[k] - w0[k]).abs().max().item() for k in w1) > 5e-3  # the run trained
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
 def test_killed_run_resumes_identically(warm_tiny_dir, four_rows, tmp_path):
     """docs/method.md section 10: --resume latest takes the newest complete checkpoint, ignoring (and
     removing) the .tmp folder of an interrupted save and a metrics line torn by the kill."""
