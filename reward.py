@@ -119,8 +119,36 @@ def parse_options(row) -> dict:
     return options
 
 
+# How an image becomes the 8-bit RGB the processor takes, the same in every stage (docs/method.md
+# section 10). 8-bit modes: PIL's own conversion, as the official code's `convert("RGB")` (a palette
+# is looked up, grey is replicated, alpha is dropped). 16-bit, 32-bit and float grayscale (what a
+# radiograph exported from DICOM is): PIL's conversion clips them at 255, so a 12-bit radiograph
+# becomes white; they are windowed to their own value range instead, as a viewer without a VOI
+# window does: 8-bit = round(255 (v - min) / (max - min)), a constant image 0. Other modes are refused.
+EIGHT_BIT_MODES = ("1", "L", "P", "PA", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(image):
+    """An image of any handled mode as 8-bit RGB, by the rule above; ValueError otherwise."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in WIDE_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"image of mode {image.mode} holds NaN or infinite values")
+        low, high = values.min(), values.max()
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        image = Image.fromarray(np.rint(scaled).astype(np.uint8))
+    elif image.mode not in EIGHT_BIT_MODES:
+        raise ValueError(f"image mode {image.mode!r} is not handled (handled: {', '.join(EIGHT_BIT_MODES)}; "
+                         f"{', '.join(WIDE_MODES)} windowed to their own range)")
+    return image.convert("RGB")
+
+
 def open_image(item, base_dir: str = ""):
-    """A schema image as a fully decoded RGB PIL image.
+    """A schema image as a fully decoded 8-bit RGB PIL image (`to_rgb`).
 
     An image may be a PIL image, the {"bytes", "path"} dict of datasets' Image feature, or a file
     path; a relative path is read relative to `base_dir` (the data file's folder), then to the
@@ -140,9 +168,10 @@ def open_image(item, base_dir: str = ""):
         item = found
     try:
         image = item if isinstance(item, Image.Image) else Image.open(item)
-        image = image.convert("RGB")
+        image.load()
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... name them all alike
         raise ValueError(f"image cannot be decoded ({type(err).__name__}: {err})") from None
+    image = to_rgb(image)
     width, height = image.size
     if min(width, height) < 1 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
         raise ValueError(f"image of {width}x{height} px: aspect ratio over {MAX_ASPECT_RATIO}, "
