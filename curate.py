@@ -211,7 +211,7 @@ def claimed(command: str, args, inputs: dict):
     existed = os.path.isdir(out)
     settings = settings_of(command, args)
     runtime.claim_output_dir(out, {"stage": f"curate.py {command}", "settings": settings,
-                                  "data": inputs}, resume=True)
+                                  "data": inputs}, resume=True, inputs=input_paths(args))
     finished = os.path.isfile(os.path.join(out, STATS_FILE))
     if finished:
         print(f"{out}: this step is done already (same inputs and settings); nothing to do")
@@ -226,6 +226,17 @@ def claimed(command: str, args, inputs: dict):
             if not existed:
                 os.rmdir(out)
         raise
+    finally:
+        runtime.release_output_dir(out)
+
+
+def input_paths(args) -> list[str]:
+    """The folders and files a command reads (its output folder may lie in none of them)."""
+    paths = []
+    for name in ("data", "pmc_csv", "image_dir", "model", "predictions"):
+        value = getattr(args, name, None)
+        paths += value if isinstance(value, list) else [value] if value else []
+    return paths
 
 
 def checked(data, args, where: str):
@@ -1020,4 +1031,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run_main(main)

@@ -148,6 +148,14 @@ def prompt_length(processor, row, base_dir: str = "") -> int:
     return n_tokens
 
 
+def context_length(model_path: str) -> int:
+    """The model's context: the positions its language model was built for (max_position_embeddings
+    of its text config). A longer prompt is skipped in every stage, never fed."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_path).get_text_config().max_position_embeddings
+
+
 def usable_prompts(dataset, data: str, split: str, processor, max_prompt_length: int, on_bad_row: str,
                    accelerator):
     """The rows that can be prompts, and the skipped ones as reward.check_rows lists them.

@@ -160,12 +160,27 @@ def load_rows(args: Args, processor, show_progress: bool):
                               f"the first: {bad[0]['reason']}")
     if bad:
         ds = ds.select(good)
-    rows, batches = [], stored_rows(ds).iter(batch_size=64)
+    # A prompt longer than the model's context is skipped and counted, as grpo.py skips one over
+    # --max_prompt_length (whatever --on_bad_row says): it is the model's limit, not a fault of the row.
+    context = engine.context_length(args.model)
+    rows, too_long, batches = [], [], stored_rows(ds).iter(batch_size=64)
     stored = (row for batch in batches for row in batch.to_pylist())
     for i, row in enumerate(tqdm(stored, total=len(ds), desc="measuring prompts", unit="row",
                                  disable=not show_progress)):
         row = reward.check_row(row, base_dir)  # decoded, for the image sizes
-        rows.append(Row(i, (row["dataset_name"], row["dataset_index"]), engine.prompt_length(processor, row)))
+        length = engine.prompt_length(processor, row)
+        if length > context:
+            too_long.append(i)
+            bad.append({"position": i, "dataset_name": row["dataset_name"], "dataset_index": row["dataset_index"],
+                        "reason": f"{reward.row_name(row)}: prompt of {length} tokens is longer than the "
+                                  f"model's context ({context} positions)"})
+        else:
+            rows.append(Row(len(rows), (row["dataset_name"], row["dataset_index"]), length))
+    if too_long:
+        if not rows:
+            raise ValueError(f"{where}: every prompt is longer than {args.model}'s context ({context} "
+                             "positions); nothing to evaluate")
+        ds = ds.select(sorted(set(range(len(ds))) - set(too_long)))
     return ds, rows, bad, fingerprint
 
 
@@ -491,7 +506,7 @@ def evaluate(args: Args):
     fingerprint = {"stage": "evaluate", "settings": settings, "data": data_fingerprint,
                    "model": runtime.model_fingerprint(args.model)}
     if state.is_main_process:
-        runtime.claim_output_dir(str(out), fingerprint, resume=True)
+        runtime.claim_output_dir(str(out), fingerprint, resume=True, inputs=(args.data, args.model))
         if skipped:
             runtime.write_bad_rows(skipped, str(out))
             print(f"skipped {len(skipped)} bad row(s) of {len(rows) + len(skipped)}, listed in "
@@ -545,6 +560,12 @@ def evaluate(args: Args):
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(batch))
+            stop = runtime.stop_requested()  # SIGTERM: every finished row is on disk; the rest waits
+            if stop:
+                bar.close()
+                print(f"rank {state.process_index}: stopped by {stop}; its finished rows are in {part}. "
+                      "Run the same command again to answer the rest.")
+                raise SystemExit(runtime.STOPPED)
     bar.close()
     if n_rows:
         seconds = time.time() - generating
@@ -564,6 +585,7 @@ def evaluate(args: Args):
         for path in part_files(out):  # merged: predictions.jsonl now holds every line
             path.unlink()
     state.wait_for_everyone()
+    runtime.release_output_dir(str(out))
     return results
 
 
@@ -665,4 +687,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run_main(main)

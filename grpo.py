@@ -111,6 +111,13 @@ class Args:
         if self.mini_batch_size % world_size:
             raise ValueError(f"--mini_batch_size must be a multiple of the {world_size} processes "
                              "(each process updates on whole groups)")
+        for flag in ("beta", "learning_rate", "eps_low", "eps_high", "max_grad_norm", "weight_decay"):
+            if getattr(self, flag) < 0:
+                raise ValueError(f"--{flag} {getattr(self, flag)} is negative; it must be 0 or more")
+        if self.dual_clip <= 1:
+            raise ValueError(f"--dual_clip {self.dual_clip} must be above 1 (verl's clip_ratio_c; the paper: 3)")
+        if self.max_steps <= 0 and self.num_epochs <= 0:
+            raise ValueError("--max_steps and --num_epochs are both 0 or less: nothing to train")
         if self.loss_agg not in ("token-mean", "seq-mean-token-mean"):
             raise ValueError(f"--loss_agg must be token-mean or seq-mean-token-mean, got {self.loss_agg!r}")
 
@@ -479,13 +486,17 @@ def load_data(args: Args, engine_args, run: runtime.RunArgs, accelerator):
                 "validation": None if eval_set is None else runtime.data_fingerprint(eval_set)}
         runtime.claim_output_dir(run.output_dir, {"stage": "grpo", "model": args.model, "data": data,
                                                   "settings": runtime.settings(args, engine_args, run)},
-                                 resume=run.resume is not None)
+                                 resume=run.resume is not None, inputs=(args.data, args.eval_data, args.model))
     accelerator.wait_for_everyone()
     final_dir = os.path.join(run.output_dir, "final")
     if run.resume is not None and os.path.isdir(final_dir):
         accelerator.print(f"{run.output_dir}: this run is finished ({final_dir} exists); nothing to do")
         return None
     processor = AutoProcessor.from_pretrained(args.model)
+    context = engines.context_length(args.model)
+    if args.max_prompt_length > context:
+        raise ValueError(f"--max_prompt_length {args.max_prompt_length} is beyond {args.model}'s context "
+                         f"({context} positions): pass at most {context}")
     dataset, skipped = engines.usable_prompts(dataset, args.data, args.split, processor,
                                               args.max_prompt_length, run.on_bad_row, accelerator)
     eval_rows = []
@@ -587,16 +598,24 @@ def main(argv: list[str] | None = None):
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl'] or 0:.4f}",
                         **({"val": f"{record['val_accuracy']:.3f}"} if "val_accuracy" in record else {}))
+        saved = None
         if run.save_steps > 0 and (step + 1) % run.save_steps == 0 and step + 1 < total_steps:
-            runtime.save_checkpoint(accelerator, model, processor, run, step + 1, {"guard": guard.state()})
+            saved = runtime.save_checkpoint(accelerator, model, processor, run, step + 1, {"guard": guard.state()})
+        stop = runtime.stop_requested(accelerator)  # SIGTERM: the step is done; save it and exit
+        if stop and step + 1 < total_steps:
+            saved = saved or runtime.save_checkpoint(accelerator, model, processor, run, step + 1,
+                                                     {"guard": guard.state()})
+            engine.close()
+            raise runtime.stopped(accelerator, stop, step + 1, saved)
     bar.close()
     engine.close()
     # A finished run is never resumed (final/ says it is finished), so its end writes the model alone:
     # no optimizer state (for the 3B, 45 GB of fp32 weights and Adam moments, docs/real_path.md).
     final = runtime.save_checkpoint(accelerator, model, processor, run, total_steps, None) if run.save_final else None
     accelerator.end_training()
+    runtime.release_output_dir(run.output_dir)
     return final
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run_main(main)

@@ -243,15 +243,21 @@ def write_bad_rows(bad: list[dict], output_dir: str) -> None:
 RUN_FILE = "run.json"
 
 
-def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool) -> None:
+def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool, inputs=()) -> None:
     """Make `output_dir` this run's folder, or refuse, saying how to go on.
 
     `fingerprint` names what makes a run this run (the stage, the settings that change its results,
     the input data's fingerprint). It is written to run.json in a new or empty folder. A folder of
     another run (different fingerprint, or files but no run.json) is never written into; a folder of
     this very run is continued only with `resume` (evaluate.py always resumes: its predictions are
-    reused). Nothing already computed is ever overwritten or silently mixed.
+    reused). Nothing already computed is ever overwritten or silently mixed. A folder inside one of
+    `inputs` (the data and model folders) is refused, and so is a folder another process holds
+    (`lock_output_dir`).
     """
+    inside = next((i for i in inputs if is_inside(output_dir, i)), None)
+    if inside is not None:
+        raise SystemExit(f"--output_dir {output_dir} is inside the input folder {inside}; a run never "
+                         "writes into its inputs. Choose a folder outside it.")
     path = os.path.join(output_dir, RUN_FILE)
     fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))  # as stored
     if os.path.isfile(path):
@@ -269,14 +275,76 @@ def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool) -> None:
         if not resume:
             raise SystemExit(f"{output_dir} holds this run already. Pass --resume latest to continue "
                              f"it, or delete {output_dir} to start over.")
+        lock_output_dir(output_dir)
         return
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise SystemExit(f"{output_dir} is not empty and is not a run folder of this project (no "
                          f"{RUN_FILE}). Choose another --output_dir, or empty it.")
     os.makedirs(output_dir, exist_ok=True)
+    lock_output_dir(output_dir)
+    if os.path.isfile(path):  # another run claimed it between our look and our lock
+        release_output_dir(output_dir)
+        return claim_output_dir(output_dir, fingerprint, resume, inputs)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(fingerprint, f, indent=1, sort_keys=True)
     os.replace(path + ".tmp", path)
+
+
+def is_inside(path: str, folder) -> bool:
+    """Whether `path` is the folder `folder` or lies under it (an existing local folder; a hub id or
+    a file is no folder)."""
+    if not isinstance(folder, str) or not os.path.isdir(folder):
+        return False
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+# One writer per run folder: the process that claimed it holds an exclusive flock on the folder
+# itself (no lock file: nothing is left behind) for the rest of its life. The kernel drops a flock
+# when its process ends, however it ends, so a killed run never blocks the next one. flock is
+# advisory: it keeps out this project's runs, not other programs.
+_LOCKS: dict[str, int] = {}
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """Hold `output_dir` for this process (again: nothing to do), or exit naming the holder."""
+    import fcntl
+
+    key = os.path.realpath(output_dir)
+    if key in _LOCKS:
+        return
+    fd = os.open(key, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"{output_dir} is in use by another run ({lock_holder(key)}). Wait for it to "
+                         "end, or choose another --output_dir.") from None
+    _LOCKS[key] = fd
+
+
+def release_output_dir(output_dir: str) -> None:
+    """Let another run have `output_dir` (the end of a run; a process that ends releases it anyway)."""
+    fd = _LOCKS.pop(os.path.realpath(output_dir), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def lock_holder(folder: str) -> str:
+    """The process holding a flock on `folder`, from Linux's /proc/locks: 'pid N: its command'."""
+    try:
+        inode = os.stat(folder).st_ino
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if "FLOCK" in fields and fields[-3].rsplit(":", 1)[-1] == str(inode):
+                    pid = fields[-4]
+                    with open(f"/proc/{pid}/cmdline", "rb") as cmd:
+                        command = " ".join(cmd.read().decode(errors="replace").replace("\0", " ").split())
+                    return f"pid {pid}: {command}"
+    except (OSError, IndexError):
+        pass
+    return "a process this machine cannot see, or one that just ended"
 
 
 def write_json(path, obj) -> None:
@@ -504,13 +572,20 @@ def save_model(accelerator, model, processor, folder: str, dtype) -> None:
     processor.save_pretrained(folder)
 
 
+CHECKSUMS = "checksums.json"
+
+
 def save_checkpoint(accelerator, model, processor, run: RunArgs, step: int, state: dict | None) -> str:
     """DIR/checkpoint-{step} with `state` (a JSON object: the stage's own resume data) in
     trainer_state.json beside "step", or DIR/final (state None: the model and processor alone).
 
     Everything is written into a .tmp folder, then renamed with os.replace: the rename is the
     completeness marker, so a run killed while saving leaves only a .tmp folder, which resuming
-    ignores and removes. Then checkpoints beyond --save_total_limit go, oldest first, with
+    ignores and removes. The last file written before the rename is checksums.json, the size and
+    SHA-256 of every other file, which a resume verifies (`verified`). A save that fails on any
+    process (a full disk, say) removes its .tmp folder and stops the run naming the folder, the
+    cause and, for a full disk, the space free and the space the save needs (`save_failure`); earlier
+    checkpoints are untouched. Then checkpoints beyond --save_total_limit go, oldest first, with
     transformers' rotate_checkpoints (accelerate's ProjectConfiguration(total_limit) rotates only its
     own checkpoints/checkpoint_{i} layout, not this one). Returns the folder.
     """
@@ -521,14 +596,34 @@ def save_checkpoint(accelerator, model, processor, run: RunArgs, step: int, stat
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    if state is not None:
-        accelerator.save_state(os.path.join(tmp, TRAINING_STATE))
     dtype = saved_dtype(run.save_dtype, accelerator.mixed_precision)
-    save_model(accelerator, model, processor, tmp, dtype)  # full weights, gathered under FSDP
-    if accelerator.is_main_process and state is not None:
-        with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
-            json.dump({"step": step, **state}, f)
-    accelerator.wait_for_everyone()
+    failure = None
+    try:
+        if state is not None:
+            accelerator.save_state(os.path.join(tmp, TRAINING_STATE))
+        save_model(accelerator, model, processor, tmp, dtype)  # full weights, gathered under FSDP
+        if accelerator.is_main_process and state is not None:
+            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+                json.dump({"step": step, **state}, f)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        failure = err
+    failed = torch.tensor([failure is not None], dtype=torch.float, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(failed, "sum")
+    if failed.item() == 0 and accelerator.is_main_process:
+        try:
+            write_json(os.path.join(tmp, CHECKSUMS), checksums(tmp))
+        except OSError as err:
+            failure = err
+    failed = torch.tensor([failure is not None], dtype=torch.float, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(failed, "sum")
+    if failed.item() > 0:
+        message = save_failure(folder, tmp, failure, run.output_dir) if failure is not None else None
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        raise SaveFailed(message or f"saving {folder} failed on another process; {tmp} was removed")
     if accelerator.is_main_process:
         shutil.rmtree(folder, ignore_errors=True)  # saved before by this run, resumed from an older one
         os.replace(tmp, folder)
@@ -540,25 +635,99 @@ def save_checkpoint(accelerator, model, processor, run: RunArgs, step: int, stat
     return folder
 
 
-def find_checkpoint(run: RunArgs, accelerator) -> str | None:
-    """The folder to resume from: --resume itself (it must be a complete checkpoint), or with
-    'latest' the newest complete checkpoint-{step} of --output_dir (transformers'
-    get_last_checkpoint matches `checkpoint-<digits>` only, never a .tmp), or None: start afresh, so
-    that `--resume latest` is always safe to pass."""
-    from transformers.trainer_utils import get_last_checkpoint
+class SaveFailed(OSError):
+    """A checkpoint could not be written; the message names the folder and the cause."""
 
+
+def save_failure(folder: str, tmp: str, err: Exception, output_dir: str) -> str:
+    """One line for a failed save: the folder and the cause; for a full disk (errno ENOSPC, or
+    torch.save's "unexpected pos" / "file write failed", safetensors' "StorageFull") the space free
+    and about how much the save needs: the size of the newest complete checkpoint, or of what this
+    save had written when it failed."""
+    text = f"{type(err).__name__}: {err}"
+    full = getattr(err, "errno", None) == 28 or any(
+        sign in text for sign in ("No space left", "unexpected pos", "file write failed", "StorageFull"))
+    if not full:
+        return f"saving {folder} failed ({' '.join(text.split())[:300]}); {tmp} was removed"
+    complete = [os.path.join(output_dir, n) for n in os.listdir(output_dir)
+                if re.fullmatch(r"checkpoint-\d+|final", n) and os.path.isfile(
+                    os.path.join(output_dir, n, CHECKSUMS))]
+    sizes = [folder_size(c) for c in complete] or [folder_size(tmp)]
+    free = shutil.disk_usage(output_dir).free
+    return (f"saving {folder}: no space left on the device ({free / 1e9:.2f} GB free; the save needs "
+            f"about {max(sizes) / 1e9:.2f} GB). {tmp} was removed and earlier checkpoints are intact; "
+            "free space, then run again with --resume latest")
+
+
+def folder_size(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder)
+               for name in names)
+
+
+def checksums(folder: str) -> dict:
+    """{relative path: [size, sha256]} of every file under `folder`."""
+    out = {}
+    for root, _, names in sorted(os.walk(folder)):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = [os.path.getsize(path),
+                                                      hashlib.file_digest(f, "sha256").hexdigest()]
+    return out
+
+
+def damage(folder: str) -> str | None:
+    """What is wrong with a saved folder against its checksums.json (a missing, resized or changed
+    file), or None when every file is as saved. A folder saved without checksums.json (before this
+    project wrote them) is taken as it is."""
+    path = os.path.join(folder, CHECKSUMS)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return f"{CHECKSUMS} is unreadable"
+    for name, (size, digest) in recorded.items():
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != size:
+            return f"{name} has {os.path.getsize(file)} bytes, {size} when saved"
+        with open(file, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != digest:
+                return f"{name} differs from what was saved (SHA-256)"
+    return None
+
+
+def find_checkpoint(run: RunArgs, accelerator) -> str | None:
+    """The folder to resume from: --resume itself (it must be a complete, intact checkpoint), or
+    with 'latest' the newest complete checkpoint-{step} of --output_dir that matches its checksums
+    (a damaged one is named and passed over), or None: start afresh, so that `--resume latest` is
+    always safe to pass. Complete: renamed from .tmp, so holding trainer_state.json."""
     if not run.resume:
         return None
     if run.resume != "latest":
         if not os.path.isfile(os.path.join(run.resume, TRAINER_STATE)):
             raise FileNotFoundError(f"--resume {run.resume}: not a complete checkpoint (no {TRAINER_STATE} "
                                     "there); pass a checkpoint-{step} folder or 'latest'")
+        problem = damage(run.resume)
+        if problem:
+            raise ValueError(f"--resume {run.resume}: the checkpoint is damaged ({problem}); pass an "
+                             "earlier checkpoint, or 'latest' to take the newest intact one")
         return run.resume
-    found = get_last_checkpoint(run.output_dir) if os.path.isdir(run.output_dir) else None
-    if found is None:
-        accelerator.print(f"--resume latest: no complete checkpoint in {run.output_dir}; the run "
-                          "starts afresh")
-    return found
+    found = sorted((int(m.group(1)), name) for name in (os.listdir(run.output_dir) if os.path.isdir(
+        run.output_dir) else []) if (m := re.fullmatch(r"checkpoint-(\d+)", name))
+        and os.path.isfile(os.path.join(run.output_dir, name, TRAINER_STATE)))
+    for _, name in reversed(found):
+        checkpoint = os.path.join(run.output_dir, name)
+        problem = damage(checkpoint)
+        if problem is None:
+            return checkpoint
+        accelerator.print(f"--resume latest: {checkpoint} is damaged ({problem}); passing over it")
+    accelerator.print(f"--resume latest: no {'intact' if found else 'complete'} checkpoint in "
+                      f"{run.output_dir}; the run starts afresh")
+    return None
 
 
 def read_state(checkpoint: str | None, expect: dict | None = None) -> dict:
@@ -733,7 +902,7 @@ class GuardArgs:
                 "gradient norm (0: never stop)."})
     collapse_steps: int = field(default=5, metadata={
         "help": "Warn when for this many steps in a row no completion has the answer format and every "
-                "group's rewards are equal (0: never)."})
+                "group's rewards are equal, and stop the run when it lasts 10 times as long (0: never)."})
 
 
 @dataclass
@@ -748,7 +917,8 @@ class Guard:
     - --collapse_steps steps in a row where no completion has the answer format and every group's
       rewards are equal are warned about: every advantage is then 0, and nothing but the KL term
       moves the policy. Measured on the toy world at lr 1e-2: the policy went near uniform in one
-      step and stayed there, reward 0 and gradient norm 0, without any error.
+      step and stayed there, reward 0 and gradient norm 0, without any error. A collapse lasting
+      10 x --collapse_steps steps stops the run, naming the step: it is not coming back.
     """
 
     args: GuardArgs
@@ -789,6 +959,13 @@ class Guard:
                 f"Lower --learning_rate, or resume from an earlier checkpoint.")
         collapsed = record["format_rate"] == 0 and record["zero_advantage_groups"] == 1
         self.collapsed_in_a_row = self.collapsed_in_a_row + 1 if collapsed else 0
+        if collapse_steps > 0 and self.collapsed_in_a_row >= 10 * collapse_steps:
+            raise SystemExit(
+                f"grpo.py stopped at step {record['step']}: for {self.collapsed_in_a_row} steps in a row "
+                f"(10 x --collapse_steps {collapse_steps}) no completion had the answer format and every "
+                f"group's rewards were equal: the policy has collapsed (entropy {record['entropy']}). "
+                f"Lower --learning_rate and resume from a checkpoint from before step "
+                f"{record['step'] - self.collapsed_in_a_row + 1}, or start over.")
         if 0 < collapse_steps == self.collapsed_in_a_row:
             return (f"warning: step {record['step']}: for {collapse_steps} steps in a row no "
                     f"completion had the answer format and every group's rewards were equal (all "
@@ -817,3 +994,70 @@ def named_sampling_failure(step: int, model, learning_rate: float):
             f"grpo.py stopped at step {step}: sampling failed ({err}): {policy} gives non-finite "
             f"probabilities; {cause}. The updates diverged: lower --learning_rate (now {learning_rate:g}) "
             f"and start over, or resume from an earlier checkpoint.") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. How a run ends: stop signals, named errors (docs/method.md section 10)
+# ---------------------------------------------------------------------------------------------
+
+# The exit status of a run that a stop signal ended after saving: EX_TEMPFAIL ("try again later"),
+# distinct from 0 (done) and 1 (an error), so a job script can requeue on it.
+STOPPED = 75
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # what Slurm and Kubernetes send before they pre-empt a job
+_stop = {"signal": None}
+TRACEBACK = "MEDVLT_TRACEBACK"  # set to 1: named errors show their traceback too
+# The errors a stage raises on purpose, each naming its file, row, flag or path.
+NAMED_ERRORS = (reward.RowError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                PermissionError, SaveFailed)
+
+
+def catch_stop_signals() -> None:
+    """From now on SIGTERM and SIGUSR1 set a flag that the run reads between steps (`stop_requested`)
+    instead of killing the process mid-step."""
+    import signal
+
+    def remember(signum, frame):
+        _stop["signal"] = signal.Signals(signum).name
+
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), remember)
+
+
+def stop_requested(accelerator=None) -> str | None:
+    """The stop signal any process has received, or None. With `accelerator`, all processes agree
+    (one all-reduce), so that they all stop after the same step; without, this process's own."""
+    got = _stop["signal"]
+    if accelerator is not None and accelerator.num_processes > 1:
+        flags = torch.tensor([got == name for name in STOP_SIGNALS], dtype=torch.float,
+                             device=accelerator.device)
+        flags = accelerator.reduce(flags, "sum")
+        got = next((name for name, flag in zip(STOP_SIGNALS, flags.tolist()) if flag), None)
+    return got
+
+
+def stopped(accelerator, signal_name: str, step: int, saved: str | None) -> SystemExit:
+    """The SystemExit (status STOPPED) of a run stopped by `signal_name` after `step`; `saved`: the
+    checkpoint that holds that step."""
+    where = f"{saved} holds it; run the same command with --resume latest to continue" if saved else \
+        "nothing was saved (--save_steps 0)"
+    accelerator.print(f"stopped by {signal_name} after step {step}: {where}")
+    return SystemExit(STOPPED)
+
+
+def run_main(main) -> None:
+    """A stage's command line: `main()` with the stop signals caught, and its named errors (a bad
+    row, a wrong flag or path, a failed save) as one line on stderr with exit status 1 instead of a
+    traceback; MEDVLT_TRACEBACK=1 shows the traceback."""
+    catch_stop_signals()
+    try:
+        main()
+    except SystemExit as err:  # a refusal with its message (a string), or a status (STOPPED)
+        if not isinstance(err.code, str):
+            raise
+        print(f"{os.path.basename(sys.argv[0])}: error: {err.code}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except NAMED_ERRORS as err:
+        if os.environ.get(TRACEBACK, "") not in ("", "0"):
+            raise
+        print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None

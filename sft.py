@@ -204,9 +204,14 @@ def prepare_data(args: Args, data, processor, end_of_turn: str, accelerator):
             batch = tokenize(processor, [data[i] for i in mine[start:start + 16]], end_of_turn, base_dir)
             lengths += batch["attention_mask"].sum(1).tolist()
     lengths = gather_object(lengths)
-    kept = [i for i, n in enumerate(lengths) if n <= args.max_length]
+    # The model's context bounds a sequence too: positions it was never built for are not trained on.
+    context = engine.context_length(args.model)
+    limit = min(args.max_length, context)
+    kept = [i for i, n in enumerate(lengths) if n <= limit]
+    bound = f"--max_length {args.max_length}" if limit == args.max_length else \
+        f"the model's context ({context} positions; --max_length is {args.max_length})"
     accelerator.print(f"{len(kept)} of {len(data)} sequences kept; {len(data) - len(kept)} dropped "
-                      f"as longer than --max_length {args.max_length}")
+                      f"as longer than {bound}")
     return data.select(kept), [lengths[i] for i in kept], len(data) - len(kept)
 
 
@@ -329,6 +334,11 @@ def main(argv=None):
                                    defaults={"output_dir": "runs/sft", "save_steps": 500})
     accelerator = runtime.accelerator_for(run)
     world, rank = accelerator.num_processes, accelerator.process_index
+    for flag in ("learning_rate", "max_grad_norm", "weight_decay", "warmup_ratio"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} {getattr(args, flag)} is negative; it must be 0 or more")
+    if args.max_steps <= 0 and args.num_epochs <= 0:
+        raise ValueError("--max_steps and --num_epochs are both 0 or less: nothing to train")
     if args.global_batch_size % (args.micro_batch_size * world):
         raise ValueError(f"--global_batch_size {args.global_batch_size} is not a multiple of "
                          f"--micro_batch_size {args.micro_batch_size} x {world} processes")
@@ -343,12 +353,13 @@ def main(argv=None):
     if run.resume and os.path.isdir(final):
         if accelerator.is_main_process:
             # Only a check here: this run's folder has run.json; another run's folder is refused.
-            runtime.claim_output_dir(run.output_dir, fingerprint, resume=True)
+            runtime.claim_output_dir(run.output_dir, fingerprint, resume=True, inputs=(args.data, args.model))
         accelerator.print(f"{run.output_dir} is a finished run ({final} exists): nothing to do")
         return
     data, bad = usable_rows(data, args, run.on_bad_row, accelerator)
     if accelerator.is_main_process:
-        runtime.claim_output_dir(run.output_dir, fingerprint, resume=bool(run.resume))
+        runtime.claim_output_dir(run.output_dir, fingerprint, resume=bool(run.resume),
+                                 inputs=(args.data, args.model))
     accelerator.wait_for_everyone()
     checkpoint = runtime.find_checkpoint(run, accelerator)  # a wrong --resume path fails before any change
     if accelerator.is_main_process and run.on_bad_row == "skip":
@@ -406,13 +417,19 @@ def main(argv=None):
             "peak_memory_gb": runtime.peak_memory_gb(accelerator.device), "dropped_too_long": n_dropped})
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+        saved = None
         if run.save_steps > 0 and step % run.save_steps == 0:
-            runtime.save_checkpoint(accelerator, model, processor, run, step, plan_info)
+            saved = runtime.save_checkpoint(accelerator, model, processor, run, step, plan_info)
+        stop = runtime.stop_requested(accelerator)  # SIGTERM: the step is done; save it and exit
+        if stop and step < total_steps:
+            saved = saved or runtime.save_checkpoint(accelerator, model, processor, run, step, plan_info)
+            raise runtime.stopped(accelerator, stop, step, saved)
     progress.close()
     if run.save_final:
         runtime.save_checkpoint(accelerator, model, processor, run, total_steps, None)
     accelerator.end_training()
+    runtime.release_output_dir(run.output_dir)
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run_main(main)

@@ -495,6 +495,15 @@ def test_collapse_warning_on_a_crafted_sequence():
     assert warnings[7].startswith("warning: step 7: for 3 steps in a row no completion had the answer format")
     assert "entropy 6.2" in warnings[7]
     assert runtime.Guard(runtime.GuardArgs(collapse_steps=0)).after_step(record(1, 0.0, 1.0)) is None  # 0: never
+    # A collapse that lasts 10 x --collapse_steps stops the run, naming the step and where it began:
+    # steps 5-9 are collapsed already, so steps 10-34 make 30 in a row and step 34 stops.
+    for step in range(10, 34):
+        guard.after_step(record(step, 0.0, 1.0))
+    with pytest.raises(SystemExit, match=r"grpo.py stopped at step 34: for 30 steps in a row \(10 x "
+                                         r"--collapse_steps 3\).*checkpoint from before step 5"):
+        guard.after_step(record(34, 0.0, 1.0))
+    never = runtime.Guard(runtime.GuardArgs(collapse_steps=0))
+    assert all(never.after_step(record(step, 0.0, 1.0)) is None for step in range(1, 200))
 
 
 # ---------------------------------------------------------------------------------------------
