@@ -320,6 +320,9 @@ def lock_output_dir(output_dir: str) -> None:
         os.close(fd)
         raise SystemExit(f"{output_dir} is in use by another run ({lock_holder(key)}). Wait for it to "
                          "end, or choose another --output_dir.") from None
+    except OSError as err:  # a file system without locks (some NFS mounts): run, but say so
+        print(f"warning: {output_dir} cannot be locked ({err.strerror}); nothing keeps a second run "
+              "out of it", file=sys.stderr)
     _LOCKS[key] = fd
 
 
