@@ -55,17 +55,18 @@ def wait_for(condition, proc, what: str, seconds: float = 120):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_a_second_run_is_refused_and_a_killed_holder_blocks_nothing(tiny_model_dir, toy_data_dir, tmp_path):
+def test_a_second_run_is_refused_and_a_killed_holder_blocks_nothing(tiny_model_dir, toy_data_dir, tmp_path,
+                                                                    capsys):
     """Two `--resume latest` runs of one folder (a re-queued job beside its old self): the second
     exits 1 with one line naming the folder and the holder's pid, and writes nothing. The holder is
     frozen (SIGSTOP) once it has claimed the folder, so the order is certain, then killed with -9:
     the next run takes the folder over and ends with one metrics line per step, in order."""
     out = tmp_path / "run"
     flags = ["--model", tiny_model_dir, "--data", toy_data_dir, "--output_dir", out, *SFT,
-             "--max_steps", "2000", "--save_steps", "1000", "--resume", "latest"]
+             "--max_steps", "6", "--save_steps", "0", "--resume", "latest"]
     holder = script("sft", *flags)
     try:
-        wait_for(lambda: (out / "metrics.jsonl").exists(), holder, "a first step")
+        wait_for(lambda: (out / runtime.RUN_FILE).exists(), holder, "its claim")
         os.kill(holder.pid, signal.SIGSTOP)
         before = sorted(p.name for p in out.iterdir())
         second = script("sft", *flags)
@@ -76,17 +77,10 @@ def test_a_second_run_is_refused_and_a_killed_holder_blocks_nothing(tiny_model_d
             f"{' '.join(map(str, flags))}). Wait for it to end, or choose another --output_dir."]
         assert "Traceback" not in err and sorted(p.name for p in out.iterdir()) == before
     finally:
-        holder.kill()
+        holder.kill()  # -9, frozen mid-run: its lock dies with it
         holder.wait()
-    small = [f if f != "2000" else "6" for f in flags]  # another max_steps: another run, so a new folder
-    out2 = tmp_path / "run2"
-    small[small.index(out)] = out2
-    first = script("sft", *small)
-    wait_for(lambda: (out2 / "metrics.jsonl").exists(), first, "a first step")
-    first.kill()  # -9 mid-run: its lock dies with it
-    first.wait()
-    assert script("sft", *small).wait(timeout=120) == 0
-    assert [m["step"] for m in lines_of(out2 / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    sft.main(list(map(str, flags)))
+    assert [m["step"] for m in lines_of(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +218,7 @@ def test_sigterm_in_evaluate_keeps_every_finished_row(tiny_model_dir, toy_data_d
     kept = lines_of(part)  # every line whole
     assert f"rank 0: stopped by SIGTERM; its finished rows are in {part}" in said
     assert 2 <= len(kept) < 24
-    assert script("evaluate", *flags).wait(timeout=300) == 0
+    evaluate.main(list(map(str, flags)))  # the same command again: the rest of the rows
     final = lines_of(out / "predictions.jsonl")
     assert len(final) == 24
     by_key = {(line["dataset_name"], line["dataset_index"]): line for line in final}
@@ -313,13 +307,15 @@ def test_prompts_beyond_the_context_are_skipped_counted_or_refused(short_context
         grpo.main(["--model", short_context_model, "--data", toy_data_dir, "--output_dir", str(tmp_path / "grpo")])
 
 
-def test_named_errors_are_one_line_and_the_traceback_is_one_variable_away(tiny_model_dir, toy_data_dir, tmp_path):
-    flags = ["--model", tiny_model_dir, "--data", toy_data_dir, "--output_dir", tmp_path / "run", "--beta", "-1"]
+def test_named_errors_are_one_line_and_the_traceback_is_one_variable_away(tiny_model_dir, toy_data_dir, tmp_path,
+                                                                         monkeypatch):
+    """As a user runs it (a process): one line, exit 1. With MEDVLT_TRACEBACK=1 (through run_main,
+    here) the error itself, with its traceback."""
+    flags = ["--model", tiny_model_dir, "--data", toy_data_dir, "--output_dir", str(tmp_path / "run"), "--beta", "-1"]
     proc = script("grpo", *flags)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert err.strip().splitlines() == ["grpo.py: error: --beta -1.0 is negative; it must be 0 or more"]
-    proc = script("grpo", *flags, env=dict(run_env(), MEDVLT_TRACEBACK="1"))
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "Traceback (most recent call last)" in err
-    assert err.strip().splitlines()[-1] == "ValueError: --beta -1.0 is negative; it must be 0 or more"
+    monkeypatch.setenv(runtime.TRACEBACK, "1")
+    with pytest.raises(ValueError, match="--beta -1.0 is negative"):
+        runtime.run_main(lambda: grpo.main(flags))

@@ -409,7 +409,7 @@ def test_a_bad_row_is_a_named_error_or_a_counted_skip(fault, toy_data_dir, tmp_p
     assert not out.exists()
 
     # --on_bad_row skip: the row is left out and counted; the others are kept in order.
-    args = sft.Args(data=data, split="sft")
+    args = sft.Args(data=data, split="sft", model=tiny_model_dir)
     loaded = runtime.load_split(data, "sft", columns=sft.COLUMNS)
     kept, bad = sft.usable_rows(loaded, args, "skip", Accelerator(cpu=True))
     assert [(b["position"], b["dataset_name"], b["dataset_index"]) for b in bad] == [(bad_at, name, index)]
@@ -437,7 +437,7 @@ def test_image_paths_in_a_data_file_are_read_relative_to_its_folder(suffix, tiny
     monkeypatch.chdir(tmp_path)  # paths are relative to the file's folder, not to the working directory
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     processor.tokenizer.padding_side = "right"
-    args = sft.Args(data=data, split="sft")
+    args = sft.Args(data=data, split="sft", model=tiny_model_dir)
     loaded = runtime.load_split(data, "sft", columns=sft.COLUMNS)
     kept, bad = sft.usable_rows(loaded, args, "error", Accelerator(cpu=True))
     first = next(i for i, r in enumerate(rows) if r["images"])
