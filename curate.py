@@ -1024,8 +1024,12 @@ COMMANDS = {
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    usage = f"usage: python curate.py {'|'.join(COMMANDS)} [settings.yaml] [--help | options]"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\n\n{__doc__.strip()}\n\nEach command's flags and defaults: python curate.py COMMAND --help")
+        return
     if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: python curate.py {'|'.join(COMMANDS)} [settings.yaml] [--help | options]")
+        raise SystemExit(usage if not argv else f"unknown command {argv[0]!r}{runtime.closest(argv[0], COMMANDS)}; {usage}")
     args_class, command = COMMANDS[argv[0]]
     command(runtime.parse_args(args_class, argv=argv[1:]))  # a YAML/JSON file first, flags override it
 

@@ -683,6 +683,7 @@ def main(argv=None):
         raise SystemExit("--n > 1 needs --temperature > 0: greedy samples would all be the same")
     if args.engine == "vllm":  # before any work
         engine.check_vllm(1)
+    runtime.check_model(args.model)
     return evaluate(args)
 
 

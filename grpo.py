@@ -544,6 +544,7 @@ def main(argv: list[str] | None = None):
     accelerator = runtime.accelerator_for(run)
     args.check(accelerator.num_processes)
     engine_args.check(accelerator.num_processes)
+    runtime.check_model(args.model)
     data = load_data(args, engine_args, run, accelerator)  # rows checked, folder claimed: before any model work
     if data is None:
         return os.path.join(run.output_dir, "final")

@@ -95,39 +95,114 @@ def settings(*args) -> dict:
     return found
 
 
+SETTINGS_FILES = (".yaml", ".yml", ".json")
+
+
 def parse_args(*classes, argv=None, defaults: dict | None = None):
-    """The stage's dataclasses from the command line, TRL-style: a YAML or JSON file as the first
-    argument gives values (`python grpo.py configs/grpo_m23k.yaml`), and flags after it override
-    them (`... --learning_rate 2e-6`). transformers' HfArgumentParser does the parsing; the file's
-    values become the parser's defaults, so a flag always wins and a field the file sets is no
-    longer required on the command line. An unknown key in the file is an error. `defaults`: the
+    """The stage's dataclasses from the command line, TRL-style: a YAML or JSON settings file gives
+    values (`python grpo.py configs/grpo_m23k.yaml`, or `--config FILE`, anywhere on the line), and
+    flags override them wherever they stand (`... --learning_rate 2e-6`). transformers'
+    HfArgumentParser does the parsing; the file's values become the parser's defaults, so a flag
+    always wins and a field the file sets is no longer required on the command line. `defaults`: the
     stage's own defaults for fields of shared dataclasses (RunArgs' output_dir). Returns one instance
-    per class (a tuple when several)."""
+    per class (a tuple when several).
+
+    Every mistake is a one-line SystemExit naming it, before any model work: an unknown flag or
+    settings key (with the closest known one), a bad value, a missing or malformed file. Flags match
+    whole: argparse's prefix matching is off, so a typo like --max_step is an error, not --max_steps.
+    `--help` shows every flag's default.
+    """
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(classes)
-    parser.set_defaults(**(defaults or {}))
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        path = argv.pop(0)
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".json"):
-                values = json.load(f)
-            else:
-                import yaml
+    parser = HfArgumentParser(classes, allow_abbrev=False)
 
-                values = yaml.safe_load(f) or {}
+    def error(message):  # argparse's own errors (a bad value, a missing flag): one line, no usage block
+        raise SystemExit(message)
+
+    parser.error = error
+    for action in parser._actions:
+        if action.help is None:  # argparse shows a default only beside a help text
+            action.help = "default: %(default)s"
+    parser.set_defaults(**(defaults or {}))
+    path, argv = settings_file(argv, parser)
+    if path is not None:
+        values = read_settings(path)
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise SystemExit(f"{path}: unknown setting(s) {unknown} for "
-                             f"{', '.join(c.__name__ for c in classes)}")
+            raise SystemExit(f"{path}: unknown setting(s) {', '.join(map(repr, unknown))}{closest(unknown[0], known)} "
+                             f"for {', '.join(c.__name__ for c in classes)}")
         for action in parser._actions:
             if action.dest in values:
                 action.required = False
         parser.set_defaults(**values)
+    _, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = {o for action in parser._actions for o in action.option_strings}
+        raise SystemExit(f"unknown argument {unknown[0]!r}{closest(unknown[0].split('=')[0], flags)}; "
+                         "--help lists every flag")
     parsed = parser.parse_args_into_dataclasses(argv)
     return parsed[0] if len(classes) == 1 else parsed
+
+
+def closest(name: str, known) -> str:
+    """' (did you mean X?)' for the known name closest to a mistyped one, or ''."""
+    import difflib
+
+    match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def settings_file(argv: list[str], parser) -> tuple[str | None, list[str]]:
+    """(the settings file, the other arguments): `--config FILE`, `--config=FILE`, or a bare argument
+    ending in .yaml, .yml or .json that is not a flag's value (`--data rows.json` is data)."""
+    takes_value = {o for action in parser._actions if action.nargs != 0 for o in action.option_strings}
+    files, rest, i = [], [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--config":
+            if i + 1 == len(argv):
+                raise SystemExit("--config needs a settings file (YAML or JSON)")
+            files.append(argv[i + 1])
+            i += 2
+            continue
+        previous = argv[i - 1] if i else ""
+        if token.startswith("--config="):
+            files.append(token.split("=", 1)[1])
+        elif token.endswith(SETTINGS_FILES) and not token.startswith("-") and previous not in takes_value:
+            files.append(token)
+        else:
+            rest.append(token)
+        i += 1
+    if len(files) > 1:
+        raise SystemExit(f"one settings file at a time, got {', '.join(files)}")
+    return (files[0] if files else None), rest
+
+
+def read_settings(path: str) -> dict:
+    """A settings file's {setting: value}, or a SystemExit naming the file and what is wrong."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such settings file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        try:
+            values = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    else:
+        import yaml
+
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise SystemExit(f"{path}: not valid YAML ({getattr(err, 'problem', None) or err}{where})") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"{path}: a settings file holds `setting: value` lines, not a {type(values).__name__}")
+    return values
 
 
 def tracker(report_to: str) -> str | None:
@@ -181,8 +256,17 @@ def load_split(data: str, split: str, columns=reward.SCHEMA_COLUMNS):
             if "corresponds to no data" in str(err):
                 raise ValueError(f"{data}: the file holds no rows") from None
             raise
+    elif os.path.exists(data) or looks_like_a_path(data):
+        if not os.path.isdir(data):
+            raise FileNotFoundError(f"{data}: no such data folder or file (a save_to_disk folder, a .parquet, "
+                                    ".jsonl or .json file, or a hub id)")
+        loaded = datasets.load_dataset(data, split=split)  # a folder of data files
     else:
-        loaded = datasets.load_dataset(data, split=split)
+        try:
+            loaded = datasets.load_dataset(data, split=split)
+        except (FileNotFoundError, ConnectionError) as err:  # DatasetNotFoundError is a FileNotFoundError
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise FileNotFoundError(f"{data}: not a local folder or file, and the hub cannot give it ({first})") from None
     where = f"{data}" + (f" (split {split})" if split else "")
     if len(loaded) == 0:
         raise ValueError(f"{where}: the dataset is empty (no rows)")
@@ -191,6 +275,28 @@ def load_split(data: str, split: str, columns=reward.SCHEMA_COLUMNS):
         raise ValueError(f"{where}: missing column(s) {missing}; the schema needs {list(columns)} "
                          f"(it has {loaded.column_names})")
     return loaded
+
+
+def looks_like_a_path(name: str) -> bool:
+    """Whether a --model or --data value can only be a local path: a hub id is `name` or `org/name`."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def check_model(model: str, flag: str = "--model") -> None:
+    """A named error, before any work, for a --model that is neither a model folder nor a hub id the
+    hub (or, offline, its local cache) can give."""
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise FileNotFoundError(f"{flag} {model}: a folder without config.json, not a saved model "
+                                    "(pass a save_pretrained folder such as RUN/final, or a hub id)")
+        return
+    if os.path.exists(model) or looks_like_a_path(model):
+        raise FileNotFoundError(f"{flag} {model}: no such model folder")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(model, "config.json"), str):
+        raise FileNotFoundError(f"{flag} {model}: not a local folder, and not in the hub cache "
+                                f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set")
 
 
 def data_dir(data: str) -> str:
@@ -280,6 +386,7 @@ def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool, inputs=()
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise SystemExit(f"{output_dir} is not empty and is not a run folder of this project (no "
                          f"{RUN_FILE}). Choose another --output_dir, or empty it.")
+    _FRESH.setdefault(os.path.realpath(output_dir), not os.path.isdir(output_dir))
     os.makedirs(output_dir, exist_ok=True)
     lock_output_dir(output_dir)
     if os.path.isfile(path):  # another run claimed it between our look and our lock
@@ -304,6 +411,24 @@ def is_inside(path: str, folder) -> bool:
 # when its process ends, however it ends, so a killed run never blocks the next one. flock is
 # advisory: it keeps out this project's runs, not other programs.
 _LOCKS: dict[str, int] = {}
+# Folders this process claimed afresh: {path: whether it created the folder}. A run that fails
+# before writing anything but run.json (and the bad-rows list) gives them back (`release_failed_starts`).
+_FRESH: dict[str, bool] = {}
+START_FILES = {RUN_FILE, "bad_rows.jsonl"}  # what a run writes before its first result
+
+
+def release_failed_starts() -> None:
+    """After a failed start: each folder this process claimed afresh that holds nothing but
+    START_FILES loses them (and is removed if this process made it), so that the corrected command
+    runs in the same folder."""
+    for folder, created in _FRESH.items():
+        if os.path.isdir(folder) and set(os.listdir(folder)) <= START_FILES:
+            for name in os.listdir(folder):
+                os.remove(os.path.join(folder, name))
+            release_output_dir(folder)
+            if created:
+                os.rmdir(folder)
+    _FRESH.clear()
 
 
 def lock_output_dir(output_dir: str) -> None:
@@ -1050,17 +1175,18 @@ def stopped(accelerator, signal_name: str, step: int, saved: str | None) -> Syst
 def run_main(main) -> None:
     """A stage's command line: `main()` with the stop signals caught, and its named errors (a bad
     row, a wrong flag or path, a failed save) as one line on stderr with exit status 1 instead of a
-    traceback; MEDVLT_TRACEBACK=1 shows the traceback."""
+    traceback; MEDVLT_TRACEBACK=1 shows the traceback. A start that fails before any result gives
+    its run folder back (`release_failed_starts`)."""
     catch_stop_signals()
     try:
         main()
-    except SystemExit as err:  # a refusal with its message (a string), or a status (STOPPED)
-        if not isinstance(err.code, str):
-            raise
-        print(f"{os.path.basename(sys.argv[0])}: error: {err.code}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except NAMED_ERRORS as err:
-        if os.environ.get(TRACEBACK, "") not in ("", "0"):
+    except BaseException as err:
+        if not (isinstance(err, SystemExit) and err.code in (0, None, STOPPED)):
+            release_failed_starts()  # a run that stopped before any result leaves its folder free
+        if isinstance(err, SystemExit) and isinstance(err.code, str):  # a refusal, with its message
+            print(f"{os.path.basename(sys.argv[0])}: error: {err.code}", file=sys.stderr)
+            raise SystemExit(1) from None
+        if not isinstance(err, NAMED_ERRORS) or os.environ.get(TRACEBACK, "") not in ("", "0"):
             raise
         print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -339,6 +339,7 @@ def main(argv=None):
             raise ValueError(f"--{flag} {getattr(args, flag)} is negative; it must be 0 or more")
     if args.max_steps <= 0 and args.num_epochs <= 0:
         raise ValueError("--max_steps and --num_epochs are both 0 or less: nothing to train")
+    runtime.check_model(args.model)
     if args.global_batch_size % (args.micro_batch_size * world):
         raise ValueError(f"--global_batch_size {args.global_batch_size} is not a multiple of "
                          f"--micro_batch_size {args.micro_batch_size} x {world} processes")

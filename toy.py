@@ -516,8 +516,13 @@ def build_model(args: ModelArgs):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    usage = "usage: python toy.py model|data --output_dir DIR [options]"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\n\n{__doc__.strip()}\n\nEach command's flags and defaults: python toy.py model --help, "
+              "python toy.py data --help")
+        return
     if not argv or argv[0] not in ("model", "data"):
-        raise SystemExit("usage: python toy.py model|data --output_dir DIR [options]")
+        raise SystemExit(usage)
     if argv[0] == "model":
         args = runtime.parse_args(ModelArgs, argv=argv[1:])  # a YAML/JSON file, then flags, as every stage
         if args.size not in SIZES:
@@ -536,4 +541,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run_main(main)

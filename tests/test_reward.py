@@ -667,7 +667,7 @@ def test_parse_args_config_file_then_flags(tmp_path):
     assert (args.data, args.learning_rate) == ("cli", 3e-6)  # a flag overrides the file
     assert parse_args(Args, argv=[str(tmp_path / "c.json")]).num_epochs == 1
     assert parse_args(Args, argv=["--data", "d"]).learning_rate == 1e-6  # no file: the defaults
-    with pytest.raises(SystemExit, match=r"unknown setting\(s\) \['lerning_rate'\]"):
+    with pytest.raises(SystemExit, match=r"unknown setting\(s\) 'lerning_rate' \(did you mean learning_rate\?\)"):
         parse_args(Args, argv=[str(tmp_path / "bad.yaml")])
 
 

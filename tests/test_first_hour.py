@@ -1,0 +1,131 @@
+"""What a newcomer meets first (issue 24): every bad start named in one line before any work, with
+nothing left locked or claimed, so that the corrected command runs in the same folder; settings
+files anywhere on the line; --help showing every default, in every script.
+
+The bad starts run through `runtime.run_main`, the scripts' command-line entry, in this process
+(a Python start per case would cost ~5 s); tests/test_reliability.py runs one as a real process."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import curate
+import evaluate
+import grpo
+import runtime
+import sft
+import toy
+
+BAD_YAML = "learning_rate: [1e-3\nbeta: 0.01\n"
+
+
+def start(main, argv, monkeypatch, capsys) -> tuple[int, str]:
+    """`python NAME.py ARGV` as run_main runs it: (exit status, what it printed on stderr)."""
+    monkeypatch.setattr(sys, "argv", [f"{main.__module__}.py", *argv])
+    with pytest.raises(SystemExit) as ended:
+        runtime.run_main(lambda: main(argv))
+    return ended.value.code, capsys.readouterr().err
+
+
+def bad_starts(tmp_path, model, data):
+    (tmp_path / "bad.yaml").write_text(BAD_YAML)
+    (tmp_path / "typo.yaml").write_text("learning_rat: 1e-3\n")
+    return [
+        (["--model", "runs/toy/nope", "--data", data], "--model runs/toy/nope: no such model folder"),
+        (["--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--data", data],
+         "--model Qwen/Qwen2.5-VL-3B-Instruct: not a local folder, and not in the hub cache ("),
+        (["--model", model, "--data", "runs/toy/nodata"], "runs/toy/nodata: no such data folder or file"),
+        (["--model", model, "--data", "someone/not-cached"], "someone/not-cached: not a local folder or file, "
+                                                              "and the hub cannot give it"),
+        (["--model", model, "--data", data, str(tmp_path / "bad.yaml")],
+         f"{tmp_path / 'bad.yaml'}: not valid YAML (expected ',' or ']', but got ':' at line 2, column 5)"),
+        (["--model", model, "--data", data, "--config", str(tmp_path / "typo.yaml")],
+         f"{tmp_path / 'typo.yaml'}: unknown setting(s) 'learning_rat' (did you mean learning_rate?)"),
+        (["--model", model, "--data", data, "--config", str(tmp_path / "none.yaml")],
+         f"{tmp_path / 'none.yaml'}: no such settings file"),
+        (["--model", model, "--data", data, "--learning_rat", "1e-3"],
+         "unknown argument '--learning_rat' (did you mean --learning_rate?); --help lists every flag"),
+        (["--model", model, "--data", data, "--max_step", "2"],
+         "unknown argument '--max_step' (did you mean --max_steps?)"),  # no prefix matching
+        (["--model", model, "--data", data, "--max_steps", "two"], "argument --max_steps/--max-steps: invalid int"),
+    ]
+
+
+@pytest.mark.parametrize("stage", ["grpo", "sft"])
+def test_bad_starts_are_one_line_and_leave_the_folder_free(stage, tiny_model_dir, toy_data_dir, tmp_path,
+                                                          monkeypatch, capsys):
+    main = {"grpo": grpo.main, "sft": sft.main}[stage]
+    out = tmp_path / "run"
+    split = ["--split", "sft"] if stage == "sft" else []
+    for argv, message in bad_starts(tmp_path, tiny_model_dir, toy_data_dir):
+        code, err = start(main, [*argv, *split, "--output_dir", str(out)], monkeypatch, capsys)
+        assert code == 1 and "Traceback" not in err, err
+        lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("checking", "measuring"))]
+        assert len(lines) == 1 and lines[0].startswith(f"{stage}.py: error: {message}"), err
+        assert not out.exists()
+    # A start that fails after claiming the folder (too few rows for the batch) gives it back.
+    late = ["--rollout_batch_size", "512", "--mini_batch_size", "512"] if stage == "grpo" else \
+        ["--global_batch_size", "4096", "--micro_batch_size", "1"]
+    code, err = start(main, ["--model", tiny_model_dir, "--data", toy_data_dir, *split, "--output_dir", str(out),
+                             *late], monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err and "fewer than" in err.strip().splitlines()[-1]
+    assert not out.exists()
+    # The corrected command runs in the same folder, the settings file after the flags.
+    (tmp_path / "fine.yaml").write_text("max_steps: 1\nsave_steps: 0\n")
+    quick = ["--rollout_batch_size", "2", "--mini_batch_size", "2", "--group_size", "2", "--max_new_tokens", "2",
+             "--eval_every", "0"] if stage == "grpo" else ["--global_batch_size", "2", "--micro_batch_size", "2"]
+    monkeypatch.setattr(sys, "argv", [f"{stage}.py"])
+    runtime.run_main(lambda: main(["--model", tiny_model_dir, "--data", toy_data_dir, *split, "--output_dir",
+                                   str(out), *quick, "--config", str(tmp_path / "fine.yaml")]))
+    assert (out / "final" / "model.safetensors").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_evaluate_bad_starts_are_one_line(tiny_model_dir, toy_data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "eval"
+    for argv, message in bad_starts(tmp_path, tiny_model_dir, toy_data_dir)[:4]:
+        code, err = start(evaluate.main, [*argv, "--split", "test", "--output_dir", str(out)], monkeypatch, capsys)
+        assert code == 1 and err.strip().splitlines()[-1].startswith(f"evaluate.py: error: {message}"), err
+        assert "Traceback" not in err and not out.exists()
+
+
+def test_settings_file_anywhere_and_a_json_data_file_is_data(tmp_path):
+    (tmp_path / "s.yaml").write_text("beta: 0.0\nlearning_rate: 2.0e-6\n")
+    for argv in (["--data", "d", str(tmp_path / "s.yaml")], [str(tmp_path / "s.yaml"), "--data", "d"],
+                 ["--config", str(tmp_path / "s.yaml"), "--data", "d"], ["--data", "d", f"--config={tmp_path / 's.yaml'}"]):
+        args = runtime.parse_args(grpo.Args, argv=argv)
+        assert (args.beta, args.learning_rate, args.data) == (0.0, 2e-6, "d")
+    args = runtime.parse_args(grpo.Args, argv=[str(tmp_path / "s.yaml"), "--data", "rows.json", "--beta", "0.5"])
+    assert (args.data, args.beta) == ("rows.json", 0.5)  # a flag's value is never the settings file; flags win
+    with pytest.raises(SystemExit, match="one settings file at a time"):
+        runtime.parse_args(grpo.Args, argv=[str(tmp_path / "s.yaml"), "--config", str(tmp_path / "s.yaml")])
+
+
+HELPS = {
+    "grpo": lambda: runtime.parse_args(grpo.Args, grpo.engines.EngineArgs, runtime.RunArgs, runtime.GuardArgs,
+                                       argv=["--help"]),
+    "sft": lambda: runtime.parse_args(sft.Args, runtime.RunArgs, argv=["--help"]),
+    "evaluate": lambda: runtime.parse_args(evaluate.Args, argv=["--help"]),
+    "toy model": lambda: toy.main(["model", "--help"]),
+    "curate prepare": lambda: curate.main(["prepare", "--help"]),
+}
+
+
+@pytest.mark.parametrize("name", HELPS)
+def test_help_shows_every_default(name, capsys):
+    with pytest.raises(SystemExit) as ended:
+        HELPS[name]()
+    assert ended.value.code == 0
+    text = capsys.readouterr().out
+    flags = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
+    assert len(flags) >= 4
+    # Each flag's block of help holds its default (argparse wraps long help over several lines).
+    blocks = text.split("\n  --")[1:]
+    assert all("default" in block for block in blocks), [b.split()[0] for b in blocks if "default" not in b]
+
+
+@pytest.mark.parametrize("script", [toy, curate])
+def test_top_level_help_lists_the_commands_and_exits_0(script, capsys):
+    script.main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: python {Path(script.__file__).name} ") and "--help" in text
