@@ -386,9 +386,10 @@ def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool, inputs=()
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise SystemExit(f"{output_dir} is not empty and is not a run folder of this project (no "
                          f"{RUN_FILE}). Choose another --output_dir, or empty it.")
-    _FRESH.setdefault(os.path.realpath(output_dir), not os.path.isdir(output_dir))
+    created = not os.path.isdir(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     lock_output_dir(output_dir)
+    _FRESH.setdefault(os.path.realpath(output_dir), created)  # ours now: given back if the start fails
     if os.path.isfile(path):  # another run claimed it between our look and our lock
         release_output_dir(output_dir)
         return claim_output_dir(output_dir, fingerprint, resume, inputs)
@@ -422,7 +423,7 @@ def release_failed_starts() -> None:
     START_FILES loses them (and is removed if this process made it), so that the corrected command
     runs in the same folder."""
     for folder, created in _FRESH.items():
-        if os.path.isdir(folder) and set(os.listdir(folder)) <= START_FILES:
+        if folder in _LOCKS and os.path.isdir(folder) and set(os.listdir(folder)) <= START_FILES:
             for name in os.listdir(folder):
                 os.remove(os.path.join(folder, name))
             release_output_dir(folder)
