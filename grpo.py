@@ -612,7 +612,8 @@ def main(argv: list[str] | None = None):
     engine.close()
     # A finished run is never resumed (final/ says it is finished), so its end writes the model alone:
     # no optimizer state (for the 3B, 45 GB of fp32 weights and Adam moments, docs/real_path.md).
-    final = runtime.save_checkpoint(accelerator, model, processor, run, total_steps, None) if run.save_final else None
+    card = {"stage": "grpo", "base_model": args.model, "datasets": [args.data]}
+    final = runtime.save_checkpoint(accelerator, model, processor, run, total_steps, None, card) if run.save_final else None
     accelerator.end_training()
     runtime.release_output_dir(run.output_dir)
     return final

@@ -704,9 +704,11 @@ def save_model(accelerator, model, processor, folder: str, dtype) -> None:
 CHECKSUMS = "checksums.json"
 
 
-def save_checkpoint(accelerator, model, processor, run: RunArgs, step: int, state: dict | None) -> str:
+def save_checkpoint(accelerator, model, processor, run: RunArgs, step: int, state: dict | None,
+                    card: dict | None = None) -> str:
     """DIR/checkpoint-{step} with `state` (a JSON object: the stage's own resume data) in
-    trainer_state.json beside "step", or DIR/final (state None: the model and processor alone).
+    trainer_state.json beside "step", or DIR/final (state None: the model and processor alone, and
+    with `card`, {"stage", "base_model", "datasets"}, a model card: `model_card`).
 
     Everything is written into a .tmp folder, then renamed with os.replace: the rename is the
     completeness marker, so a run killed while saving leaves only a .tmp folder, which resuming
@@ -729,11 +731,14 @@ def save_checkpoint(accelerator, model, processor, run: RunArgs, step: int, stat
     failure = None
     try:
         if state is not None:
-            accelerator.save_state(os.path.join(tmp, TRAINING_STATE))
+            with tied_weights_quiet():
+                accelerator.save_state(os.path.join(tmp, TRAINING_STATE))
         save_model(accelerator, model, processor, tmp, dtype)  # full weights, gathered under FSDP
         if accelerator.is_main_process and state is not None:
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 json.dump({"step": step, **state}, f)
+        if accelerator.is_main_process and card is not None:
+            model_card(card, run.output_dir, step).save(os.path.join(tmp, "README.md"))
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         failure = err
     failed = torch.tensor([failure is not None], dtype=torch.float, device=accelerator.device)
@@ -762,6 +767,52 @@ def save_checkpoint(accelerator, model, processor, run: RunArgs, step: int, stat
     if state is None:
         accelerator.print(f"saved {folder} ({str(dtype).removeprefix('torch.')})")
     return folder
+
+
+def model_card(card: dict, output_dir: str, step: int):
+    """final/README.md as the hub reads a model card (huggingface_hub's ModelCard): metadata (base
+    model, datasets, library, pipeline, tags), then the command that made the model, its settings
+    (run.json's) and its last logged metrics."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    hub_like = [d for d in card["datasets"] if not looks_like_a_path(d) and not os.path.exists(d)]
+    data = ModelCardData(
+        base_model=card["base_model"] if not os.path.exists(card["base_model"]) else None,
+        datasets=hub_like or None, library_name="transformers", pipeline_tag="image-text-to-text",
+        tags=["medvlthinker", card["stage"], "medical", "qwen2_5_vl"])
+    with open(os.path.join(output_dir, RUN_FILE), encoding="utf-8") as f:
+        settings = json.load(f).get("settings", {})
+    last, metrics = None, os.path.join(output_dir, "metrics.jsonl")
+    for _, line in read_jsonl(metrics, complete_only=True) if os.path.exists(metrics) else ():
+        last = line
+    shown = {k: v for k, v in (last or {}).items() if not k.startswith("time_")}
+    command = " ".join([os.path.basename(sys.argv[0]) or card["stage"] + ".py", *sys.argv[1:]])
+    return ModelCard(
+        f"---\n{data.to_yaml()}\n---\n\n"
+        f"# {os.path.basename(os.path.abspath(output_dir))}\n\n"
+        f"{card['stage'].upper()} of `{card['base_model']}` on {', '.join(f'`{d}`' for d in card['datasets'])}, "
+        f"{step} steps, with the MedVLThinker reference implementation (its `{card['stage']}.py`).\n\n"
+        f"Command:\n\n```\n{command}\n```\n\nSettings (run.json):\n\n```json\n"
+        f"{json.dumps(settings, indent=1, sort_keys=True)}\n```\n\n"
+        f"Last logged metrics (metrics.jsonl):\n\n```json\n{json.dumps(shown, indent=1)}\n```\n")
+
+
+@contextlib.contextmanager
+def tied_weights_quiet():
+    """Without accelerate's warning at every save of a model with tied weights ("Removed shared
+    tensor {'lm_head.weight'} while saving"), printed through the progress bars: the tie is stored
+    once by design, and loads back bit for bit (the resume tests)."""
+    import logging
+
+    def keep(record):
+        return "Removed shared tensor" not in record.getMessage()
+
+    logger = logging.getLogger("accelerate.utils.other")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 class SaveFailed(OSError):

@@ -54,10 +54,10 @@ COLUMNS = reward.SCHEMA_COLUMNS + ("reasoning",)
 class Args:
     """Defaults are the paper's SFT settings (docs/method.md section 6) unless a comment says otherwise."""
 
+    data: str = field(metadata={"help": "Schema dataset with reasoning traces: save_to_disk folder, parquet/jsonl "
+                                        "or hub id (the paper's: UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized)."})
     model: str = field(default="Qwen/Qwen2.5-VL-3B-Instruct",
                        metadata={"help": "Hub id or save_pretrained folder (model + processor)."})
-    data: str = field(default="UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized",
-                      metadata={"help": "Schema dataset: save_to_disk folder, parquet/jsonl, hub id."})
     split: str = field(default="train", metadata={"help": "Split of --data (the toy world: sft)."})
     learning_rate: float = 1e-5
     warmup_ratio: float = field(default=0.05, metadata={"help": "Linear warmup share of all steps."})
@@ -339,7 +339,6 @@ def main(argv=None):
             raise ValueError(f"--{flag} {getattr(args, flag)} is negative; it must be 0 or more")
     if args.max_steps <= 0 and args.num_epochs <= 0:
         raise ValueError("--max_steps and --num_epochs are both 0 or less: nothing to train")
-    runtime.check_model(args.model)
     if args.global_batch_size % (args.micro_batch_size * world):
         raise ValueError(f"--global_batch_size {args.global_batch_size} is not a multiple of "
                          f"--micro_batch_size {args.micro_batch_size} x {world} processes")
@@ -358,6 +357,7 @@ def main(argv=None):
         accelerator.print(f"{run.output_dir} is a finished run ({final} exists): nothing to do")
         return
     data, bad = usable_rows(data, args, run.on_bad_row, accelerator)
+    runtime.check_model(args.model)  # after the rows (a bad row is named first), before the claim
     if accelerator.is_main_process:
         runtime.claim_output_dir(run.output_dir, fingerprint, resume=bool(run.resume),
                                  inputs=(args.data, args.model))
@@ -427,7 +427,8 @@ def main(argv=None):
             raise runtime.stopped(accelerator, stop, step, saved)
     progress.close()
     if run.save_final:
-        runtime.save_checkpoint(accelerator, model, processor, run, total_steps, None)
+        card = {"stage": "sft", "base_model": args.model, "datasets": [args.data]}
+        runtime.save_checkpoint(accelerator, model, processor, run, total_steps, None, card)
     accelerator.end_training()
     runtime.release_output_dir(run.output_dir)
 

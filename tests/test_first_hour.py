@@ -75,10 +75,16 @@ def test_bad_starts_are_one_line_and_leave_the_folder_free(stage, tiny_model_dir
     (tmp_path / "fine.yaml").write_text("max_steps: 1\nsave_steps: 0\n")
     quick = ["--rollout_batch_size", "2", "--mini_batch_size", "2", "--group_size", "2", "--max_new_tokens", "2",
              "--eval_every", "0"] if stage == "grpo" else ["--global_batch_size", "2", "--micro_batch_size", "2"]
-    monkeypatch.setattr(sys, "argv", [f"{stage}.py"])
-    runtime.run_main(lambda: main(["--model", tiny_model_dir, "--data", toy_data_dir, *split, "--output_dir",
-                                   str(out), *quick, "--config", str(tmp_path / "fine.yaml")]))
+    corrected = ["--model", tiny_model_dir, "--data", toy_data_dir, *split, "--output_dir", str(out), *quick,
+                 "--config", str(tmp_path / "fine.yaml")]
+    monkeypatch.setattr(sys, "argv", [f"{stage}.py", *corrected])
+    runtime.run_main(lambda: main(corrected))
     assert (out / "final" / "model.safetensors").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "final" / "README.md")  # the run's own model card
+    assert stage in card.data.tags and f"{stage.upper()} of `{tiny_model_dir}`" in card.text
+    assert f"{stage}.py --model {tiny_model_dir}" in card.text
 
 
 def test_evaluate_bad_starts_are_one_line(tiny_model_dir, toy_data_dir, tmp_path, monkeypatch, capsys):
@@ -129,3 +135,27 @@ def test_top_level_help_lists_the_commands_and_exits_0(script, capsys):
     script.main(["--help"])
     text = capsys.readouterr().out
     assert text.startswith(f"usage: python {Path(script.__file__).name} ") and "--help" in text
+
+
+def test_final_holds_a_model_card_the_hub_reads(tmp_path):
+    """final/README.md: huggingface_hub's ModelCard parses it, with the base model and data sets as
+    metadata (hub ids; a local path is named in the text only), the command, settings and metrics."""
+    from huggingface_hub import ModelCard
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / runtime.RUN_FILE).write_text('{"stage": "grpo", "settings": {"beta": 0.01, "group_size": 8}}')
+    (run / "metrics.jsonl").write_text('{"step": 1, "reward": 0.25, "time_update": 3.0}\n'
+                                       '{"step": 2, "reward": 0.5, "time_update": 2.0}\n')
+    for base, data, hub_base, hub_data in [
+            ("Qwen/Qwen2.5-VL-3B-Instruct", "UCSC-VLAA/MedVLThinker-m23k", "Qwen/Qwen2.5-VL-3B-Instruct",
+             ["UCSC-VLAA/MedVLThinker-m23k"]),
+            (str(tmp_path), str(tmp_path / "data"), None, None)]:
+        runtime.model_card({"stage": "grpo", "base_model": base, "datasets": [data]}, str(run), 2).save(
+            tmp_path / "README.md")
+        card = ModelCard.load(tmp_path / "README.md")
+        assert (card.data.base_model, card.data.datasets) == (hub_base, hub_data)
+        assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+        assert "grpo" in card.data.tags
+        assert f"GRPO of `{base}` on `{data}`, 2 steps" in card.text
+        assert '"group_size": 8' in card.text and '"reward": 0.5' in card.text and "time_update" not in card.text

@@ -169,7 +169,7 @@ def test_sft_under_fsdp_equals_one_process_and_resumes(tiny_model_dir, toy_data_
     # The rows of each step: every step has an image (so the vision tower has a gradient in one
     # process too), and in some step one process's micro-batch has an image and the other's none.
     images = [bool(row["images"]) for row in datasets.load_from_disk(toy_data_dir)["sft"]]
-    args = sft.Args(global_batch_size=8, micro_batch_size=2)
+    args = sft.Args(data="-", global_batch_size=8, micro_batch_size=2)
     plans = [sft.micro_batch_plan(len(images), args, 0, 3, rank=r, world=2) for r in range(2)]
     mixed = False
     for step in range(3):

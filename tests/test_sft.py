@@ -187,7 +187,7 @@ def test_one_step_gradient_does_not_depend_on_micro_batching(tiny_model_dir, toy
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-7, msg=name)
 
     # Gradient checkpointing recomputes activations: the same gradient.
-    checkpointed, _ = sft.load_model(sft.Args(model=tiny_model_dir, gradient_checkpointing=True))
+    checkpointed, _ = sft.load_model(sft.Args(data="-", model=tiny_model_dir, gradient_checkpointing=True))
     checkpointed.train()
     assert checkpointed.is_activation_checkpointing
     sft.accumulate_gradients(checkpointed, micro_batches, Accelerator(cpu=True))
@@ -204,7 +204,7 @@ def test_one_step_gradient_does_not_depend_on_micro_batching(tiny_model_dir, toy
 
 def test_two_processes_end_where_one_does(tiny_model_dir, toy_data_dir, tmp_path):
     # The plan: each step holds the same rows whatever the number of processes.
-    args = sft.Args(global_batch_size=8, micro_batch_size=2)
+    args = sft.Args(data="-", global_batch_size=8, micro_batch_size=2)
     one = sft.micro_batch_plan(48, args, 0, 9, rank=0, world=1)
     two = [sft.micro_batch_plan(48, args, 0, 9, rank=r, world=2) for r in range(2)]
     for step in range(9):  # 9 steps cross an epoch boundary (6 steps per epoch)
@@ -338,9 +338,9 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_does(tiny_model_dir, to
 def test_optimizer_groups_and_frozen_vision(tiny_model_dir):
     """Weight decay on matrices and embeddings, not on biases and norms; --freeze_vision trains no
     vision parameter (the paper trains everything: the flag is off by default)."""
-    assert sft.Args().freeze_vision is False
-    model, _ = sft.load_model(sft.Args(model=tiny_model_dir, freeze_vision=True))
-    optimizer, scheduler = sft.build_optimizer(model, sft.Args(), total_steps=100)
+    assert sft.Args(data="-").freeze_vision is False
+    model, _ = sft.load_model(sft.Args(data="-", model=tiny_model_dir, freeze_vision=True))
+    optimizer, scheduler = sft.build_optimizer(model, sft.Args(data="-"), total_steps=100)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed, plain = ({names[id(p)] for p in g["params"]} for g in optimizer.param_groups)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-4, 0.0]
@@ -409,7 +409,7 @@ def test_a_bad_row_is_a_named_error_or_a_counted_skip(fault, toy_data_dir, tmp_p
     assert not out.exists()
 
     # --on_bad_row skip: the row is left out and counted; the others are kept in order.
-    args = sft.Args(data=data, split="sft", model=tiny_model_dir)
+    args = sft.Args(data=data, split="sft")
     loaded = runtime.load_split(data, "sft", columns=sft.COLUMNS)
     kept, bad = sft.usable_rows(loaded, args, "skip", Accelerator(cpu=True))
     assert [(b["position"], b["dataset_name"], b["dataset_index"]) for b in bad] == [(bad_at, name, index)]
