@@ -637,6 +637,11 @@ def compare(args: Args):
     return summary
 
 
+# metrics.jsonl's shares, logged as fractions 0-1 (the tables print percent).
+FRACTIONS = ("reward", "accuracy", "format_rate", "zero_advantage_groups", "truncated", "clip_low", "clip_high",
+             "clip_dual", "mfu")
+
+
 def plot_curves(curves: list[str], path: Path):
     """Training curves, one panel per LABEL=metrics.jsonl:KEY (steps without KEY are left out).
 
@@ -646,6 +651,7 @@ def plot_curves(curves: list[str], path: Path):
 
     matplotlib.use("Agg")  # no screen needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = named(curves, "--curves")
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
@@ -658,9 +664,14 @@ def plot_curves(curves: list[str], path: Path):
         steps = [line for _, line in runtime.read_jsonl(file, complete_only=True) if line.get(key) is not None]
         if not steps:
             raise SystemExit(f"--curves {label}: no step of {file} has {key!r}")
-        ax.plot([line.get("step", i + 1) for i, line in enumerate(steps)], [line[key] for line in steps])
+        # A sparse series (a validation every N steps) shows its points: a line alone would invent
+        # the steps between them.
+        ax.plot([line.get("step", i + 1) for i, line in enumerate(steps)], [line[key] for line in steps],
+                marker="o" if len(steps) <= 30 else None, markersize=4)
         ax.set_title(label)
-        ax.set_xlabel("step")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{key} (0-1)" if key in FRACTIONS or key.startswith("val_accuracy") else key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -159,3 +159,37 @@ def test_final_holds_a_model_card_the_hub_reads(tmp_path):
         assert "grpo" in card.data.tags
         assert f"GRPO of `{base}` on `{data}`, 2 steps" in card.text
         assert '"group_size": 8' in card.text and '"reward": 0.5' in card.text and "time_update" not in card.text
+
+
+def test_the_labs_settings_are_the_demos():
+    """The README's labs set G to the demo's GRPO settings: the Makefile's DEMO_GRPO_ARGS with the
+    demo's folder and seed, so the labs run as printed."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    makefile = (root / "Makefile").read_text()
+    found = re.search(r"^DEMO_GRPO_ARGS = (.*?)\n\n", makefile, re.M | re.S).group(1)
+    demo_args = " ".join(found.replace("\\\n", " ").split()).replace("$(DEMO)", "runs/demo").replace("$(SEED)", "0")
+    labs = re.search(r'^G="(.*)"$', (root / "README.md").read_text(), re.M).group(1)
+    assert labs == demo_args
+
+
+def test_curves_label_their_axes_units_and_sparse_points(tmp_path, monkeypatch):
+    """--curves: 'training step' on whole steps, the metric and its unit on the y axis, and points
+    on a sparse series (validation every N steps)."""
+    import json
+
+    from matplotlib.figure import Figure
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: saved.append(self))
+    lines = [{"step": s, "loss": 1 / s, "reward": s / 10} for s in range(1, 61)]
+    lines += [{"step": s, "val_accuracy": 0.5 + s / 200} for s in (0, 20, 40, 60)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    evaluate.plot_curves([f"reward={tmp_path / 'm.jsonl'}:reward", f"validation={tmp_path / 'm.jsonl'}:val_accuracy",
+                          f"loss={tmp_path / 'm.jsonl'}:loss"], tmp_path / "curves.png")
+    reward_ax, val_ax, loss_ax = saved[0].axes
+    assert [ax.get_ylabel() for ax in saved[0].axes] == ["reward (0-1)", "val_accuracy (0-1)", "loss"]
+    assert all(ax.get_xlabel() == "training step" for ax in saved[0].axes)
+    assert val_ax.lines[0].get_marker() == "o" and reward_ax.lines[0].get_marker() in (None, "None", "")
+    assert all(float(t).is_integer() for t in val_ax.get_xticks())
