@@ -29,7 +29,7 @@ STAGES = {
     "curate.py traces": (curate.main, ["traces"], {"data": "d", "predictions": "p.jsonl"}),
     "curate.py split": (curate.main, ["split"], {"data": "d", "n": 5}),
     "curate.py mix": (curate.main, ["mix"], {"data": ["a", "b"]}),
-    "sft.py": (sft.main, [], {"learning_rate": 0.5, "save_steps": 7}),
+    "sft.py": (sft.main, [], {"data": "d", "learning_rate": 0.5, "save_steps": 7}),
     "grpo.py": (grpo.main, [], {"data": "d", "group_size": 3, "micro_batch_size": 5, "save_steps": 7,
                                 "max_skipped_steps": 2}),
     "evaluate.py": (evaluate.main, [], {"max_new_tokens": 7}),
