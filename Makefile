@@ -55,10 +55,6 @@ NUM_GPUS ?= 8
 # default command lines stay as they were. vLLM runs in one process: with it LAUNCH runs python, not
 # accelerate launch (sft.py too), e.g. make reproduce-3b ENGINE=vllm (untested on GPUs).
 ENGINE ?= hf
-# SIGTERM (a pre-emption) makes each process finish its step and save it (README, "Bad data and
-# stopped runs"); torchrun's launcher SIGKILLs them this many seconds after forwarding the signal
-# (its default, 30 s, is shorter than a 7B checkpoint's save).
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT ?= 600
 ENGINE_ARG = $(if $(filter-out hf,$(ENGINE)), --engine $(ENGINE))
 ifeq ($(ENGINE),hf)
 LAUNCH ?= $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NUM_GPUS)
