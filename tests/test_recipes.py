@@ -116,7 +116,7 @@ def test_make_n_reproduce_3b_pmc_and_sft():
 def test_every_settings_file_holds_only_settings_of_its_stage(config):
     """runtime.parse_args refuses a key the stage does not have (a renamed flag, a typo)."""
     script = {"grpo": "grpo.py", "sft": "sft.py"}.get(config.split("_")[0], "evaluate.py")
-    required = {"grpo.py": ["--data", "d"], "evaluate.py": ["--output_dir", "o"]}.get(script, [])
+    required = {"grpo.py": ["--data", "d"], "sft.py": ["--data", "d"], "evaluate.py": ["--output_dir", "o"]}.get(script, [])
     stage_args([f"configs/{config}.yaml", *required], script)
 
 
