@@ -4,13 +4,15 @@ method is in reward.py and the stage scripts (docs/method.md section 1).
 
 Sections, in the order a run meets them:
 1. settings: the stage's dataclasses from a settings file and flags (`parse_args`), RunArgs;
-2. data: reading a split, the data's fingerprint, the bad-rows list;
-3. the run folder: its fingerprint and its claim (`claim_output_dir`), files written whole, JSON
-   lines (`read_jsonl`, `write_lines`);
+2. data: reading a split, the data's fingerprint, the bad-rows list, the model and data paths;
+3. the run folder: its fingerprint, its claim and lock (`claim_output_dir`), files written whole,
+   JSON lines (`read_jsonl`, `write_lines`);
 4. precision and FSDP hooks;
-5. checkpoints: one contract for both trainers (`save_checkpoint`, `find_checkpoint`, `restore`);
+5. checkpoints: one contract for both trainers (`save_checkpoint` with its checksums and model card,
+   `find_checkpoint`, `restore`);
 6. timing, memory and MFU;
-7. the numerical guard (grpo.py).
+7. the numerical guard (grpo.py);
+8. how a run ends: stop signals and one-line errors (`run_main`).
 """
 
 import contextlib
