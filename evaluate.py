@@ -163,24 +163,24 @@ def load_rows(args: Args, processor, show_progress: bool):
     # A prompt longer than the model's context is skipped and counted, as grpo.py skips one over
     # --max_prompt_length (whatever --on_bad_row says): it is the model's limit, not a fault of the row.
     context = engine.context_length(args.model)
-    rows, too_long, batches = [], [], stored_rows(ds).iter(batch_size=64)
+    rows, fits, batches = [], [], stored_rows(ds).iter(batch_size=64)
     stored = (row for batch in batches for row in batch.to_pylist())
     for i, row in enumerate(tqdm(stored, total=len(ds), desc="measuring prompts", unit="row",
                                  disable=not show_progress)):
         row = reward.check_row(row, base_dir)  # decoded, for the image sizes
         length = engine.prompt_length(processor, row)
         if length > context:
-            too_long.append(i)
             bad.append({"position": i, "dataset_name": row["dataset_name"], "dataset_index": row["dataset_index"],
                         "reason": f"{reward.row_name(row)}: prompt of {length} tokens is longer than the "
                                   f"model's context ({context} positions)"})
         else:
+            fits.append(i)
             rows.append(Row(len(rows), (row["dataset_name"], row["dataset_index"]), length))
-    if too_long:
-        if not rows:
+    if len(fits) < len(ds):
+        if not fits:
             raise ValueError(f"{where}: every prompt is longer than {args.model}'s context ({context} "
                              "positions); nothing to evaluate")
-        ds = ds.select(sorted(set(range(len(ds))) - set(too_long)))
+        ds = ds.select(fits)
     return ds, rows, bad, fingerprint
 
 

@@ -111,13 +111,10 @@ class Args:
         if self.mini_batch_size % world_size:
             raise ValueError(f"--mini_batch_size must be a multiple of the {world_size} processes "
                              "(each process updates on whole groups)")
-        for flag in ("beta", "learning_rate", "eps_low", "eps_high", "max_grad_norm", "weight_decay"):
-            if getattr(self, flag) < 0:
-                raise ValueError(f"--{flag} {getattr(self, flag)} is negative; it must be 0 or more")
+        runtime.refuse_nonsense(self, ("beta", "learning_rate", "eps_low", "eps_high", "max_grad_norm",
+                                       "weight_decay"))
         if self.dual_clip <= 1:
             raise ValueError(f"--dual_clip {self.dual_clip} must be above 1 (verl's clip_ratio_c; the paper: 3)")
-        if self.max_steps <= 0 and self.num_epochs <= 0:
-            raise ValueError("--max_steps and --num_epochs are both 0 or less: nothing to train")
         if self.loss_agg not in ("token-mean", "seq-mean-token-mean"):
             raise ValueError(f"--loss_agg must be token-mean or seq-mean-token-mean, got {self.loss_agg!r}")
 

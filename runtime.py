@@ -207,6 +207,16 @@ def read_settings(path: str) -> dict:
     return values
 
 
+def refuse_nonsense(args, not_negative: tuple[str, ...]) -> None:
+    """A named error, before any work, for a trainer's settings that cannot mean anything: one of
+    `not_negative` below 0, or no step to train (--max_steps and --num_epochs both 0 or less)."""
+    for flag in not_negative:
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} {getattr(args, flag)} is negative; it must be 0 or more")
+    if args.max_steps <= 0 and args.num_epochs <= 0:
+        raise ValueError("--max_steps and --num_epochs are both 0 or less: nothing to train")
+
+
 def tracker(report_to: str) -> str | None:
     """accelerate's `log_with` for --report_to (none, tensorboard or wandb). accelerate silently
     drops a tracker whose package is not installed (the run then logs nothing there), so a missing
@@ -743,18 +753,13 @@ def save_checkpoint(accelerator, model, processor, run: RunArgs, step: int, stat
             model_card(card, run.output_dir, step).save(os.path.join(tmp, "README.md"))
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         failure = err
-    failed = torch.tensor([failure is not None], dtype=torch.float, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        failed = accelerator.reduce(failed, "sum")
-    if failed.item() == 0 and accelerator.is_main_process:
+    failed = on_any_process(accelerator, failure is not None)
+    if not failed and accelerator.is_main_process:
         try:
             write_json(os.path.join(tmp, CHECKSUMS), checksums(tmp))
         except OSError as err:
             failure = err
-    failed = torch.tensor([failure is not None], dtype=torch.float, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        failed = accelerator.reduce(failed, "sum")
-    if failed.item() > 0:
+    if on_any_process(accelerator, failure is not None):
         message = save_failure(folder, tmp, failure, run.output_dir) if failure is not None else None
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -817,6 +822,13 @@ def tied_weights_quiet():
         logger.removeFilter(keep)
 
 
+def on_any_process(accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any process (one all-reduce), so that all of them act alike."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
+
+
 class SaveFailed(OSError):
     """A checkpoint could not be written; the message names the folder and the cause."""
 
@@ -852,9 +864,7 @@ def checksums(folder: str) -> dict:
     for root, _, names in sorted(os.walk(folder)):
         for name in sorted(names):
             path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = [os.path.getsize(path),
-                                                      hashlib.file_digest(f, "sha256").hexdigest()]
+            out[os.path.relpath(path, folder)] = [os.path.getsize(path), file_fingerprint(path)]
     return out
 
 
@@ -876,9 +886,8 @@ def damage(folder: str) -> str | None:
             return f"{name} is missing"
         if os.path.getsize(file) != size:
             return f"{name} has {os.path.getsize(file)} bytes, {size} when saved"
-        with open(file, "rb") as f:
-            if hashlib.file_digest(f, "sha256").hexdigest() != digest:
-                return f"{name} differs from what was saved (SHA-256)"
+        if file_fingerprint(file) != digest:
+            return f"{name} differs from what was saved (SHA-256)"
     return None
 
 
@@ -1217,12 +1226,11 @@ def stop_requested(accelerator=None) -> str | None:
     return got
 
 
-def stopped(accelerator, signal_name: str, step: int, saved: str | None) -> SystemExit:
+def stopped(accelerator, signal_name: str, step: int, saved: str) -> SystemExit:
     """The SystemExit (status STOPPED) of a run stopped by `signal_name` after `step`; `saved`: the
     checkpoint that holds that step."""
-    where = f"{saved} holds it; run the same command with --resume latest to continue" if saved else \
-        "nothing was saved (--save_steps 0)"
-    accelerator.print(f"stopped by {signal_name} after step {step}: {where}")
+    accelerator.print(f"stopped by {signal_name} after step {step}: {saved} holds it; run the same "
+                      "command with --resume latest to continue")
     return SystemExit(STOPPED)
 
 

@@ -334,11 +334,7 @@ def main(argv=None):
                                    defaults={"output_dir": "runs/sft", "save_steps": 500})
     accelerator = runtime.accelerator_for(run)
     world, rank = accelerator.num_processes, accelerator.process_index
-    for flag in ("learning_rate", "max_grad_norm", "weight_decay", "warmup_ratio"):
-        if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag} {getattr(args, flag)} is negative; it must be 0 or more")
-    if args.max_steps <= 0 and args.num_epochs <= 0:
-        raise ValueError("--max_steps and --num_epochs are both 0 or less: nothing to train")
+    runtime.refuse_nonsense(args, ("learning_rate", "max_grad_norm", "weight_decay", "warmup_ratio"))
     if args.global_batch_size % (args.micro_batch_size * world):
         raise ValueError(f"--global_batch_size {args.global_batch_size} is not a multiple of "
                          f"--micro_batch_size {args.micro_batch_size} x {world} processes")
