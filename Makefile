@@ -177,27 +177,27 @@ PMC_TRACES ?= UCSC-VLAA/MedVLThinker-pmc_vqa-gpt_4o_reasoning-tokenized
 TRAIN_CONFIG ?= configs/fsdp.yaml
 
 eval-3b:
-	$(MAKE) eval RUN=$(RUNS)/eval-3b MODEL=$(QWEN_3B) PAPER="Qwen2.5-VL-3B=49.14"
+	$(MAKE) eval RUN=$(RUNS)/eval-3b MODEL=$(QWEN_3B) PAPER="Qwen2.5-VL-3B=0.4914"
 
 # RL(m23k): 5 epochs over the filtered m23k (about 16.5k rows: 320 steps of 256 prompts).
 reproduce-3b:
 	$(MAKE) rl RUN=$(RUNS)/reproduce-3b MODEL=$(QWEN_3B) ACCELERATE_CONFIG=$(TRAIN_CONFIG) \
-	  TRAIN_DATA=$(M23K) PAPER="3B RL(m23k)=53.19"
+	  TRAIN_DATA=$(M23K) PAPER="3B RL(m23k)=0.5319"
 
 reproduce-7b:
 	$(MAKE) rl RUN=$(RUNS)/reproduce-7b MODEL=$(QWEN_7B) PASS_MODEL=$(QWEN_3B) ACCELERATE_CONFIG=$(TRAIN_CONFIG) \
-	  TRAIN_DATA=$(M23K) PAPER="7B RL(m23k)=54.88"
+	  TRAIN_DATA=$(M23K) PAPER="7B RL(m23k)=0.5488"
 
 # RL(PMC): 1 epoch over the filtered PMC-VQA (about 115.5k rows: 451 steps).
 reproduce-3b-pmc:
 	$(MAKE) rl RUN=$(RUNS)/reproduce-3b-pmc MODEL=$(QWEN_3B) ACCELERATE_CONFIG=$(TRAIN_CONFIG) \
-	  TRAIN_DATA=$(PMC_VQA) GRPO_CONFIG=configs/grpo_pmc.yaml PAPER="3B RL(PMC)=52.28"
+	  TRAIN_DATA=$(PMC_VQA) GRPO_CONFIG=configs/grpo_pmc.yaml PAPER="3B RL(PMC)=0.5228"
 
 # SFT(PMC) on the GPT-4o traces: FSDP, global batch 16, released checkpoint from epoch 3.
 reproduce-3b-sft:
 	$(MAKE) sft RUN=$(RUNS)/reproduce-3b-sft MODEL=$(QWEN_3B) \
 	  TRAIN_DATA=$(PMC_TRACES) ACCELERATE_CONFIG=$(TRAIN_CONFIG) \
-	  SFT_ARGS="--num_epochs 3" PAPER="3B SFT(PMC)=50.16"
+	  SFT_ARGS="--num_epochs 3" PAPER="3B SFT(PMC)=0.5016"
 
 # ---------------------------------------------------------------------------------------------
 # MedVLSynther (arXiv 2510.25867): one target per released RL model, e.g. make synther-7b-13k.
@@ -223,48 +223,48 @@ $(1):
 endef
 
 # train/3b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset1k_grpo_4a100.sh
-$(eval $(call synther,synther-3b-1k,3B,1K,32,16,4,52.64))
+$(eval $(call synther,synther-3b-1k,3B,1K,32,16,4,0.5264))
 # train/3b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset2k_grpo_4a100.sh
-$(eval $(call synther,synther-3b-2k,3B,2K,32,16,4,54.87))
+$(eval $(call synther,synther-3b-2k,3B,2K,32,16,4,0.5487))
 # train/3b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_8a100.sh
-$(eval $(call synther,synther-3b-5k,3B,5K,48,24,8,55.85))
+$(eval $(call synther,synther-3b-5k,3B,5K,48,24,8,0.5585))
 # train/3b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset10k_grpo_4a100.sh
-$(eval $(call synther,synther-3b-10k,3B,10K,32,16,4,55.03))
+$(eval $(call synther,synther-3b-10k,3B,10K,32,16,4,0.5503))
 # train/3b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_grpo_8a100.sh
-$(eval $(call synther,synther-3b-13k,3B,13K,64,32,8,55.17))
+$(eval $(call synther,synther-3b-13k,3B,13K,64,32,8,0.5517))
 # train/3b_biomedica_webdataset_glm_generated_glm_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_4a100.sh
-$(eval $(call synther,synther-3b-5k-glm-glm,3B,5K-glm-glm,32,16,4,54.59))
+$(eval $(call synther,synther-3b-5k-glm-glm,3B,5K-glm-glm,32,16,4,0.5459))
 # train/3b_biomedica_webdataset_qwen_generated_glm_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_4a100.sh
-$(eval $(call synther,synther-3b-5k-qwen-glm,3B,5K-qwen-glm,32,16,4,53.93))
+$(eval $(call synther,synther-3b-5k-qwen-glm,3B,5K-qwen-glm,32,16,4,0.5393))
 # train/3b_biomedica_webdataset_internvl_generated_glm_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_4a100.sh
-$(eval $(call synther,synther-3b-5k-internvl-glm,3B,5K-internvl-glm,32,16,4,55.20))
+$(eval $(call synther,synther-3b-5k-internvl-glm,3B,5K-internvl-glm,32,16,4,0.5520))
 # train/3b_biomedica_webdataset_glm_generated_glm_verified_VQA_parquet_25k_without_verifier_subset5k_grpo_4a100.sh
-$(eval $(call synther,synther-3b-5k-no-verify,3B,5K-no-verify,32,16,4,54.72))
+$(eval $(call synther,synther-3b-5k-no-verify,3B,5K-no-verify,32,16,4,0.5472))
 # train/3b_biomedica_webdataset_glm_generated_pmc_VQA_parquet_25k_subset5k_grpo_4a100.sh
-$(eval $(call synther,synther-3b-5k-pmc-style,3B,5K-PMC-style,32,16,4,54.80))
+$(eval $(call synther,synther-3b-5k-pmc-style,3B,5K-PMC-style,32,16,4,0.5480))
 
 # train/7b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset1k_grpo_8a100.sh
-$(eval $(call synther,synther-7b-1k,7B,1K,48,24,8,54.96))
+$(eval $(call synther,synther-7b-1k,7B,1K,48,24,8,0.5496))
 # train/7b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset2k_grpo_8a100.sh
-$(eval $(call synther,synther-7b-2k,7B,2K,48,24,8,56.96))
+$(eval $(call synther,synther-7b-2k,7B,2K,48,24,8,0.5696))
 # train/7b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_8a100.sh
-$(eval $(call synther,synther-7b-5k,7B,5K,48,24,8,57.56))
+$(eval $(call synther,synther-7b-5k,7B,5K,48,24,8,0.5756))
 # train/7b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_subset10k_grpo_8a100.sh
-$(eval $(call synther,synther-7b-10k,7B,10K,48,24,8,57.48))
+$(eval $(call synther,synther-7b-10k,7B,10K,48,24,8,0.5748))
 # train/7b_biomedica_webdataset_glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k_grpo_8a100.sh
-$(eval $(call synther,synther-7b-13k,7B,13K,64,32,8,58.15))
+$(eval $(call synther,synther-7b-13k,7B,13K,64,32,8,0.5815))
 # train/7b_biomedica_webdataset_glm_generated_glm_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_8a100.sh
 # sets no ppo_mini_batch_size and no use_kl_loss (verl's defaults, 256 and false, do not fit its
 # 48 prompts per step): mini-batch 24 and KL 0.01 as in the other 7B scripts.
-$(eval $(call synther,synther-7b-5k-glm-glm,7B,5K-glm-glm,48,24,8,58.08))
+$(eval $(call synther,synther-7b-5k-glm-glm,7B,5K-glm-glm,48,24,8,0.5808))
 # train/7b_biomedica_webdataset_qwen_generated_glm_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_8a100.sh
-$(eval $(call synther,synther-7b-5k-qwen-glm,7B,5K-qwen-glm,48,24,8,56.42))
+$(eval $(call synther,synther-7b-5k-qwen-glm,7B,5K-qwen-glm,48,24,8,0.5642))
 # train/7b_biomedica_webdataset_internvl_generated_glm_verified_VQA_parquet_25k_filtered_13k_subset5k_grpo_8a100.sh
-$(eval $(call synther,synther-7b-5k-internvl-glm,7B,5K-internvl-glm,48,24,8,57.78))
+$(eval $(call synther,synther-7b-5k-internvl-glm,7B,5K-internvl-glm,48,24,8,0.5778))
 # train/7b_biomedica_webdataset_glm_generated_glm_verified_VQA_parquet_25k_without_verifier_subset5k_grpo_8a100.sh
-$(eval $(call synther,synther-7b-5k-no-verify,7B,5K-no-verify,48,24,8,57.33))
+$(eval $(call synther,synther-7b-5k-no-verify,7B,5K-no-verify,48,24,8,0.5733))
 # train/7b_biomedica_webdataset_glm_generated_pmc_VQA_parquet_25k_subset5k_grpo_8a100.sh
-$(eval $(call synther,synther-7b-5k-pmc-style,7B,5K-PMC-style,48,24,8,55.15))
+$(eval $(call synther,synther-7b-5k-pmc-style,7B,5K-PMC-style,48,24,8,0.5515))
 
 # MedVLSynther-3B, the paper's headline 3B model (55.85), is the 5K one.
 reproduce-synther-3b: synther-3b-5k

@@ -48,9 +48,11 @@ What the results depend on, and what holds exactly:
   sampled ones come from the same distribution but are other draws (seeded per row, not per batch).
 """
 
+import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -315,49 +317,58 @@ def majority_correct(line: dict) -> int:
 
 def mean(values) -> float | None:
     values = list(values)
-    return 100.0 * sum(values) / len(values) if values else None
+    return sum(values) / len(values) if values else None
 
 
 def stderr(values: list[float]) -> float | None:
-    """The standard error of mean(values), in percent: s / sqrt(n), with s the sample standard
-    deviation (n - 1 in its denominator), as lm-evaluation-harness and lmms-eval compute it. For 0/1
-    values with mean p it is sqrt(p (1 - p) / (n - 1)). None below two values."""
+    """The standard error of mean(values): s / sqrt(n), with s the sample standard deviation (n - 1
+    in its denominator), as lm-evaluation-harness and lmms-eval compute it (their mean_stderr). For
+    0/1 values with mean p it is sqrt(p (1 - p) / (n - 1)). None below two values."""
     n = len(values)
     if n < 2:
         return None
     m = sum(values) / n
-    return 100.0 * math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+
+
+def per_row_metrics(line: dict) -> dict:
+    """One row's metrics, fractions 0-1: accuracy = the share of its K responses that are correct,
+    maj@K / pass@K (K > 1) = 1 when its majority vote / any response is correct, format_rate = the
+    share passing reward.format_ok, consistency = the mean of its non-null `consistent` (or None)."""
+    k = len(line["responses"])
+    metrics = {"accuracy": sum(line["correct"]) / k}
+    if k > 1:
+        metrics[f"maj@{k}"] = majority_correct(line)
+        metrics[f"pass@{k}"] = max(line["correct"])
+    metrics["format_rate"] = mean(reward.format_ok(r) for r in line["responses"])
+    metrics["consistency"] = mean(c for c in line["consistent"] if c is not None)
+    return metrics
 
 
 def summarize(lines: list[dict]) -> dict:
-    """Per benchmark (dataset_name, in order of first appearance) percentages.
+    """Per benchmark (dataset_name, in order of first appearance) each metric of per_row_metrics as
+    a fraction 0-1, averaged over rows, and `samples` (its rows).
 
-    accuracy = mean over rows of the fraction of correct responses (plain accuracy when K = 1);
-    maj@K and pass@K (K > 1) = share of rows whose majority vote / any response is correct; each
-    with its standard error (stderr) over rows: the K responses of a row are not independent, so
-    the row is the unit. format_rate = share of responses passing reward.format_ok; consistency =
-    mean of non-null `consistent` values.
+    accuracy, maj@K and pass@K come with their standard error (`<metric>_stderr`) over rows: the K
+    responses of a row are not independent, so the row is the unit. format_rate is the share of all
+    responses; consistency the mean of all non-null `consistent` values.
     """
     ks = {len(line["responses"]) for line in lines}
     if len(ks) > 1:
         raise ValueError(f"rows have different numbers of responses {sorted(ks)}: grade them separately")
-    k = ks.pop() if ks else 1
     groups: dict[str, list[dict]] = {}
     for line in lines:
         groups.setdefault(line["dataset_name"], []).append(line)
     benchmarks = {}
     for name, group in groups.items():
-        per_row = {"accuracy": [sum(g["correct"]) / k for g in group]}
-        if k > 1:
-            per_row[f"maj@{k}"] = [majority_correct(g) for g in group]
-            per_row[f"pass@{k}"] = [max(g["correct"]) for g in group]
+        rows = [per_row_metrics(line) for line in group]
         stats = {}
-        for metric, values in per_row.items():
+        for metric in [m for m in rows[0] if m not in ("format_rate", "consistency")]:
+            values = [row[metric] for row in rows]
             stats.update({metric: mean(values), f"{metric}_stderr": stderr(values)})
-            if metric == "accuracy":
-                stats["n"] = len(group)
         stats["format_rate"] = mean(reward.format_ok(r) for g in group for r in g["responses"])
         stats["consistency"] = mean(c for g in group for c in g["consistent"] if c is not None)
+        stats["samples"] = len(group)
         benchmarks[name] = stats
     return benchmarks
 
@@ -380,26 +391,152 @@ def average(benchmarks: dict) -> tuple[float | None, float | None]:
 
 
 def markdown_table(benchmarks: dict) -> str:
-    """Benchmarks as columns like the paper's tables, Avg last; one line per metric. The Avg of a
-    `_stderr` line is the standard error of the Avg above it (average()).
+    """Benchmarks as columns like the paper's tables, Avg last; one line per metric, fractions 0-1
+    with 4 decimals as lmms-eval prints them. The Avg of a `_stderr` line is the standard error of
+    the Avg above it (average()).
 
     Kept by hand: pandas' DataFrame.to_markdown needs the tabulate package, a dependency for these
     ten lines, and still leaves the Avg column and the number format to write.
     """
     names = list(benchmarks)
-    metrics = [m for m in next(iter(benchmarks.values()), {}) if m != "n"]
-    lines = ["| | " + " | ".join(names) + " | Avg |", "|---" * (len(names) + 2) + "|"]
+    metrics = [m for m in next(iter(benchmarks.values()), {}) if m != "samples"]
+    lines = ["| metric (0-1) | " + " | ".join(names) + " | Avg |", "|---" * (len(names) + 2) + "|"]
     for metric in metrics:
         values = [benchmarks[name].get(metric) for name in names]
         known = [v for v in values if v is not None]
-        cells = ["-" if v is None else f"{v:.2f}" for v in values]
+        cells = ["-" if v is None else f"{v:.4f}" for v in values]
         if metric.endswith("_stderr"):
             avg = stderr_of_mean(values)
         else:
             avg = sum(known) / len(known) if known else None
-        cells.append("-" if avg is None else f"{avg:.2f}")
+        cells.append("-" if avg is None else f"{avg:.4f}")
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3b. results.json and the samples files, in lmms-eval's layout
+# ---------------------------------------------------------------------------------------------
+# The writer we follow is lmms-eval's: lmms_eval/evaluator.py (evaluate's results_dict and
+# simple_evaluate's config), lmms_eval/loggers/evaluation_tracker.py (save_results_aggregated adds
+# task_hashes and GeneralConfigTracker's fields; save_results_samples writes one
+# `{date}_samples_{task}.jsonl` per task). Each benchmark is one of its tasks; the paper's Avg is
+# one of its groups.
+
+FILTER = "none"  # lmms-eval keys a value "<metric>,<filter>"; our only filter is the grading rule
+TASK_VERSION = 1  # lmms-eval's per-task version: raised when reward.py's prompt or grading changes
+AVERAGE = "average"  # the paper's Avg, as a group of every benchmark
+
+
+def lmms_config(model, backend, batch_size, device, gen_kwargs, seed, cli_args: dict) -> dict:
+    """lmms-eval's `config` (simple_evaluate): every key it writes, None where we have no such
+    thing; `resolved_cli_args` holds our settings, as lmms-eval keeps its command line there."""
+    return {"model": model, "model_args": None if model is None else f"pretrained={model}",
+            "model_backend": backend, "batch_size": batch_size, "batch_sizes": [], "device": device,
+            "use_cache": None, "limit": None, "offset": 0, "bootstrap_iters": 0,
+            "process_docs_parallel": None, "gen_kwargs": gen_kwargs, "random_seed": seed,
+            "numpy_seed": None, "torch_seed": seed, "fewshot_seed": None, "resolved_cli_args": cli_args}
+
+
+def doc_hash(line: dict) -> str:
+    """lmms-eval's doc_hash: the SHA-256 of the row as JSON (indent 2). Our row is the line's data
+    fields: the model's outputs are not part of the document."""
+    doc = {key: line[key] for key in ("dataset_name", "dataset_index", "prompt", "options",
+                                      "answer_label", "answer") if key in line}
+    text = json.dumps(doc, indent=2, default=str, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sample_record(line: dict) -> dict:
+    """One line of a samples file, after save_results_samples: doc_id, target (a string), resps and
+    filtered_resps (the K responses and the K answers the grading rule extracted; resps is left out
+    when they are equal, as there), token_counts (one request, not counted), doc_hash, the row's
+    metrics (per_row_metrics) and input (the prompt)."""
+    record = {"doc_id": line.get("dataset_index"), "target": str(line["answer_label"]),
+              "resps": line["responses"], "filtered_resps": line["preds"], "token_counts": [None],
+              "doc_hash": doc_hash(line), **per_row_metrics(line), "input": line.get("prompt")}
+    if record["resps"] == record["filtered_resps"]:
+        del record["resps"]
+    return record
+
+
+def results_file(lines: list[dict], skipped: list[dict], config: dict, task_config: dict,
+                 date: str, started: float, chat_template: str | None) -> dict:
+    """results.json: lmms-eval's keys (results, groups, group_subtasks, configs, versions, n-shot,
+    higher_is_better, n-samples, config, git_hash, git_branch, lmms_eval_version, date, usage,
+    task_hashes and GeneralConfigTracker's),
+    lm-evaluation-harness's `transformers_version`, and `skipped` (rows the data check refused),
+    which neither has. Every share is a fraction 0-1.
+
+    The group's standard error is stderr_of_mean: the paper's Avg weighs the benchmarks equally, so
+    lmms-eval's pooled_sample_stderr (for a mean weighted by size) would be the wrong one."""
+    benchmarks = summarize(lines)
+    avg, avg_stderr = average(benchmarks)
+    k = len(lines[0]["responses"]) if lines else 1
+    counts = Counter(line["dataset_name"] for line in lines)
+    refused = Counter(row.get("dataset_name") for row in skipped)
+    results = {}
+    if benchmarks:
+        results[AVERAGE] = {"alias": AVERAGE, f"accuracy,{FILTER}": avg, f"accuracy_stderr,{FILTER}": avg_stderr,
+                            "samples": len(lines)}
+    for name, stats in benchmarks.items():
+        results[name] = {"alias": f" - {name}", **{f"{m},{FILTER}": v for m, v in stats.items() if m != "samples"},
+                         "samples": stats["samples"]}
+    metrics = [m for m in next(iter(benchmarks.values()), {}) if not m.endswith("_stderr") and m != "samples"]
+    hashes = {name: hashlib.sha256("".join(f"sample_{i}" + doc_hash(line) for i, line in
+                                           enumerate(x for x in lines if x["dataset_name"] == name)).encode()).hexdigest()
+              for name in benchmarks}
+    model = config["model"]
+    return {
+        "results": results,
+        "groups": {AVERAGE: results[AVERAGE]} if benchmarks else {},
+        "group_subtasks": {AVERAGE: list(benchmarks)},
+        "configs": {name: dict(task_config, task=name, repeats=k, metadata={"version": TASK_VERSION},
+                               metric_list=[{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                            for m in metrics]) for name in sorted(benchmarks)},
+        "versions": {name: TASK_VERSION for name in sorted([*benchmarks, AVERAGE])},
+        "n-shot": {name: 0 for name in sorted(benchmarks)},
+        "higher_is_better": {name: {m: True for m in metrics} for name in sorted([*benchmarks, AVERAGE])},
+        "n-samples": {name: {"original": counts[name] + refused[name], "effective": counts[name]}
+                      for name in benchmarks},
+        "config": config,
+        "git_hash": runtime.git_hash(),
+        "git_branch": runtime.git_hash("--abbrev-ref"),
+        "lmms_eval_version": None,  # not written by lmms-eval
+        "date": date,
+        "usage": None,  # lmms-eval's token usage of API models
+        "task_hashes": hashes,
+        "model_source": config["model_backend"],
+        "model_name": model,
+        "model_name_sanitized": None if model is None else re.sub(r"[\"<>:/\|\\?\*\[\]]+", "__", "/".join(model.split("/")[-2:])),
+        "system_instruction": None,
+        "system_instruction_sha": None,
+        "fewshot_as_multiturn": False,
+        "chat_template": chat_template,
+        "chat_template_sha": None if chat_template is None else hashlib.sha256(chat_template.encode()).hexdigest(),
+        "start_time": started,
+        "end_time": time.time(),
+        "total_evaluation_time_seconds": str(time.time() - started),
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "skipped": {"count": len(skipped), "rows": skipped},
+    }
+
+
+def benchmarks_of(results: dict, where: str = "results.json") -> dict:
+    """The per-benchmark metrics of a results.json (the group left out, `,none` dropped)."""
+    if "benchmarks" in results or "groups" not in results:
+        raise SystemExit(f"{where}: written by an older evaluate.py (accuracy in percent, not lmms-eval's "
+                         f"keys); grade it again: python evaluate.py --regrade FOLDER/predictions.jsonl "
+                         f"--output_dir NEW_FOLDER")
+    return {name: {m.split(",")[0]: v for m, v in stats.items() if m != "alias"}
+            for name, stats in results["results"].items() if name not in results["groups"]}
+
+
+def average_of(results: dict) -> tuple[float | None, float | None]:
+    """The paper's Avg of a results.json and its standard error."""
+    group = results["groups"].get(AVERAGE, {})
+    return group.get(f"accuracy,{FILTER}"), group.get(f"accuracy_stderr,{FILTER}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,27 +562,24 @@ def saved_lines(out: Path) -> dict:
     return found
 
 
-def finish(out: Path, lines: list[dict], skipped: list[dict], info: dict, config: dict, started: float):
-    """Write predictions.jsonl and results.json, print the table.
-
-    results.json has the top-level keys of lmms-eval's (and lm-evaluation-harness's) results file:
-    `results` per task with each metric and its `<metric>_stderr`, `config`, `git_hash`, `date`;
-    our own keys stay beside them (`benchmarks`, the same as `results`, is what --compare reads).
-    """
+def finish(out: Path, lines: list[dict], skipped: list[dict], config: dict, task_config: dict,
+           started: float, chat_template: str | None = None) -> dict:
+    """Write predictions.jsonl, results.json and one `{date}_samples_{benchmark}.jsonl` per
+    benchmark (results_file, sample_record), print the table."""
     runtime.write_lines(out / "predictions.jsonl", lines)
-    benchmarks = summarize(lines)
-    avg, avg_stderr = average(benchmarks)
-    results = {"results": benchmarks, "config": config, "git_hash": runtime.git_hash(),
-               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-               "benchmarks": benchmarks, "average": avg, "average_stderr": avg_stderr,
-               "skipped": {"count": len(skipped), "rows": skipped}, **info,
-               "seconds": round(time.time() - started, 2)}
+    date = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")  # lmms-eval's get_datetime_str, in UTC
+    results = results_file(lines, skipped, config, task_config, date, started, chat_template)
     runtime.write_json(out / "results.json", results)
-    error = "" if avg_stderr is None else f" (stderr {avg_stderr:.2f})"
-    print(f"\n{info.get('model') or info.get('regraded_from')}: average accuracy "
-          f"{'-' if avg is None else f'{avg:.2f}'}{error} over {len(benchmarks)} benchmark(s)")
-    print(markdown_table(benchmarks))
+    for old in out.glob("*_samples_*.jsonl"):  # an earlier finish of this same run
+        old.unlink()
+    for name in results["group_subtasks"][AVERAGE]:
+        records = [sample_record(line) for line in lines if line["dataset_name"] == name]
+        runtime.write_lines(out / f"{date}_samples_{name.replace('/', '__')}.jsonl", records)
+    avg, avg_stderr = average_of(results)
+    error = "" if avg_stderr is None else f" (stderr {avg_stderr:.4f})"
+    print(f"\n{config['model'] or config['resolved_cli_args'].get('regrade')}: average accuracy (0-1) "
+          f"{'-' if avg is None else f'{avg:.4f}'}{error} over {len(results['group_subtasks'][AVERAGE])} benchmark(s)")
+    print(markdown_table(summarize(lines)))
     return results
 
 
@@ -483,7 +617,10 @@ def regrade(args: Args):
     # Regrading is deterministic, so the same run may write its files again; any other folder (a
     # generation run's, say) is refused rather than overwritten.
     runtime.claim_output_dir(str(out), fingerprint, resume=True)
-    return finish(out, lines, [], {"regraded_from": args.regrade}, {"regrade": args.regrade}, started)
+    config = lmms_config(None, None, None, None, None, None, {"regrade": args.regrade})
+    task_config = {"dataset_path": args.regrade, "test_split": None, "output_type": "generate_until",
+                   "generation_kwargs": None}
+    return finish(out, lines, [], config, task_config, started)
 
 
 def evaluate(args: Args):
@@ -580,8 +717,11 @@ def evaluate(args: Args):
         if missing:
             raise RuntimeError(f"{len(missing)} rows have no predictions, e.g. {missing[:3]}")
         lines = [found[r.key] for r in rows]  # dataset order, whatever the processes did
-        info = {"model": args.model, "data": args.data, "split": args.split, "settings": settings}
-        results = finish(out, lines, skipped, info, dict(settings, data=args.data), started)
+        config = lmms_config(args.model, args.engine, args.batch_size, state.device.type, gen_kwargs, args.seed,
+                             dict(settings, model=args.model, data=args.data))
+        task_config = {"dataset_path": args.data, "test_split": args.split, "output_type": "generate_until",
+                       "generation_kwargs": gen_kwargs}
+        results = finish(out, lines, skipped, config, task_config, started, processor.chat_template)
         for path in part_files(out):  # merged: predictions.jsonl now holds every line
             path.unlink()
     state.wait_for_everyone()
@@ -611,22 +751,33 @@ def compare(args: Args):
         if not path.exists():
             raise SystemExit(f"--compare {name}: {path} does not exist (run the evaluation first)")
         results = json.loads(path.read_text())
-        summary[name] = {"benchmarks": results["benchmarks"], "average": results["average"],
-                         "average_stderr": results.get("average_stderr")}  # absent in older files
+        benchmarks = benchmarks_of(results, str(path))
+        avg, avg_stderr = average_of(results)
+        summary[name] = {"benchmarks": benchmarks, "average": avg, "average_stderr": avg_stderr}
+    papers = []
+    for name, value in named(args.paper, "--paper"):
+        try:
+            papers.append((name, float(value)))
+        except ValueError:
+            raise SystemExit(f"--paper {name}={value}: the average is not a number") from None
+        if not 0 <= papers[-1][1] <= 1:
+            raise SystemExit(f"--paper {name}={value}: give the paper's Avg as a fraction 0-1, as every "
+                             f"table here (the paper prints percent: 53.19 is 0.5319)")
     names = list(dict.fromkeys(b for r in summary.values() for b in r["benchmarks"]))
-    cell = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
-    table = ["| model | " + " | ".join(names) + " | Avg |", "|---" * (len(names) + 2) + "|"]
+    cell = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+    header = ["| model | " + " | ".join(names) + " | Avg |", "|---" * (len(names) + 2) + "|"]
+    table = ["Accuracy (0-1):", "", *header]
     for metric in ("accuracy", "consistency"):
         if metric == "consistency":  # answers that agree with their own reasoning (section 11)
-            table += ["", "Answer agrees with the reasoning (consistency, %):", "", *table[:2]]
+            table += ["", "Answer agrees with the reasoning (consistency, 0-1):", "", *header]
         for name, result in summary.items():
             values = [result["benchmarks"].get(b, {}).get(metric) for b in names]
             known = [v for v in values if v is not None]
             avg = result["average"] if metric == "accuracy" else (sum(known) / len(known) if known else None)
             table.append(f"| {name} | " + " | ".join(map(cell, values)) + f" | {cell(avg)} |")
         if metric == "accuracy":
-            for name, average in named(args.paper, "--paper"):
-                table.append(f"| {name} (paper) | " + " | ".join("-" for _ in names) + f" | {float(average):.2f} |")
+            for name, value in papers:
+                table.append(f"| {name} (paper) | " + " | ".join("-" for _ in names) + f" | {value:.4f} |")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runtime.write_json(out / "summary.json", summary)
@@ -637,7 +788,7 @@ def compare(args: Args):
     return summary
 
 
-# metrics.jsonl's shares, logged as fractions 0-1 (the tables print percent).
+# metrics.jsonl's shares, fractions 0-1 as in every table and results.json.
 FRACTIONS = ("reward", "accuracy", "format_rate", "zero_advantage_groups", "truncated", "clip_low", "clip_high",
              "clip_dual", "mfu")
 

@@ -471,6 +471,14 @@ def validate(model, engine, rows, args: Args, batch_size: int, version: int) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+def schedule(args: Args) -> str:
+    """The learning-rate schedule's kind: "constant" when no step's rate depends on the run's length
+    (so a finished run may be extended, runtime.extend_run)."""
+    if args.lr_scheduler_type == "constant_with_warmup" and args.warmup_ratio == 0:
+        return "constant"
+    return args.lr_scheduler_type
+
+
 def load_data(args: Args, engine_args, run: runtime.RunArgs, accelerator):
     """The processor, the usable training rows and the validation rows, before any model work, and
     this run's folder claimed (docs/method.md section 10): another run's folder is refused. None
@@ -483,7 +491,8 @@ def load_data(args: Args, engine_args, run: runtime.RunArgs, accelerator):
                 "validation": None if eval_set is None else runtime.data_fingerprint(eval_set)}
         runtime.claim_output_dir(run.output_dir, {"stage": "grpo", "model": args.model, "data": data,
                                                   "settings": runtime.settings(args, engine_args, run)},
-                                 resume=run.resume is not None, inputs=(args.data, args.eval_data, args.model))
+                                 resume=run.resume is not None, inputs=(args.data, args.eval_data, args.model),
+                                 schedule=schedule(args))
     accelerator.wait_for_everyone()
     final_dir = os.path.join(run.output_dir, "final")
     if run.resume is not None and os.path.isdir(final_dir):

@@ -361,7 +361,8 @@ def write_bad_rows(bad: list[dict], output_dir: str) -> None:
 RUN_FILE = "run.json"
 
 
-def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool, inputs=()) -> None:
+def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool, inputs=(),
+                     schedule: str | None = None) -> None:
     """Make `output_dir` this run's folder, or refuse, saying how to go on.
 
     `fingerprint` names what makes a run this run (the stage, the settings that change its results,
@@ -370,7 +371,8 @@ def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool, inputs=()
     this very run is continued only with `resume` (evaluate.py always resumes: its predictions are
     reused). Nothing already computed is ever overwritten or silently mixed. A folder inside one of
     `inputs` (the data and model folders) is refused, and so is a folder another process holds
-    (`lock_output_dir`).
+    (`lock_output_dir`). A trainer's run made longer is this run extended (`extend_run`), where its
+    learning-rate `schedule` allows it.
     """
     inside = next((i for i in inputs if is_inside(output_dir, i)), None)
     if inside is not None:
@@ -381,6 +383,9 @@ def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool, inputs=()
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             previous = json.load(f)
+        longer = lengthened(previous, fingerprint) if resume and schedule else None
+        if longer:
+            return extend_run(output_dir, previous, fingerprint, longer, schedule)
         if previous != fingerprint:
             changed = sorted(k for k in set(previous) | set(fingerprint)
                              if previous.get(k) != fingerprint.get(k))
@@ -408,6 +413,54 @@ def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool, inputs=()
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(fingerprint, f, indent=1, sort_keys=True)
     os.replace(path + ".tmp", path)
+
+
+LENGTHS = ("max_steps", "num_epochs")  # the settings that only say where a trainer's run ends
+
+
+def lengthened(previous: dict, fingerprint: dict) -> tuple[str, object, object] | None:
+    """(flag, before, now) when `fingerprint` is `previous` with the run made longer: --max_steps
+    raised, or --num_epochs raised where no --max_steps is set; None otherwise."""
+    before, now = previous.get("settings", {}), fingerprint.get("settings", {})
+    if {k: v for k, v in previous.items() if k != "settings"} != \
+            {k: v for k, v in fingerprint.items() if k != "settings"}:
+        return None
+    if {k: v for k, v in before.items() if k not in LENGTHS} != {k: v for k, v in now.items() if k not in LENGTHS}:
+        return None
+    steps = (before.get("max_steps", -1), now.get("max_steps", -1))
+    if steps[0] > 0 and steps[1] > steps[0] and before.get("num_epochs") == now.get("num_epochs"):
+        return "max_steps", *steps
+    epochs = (before.get("num_epochs"), now.get("num_epochs"))
+    if steps[0] <= 0 and steps[1] == steps[0] and isinstance(epochs[0], int) and epochs[1] > epochs[0]:
+        return "num_epochs", *epochs
+    return None
+
+
+def extend_run(output_dir: str, previous: dict, fingerprint: dict, longer: tuple, schedule: str) -> None:
+    """A run continued past the end it was given (`--resume latest` with a larger --max_steps or
+    --num_epochs): the same run only if every step already taken had the learning rate it would have
+    had in the longer run, which holds for a constant schedule and for no schedule laid out over the
+    run's length (cosine, linear, warmup as a share of the steps). So the others are refused, saying
+    why. An extended run resumes from its newest checkpoint (the steps after it are computed again, as
+    any resume does: a run's end keeps no optimizer state), and its final/ moves aside to
+    final-{flag}-{before} rather than be overwritten. run.json then records the new length."""
+    flag, before, now = longer
+    if schedule != "constant":
+        raise SystemExit(
+            f"--{flag} {now}: {output_dir} was trained for --{flag} {before} with a {schedule} learning-rate "
+            f"schedule, laid out over the run's length: a longer run would have given every step taken "
+            f"another learning rate, so it is not this run continued. Train a new run from "
+            f"{os.path.join(output_dir, 'final')} (--model), or use a constant schedule.")
+    lock_output_dir(output_dir)
+    final = os.path.join(output_dir, "final")
+    if os.path.isdir(final):
+        os.replace(final, f"{final}-{flag}-{before}")
+    path = os.path.join(output_dir, RUN_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(fingerprint, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    print(f"{output_dir}: extending the run from --{flag} {before} to {now} (constant learning rate); "
+          f"its final model moved to {final}-{flag}-{before}")
 
 
 def is_inside(path: str, folder) -> bool:
@@ -542,10 +595,11 @@ def write_lines(path, lines: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def git_hash() -> str | None:
-    """This project's commit (short), or None outside a git checkout or without git."""
+def git_hash(what: str = "--short") -> str | None:
+    """This project's commit (short; `--abbrev-ref` for its branch), or None outside a git checkout
+    or without git."""
     try:
-        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        found = subprocess.run(["git", "rev-parse", what, "HEAD"], capture_output=True, text=True,
                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -674,11 +728,22 @@ def prepare(accelerator, model, optimizer, scheduler):
 # ---------------------------------------------------------------------------------------------
 # DIR/checkpoint-{step}/ holds the model and processor (save_pretrained, loadable like a hub id),
 # training_state/ (accelerator.save_state: the fp32 weights, optimizer, scheduler, every process's
-# RNG) and trainer_state.json (the step and what the stage adds), written last. DIR/final/ holds the
+# RNG) and resume_state.json (the step and what the stage adds), written last. DIR/final/ holds the
 # model and processor only: a finished run is never resumed.
 
 TRAINING_STATE = "training_state"
-TRAINER_STATE = "trainer_state.json"
+RESUME_STATE = "resume_state.json"
+# Not trainer_state.json: transformers' Trainer writes its own state there, in another schema
+# (log_history, ...). A checkpoint holding this file under that name still resumes.
+OLD_RESUME_STATE = "trainer_state.json"
+
+
+def state_file(checkpoint: str) -> str | None:
+    """The checkpoint's resume state file, or None: the checkpoint is not complete."""
+    for name in (RESUME_STATE, OLD_RESUME_STATE):
+        if os.path.isfile(os.path.join(checkpoint, name)):
+            return os.path.join(checkpoint, name)
+    return None
 
 
 def save_model(accelerator, model, processor, folder: str, dtype) -> None:
@@ -719,7 +784,7 @@ CHECKSUMS = "checksums.json"
 def save_checkpoint(accelerator, model, processor, run: RunArgs, step: int, state: dict | None,
                     card: dict | None = None) -> str:
     """DIR/checkpoint-{step} with `state` (a JSON object: the stage's own resume data) in
-    trainer_state.json beside "step", or DIR/final (state None: the model and processor alone, and
+    resume_state.json beside "step", or DIR/final (state None: the model and processor alone, and
     with `card`, {"stage", "base_model", "datasets"}, a model card: `model_card`).
 
     Everything is written into a .tmp folder, then renamed with os.replace: the rename is the
@@ -747,7 +812,7 @@ def save_checkpoint(accelerator, model, processor, run: RunArgs, step: int, stat
                 accelerator.save_state(os.path.join(tmp, TRAINING_STATE))
         save_model(accelerator, model, processor, tmp, dtype)  # full weights, gathered under FSDP
         if accelerator.is_main_process and state is not None:
-            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+            with open(os.path.join(tmp, RESUME_STATE), "w") as f:
                 json.dump({"step": step, **state}, f)
         if accelerator.is_main_process and card is not None:
             model_card(card, run.output_dir, step).save(os.path.join(tmp, "README.md"))
@@ -895,12 +960,12 @@ def find_checkpoint(run: RunArgs, accelerator) -> str | None:
     """The folder to resume from: --resume itself (it must be a complete, intact checkpoint), or
     with 'latest' the newest complete checkpoint-{step} of --output_dir that matches its checksums
     (a damaged one is named and passed over), or None: start afresh, so that `--resume latest` is
-    always safe to pass. Complete: renamed from .tmp, so holding trainer_state.json."""
+    always safe to pass. Complete: renamed from .tmp, so holding resume_state.json."""
     if not run.resume:
         return None
     if run.resume != "latest":
-        if not os.path.isfile(os.path.join(run.resume, TRAINER_STATE)):
-            raise FileNotFoundError(f"--resume {run.resume}: not a complete checkpoint (no {TRAINER_STATE} "
+        if state_file(run.resume) is None:
+            raise FileNotFoundError(f"--resume {run.resume}: not a complete checkpoint (no {RESUME_STATE} "
                                     "there); pass a checkpoint-{step} folder or 'latest'")
         problem = damage(run.resume)
         if problem:
@@ -909,7 +974,7 @@ def find_checkpoint(run: RunArgs, accelerator) -> str | None:
         return run.resume
     found = sorted((int(m.group(1)), name) for name in (os.listdir(run.output_dir) if os.path.isdir(
         run.output_dir) else []) if (m := re.fullmatch(r"checkpoint-(\d+)", name))
-        and os.path.isfile(os.path.join(run.output_dir, name, TRAINER_STATE)))
+        and state_file(os.path.join(run.output_dir, name)))
     for _, name in reversed(found):
         checkpoint = os.path.join(run.output_dir, name)
         problem = damage(checkpoint)
@@ -922,11 +987,11 @@ def find_checkpoint(run: RunArgs, accelerator) -> str | None:
 
 
 def read_state(checkpoint: str | None, expect: dict | None = None) -> dict:
-    """A checkpoint's trainer_state.json ({"step": 0} for None: a fresh start). `expect`: values the
+    """A checkpoint's resume_state.json ({"step": 0} for None: a fresh start). `expect`: values the
     checkpoint must have been saved with (the same rows in the same steps), or a named error."""
     if checkpoint is None:
         return {"step": 0}
-    with open(os.path.join(checkpoint, TRAINER_STATE)) as f:
+    with open(state_file(checkpoint)) as f:
         state = json.load(f)
     for key, value in (expect or {}).items():
         if state.get(key) != value:
@@ -937,7 +1002,7 @@ def read_state(checkpoint: str | None, expect: dict | None = None) -> dict:
 
 def restore(accelerator, checkpoint: str | None, run: RunArgs, metrics_path: str) -> dict:
     """Load `checkpoint`'s training state (weights, optimizer, scheduler, RNG) and return its
-    trainer_state.json ({"step": 0} without one). Then, in the run folder: the .tmp folders of saves
+    resume_state.json ({"step": 0} without one). Then, in the run folder: the .tmp folders of saves
     a kill interrupted are removed, and metrics.jsonl keeps the lines up to the checkpoint's step
     (later ones are computed again)."""
     state = read_state(checkpoint)

@@ -349,14 +349,15 @@ def main(argv=None):
     if run.resume and os.path.isdir(final):
         if accelerator.is_main_process:
             # Only a check here: this run's folder has run.json; another run's folder is refused.
-            runtime.claim_output_dir(run.output_dir, fingerprint, resume=True, inputs=(args.data, args.model))
+            runtime.claim_output_dir(run.output_dir, fingerprint, resume=True, inputs=(args.data, args.model),
+                                     schedule="cosine")
         accelerator.print(f"{run.output_dir} is a finished run ({final} exists): nothing to do")
         return
     data, bad = usable_rows(data, args, run.on_bad_row, accelerator)
     runtime.check_model(args.model)  # after the rows (a bad row is named first), before the claim
     if accelerator.is_main_process:
         runtime.claim_output_dir(run.output_dir, fingerprint, resume=bool(run.resume),
-                                 inputs=(args.data, args.model))
+                                 inputs=(args.data, args.model), schedule="cosine")
     accelerator.wait_for_everyone()
     checkpoint = runtime.find_checkpoint(run, accelerator)  # a wrong --resume path fails before any change
     if accelerator.is_main_process and run.on_bad_row == "skip":

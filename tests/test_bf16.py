@@ -157,7 +157,7 @@ def test_evaluate_in_bf16(warm_tiny_dir, toy_data_dir, tmp_path, monkeypatch):  
     bf16 = evaluate.main(flags + ["--dtype", "bfloat16", "--output_dir", str(tmp_path / "bf16")])
     fp32 = evaluate.main(flags + ["--output_dir", str(tmp_path / "fp32")])  # auto on a CPU: fp32
     assert dtypes == [torch.bfloat16, torch.float32]
-    assert bf16["settings"]["dtype"] == "bfloat16" and set(bf16["benchmarks"]) == set(fp32["benchmarks"])
+    assert bf16["config"]["resolved_cli_args"]["dtype"] == "bfloat16" and set(bf16["results"]) == set(fp32["results"])
     with open(tmp_path / "bf16" / "predictions.jsonl") as f:
         responses = [json.loads(line)["responses"][0] for line in f]
     with open(tmp_path / "fp32" / "predictions.jsonl") as f:

@@ -2,6 +2,7 @@
 "\\n" only, resume, two processes, bad rows, empty data, changed data, image paths."""
 
 import io
+import hashlib
 import json
 import math
 import os
@@ -47,7 +48,8 @@ def run(model_dir, data_dir, out, *extra):
 
 
 def without_time(results: dict) -> dict:
-    return {k: v for k, v in results.items() if k not in ("seconds", "date")}
+    return {k: v for k, v in results.items()
+            if k not in ("date", "start_time", "end_time", "total_evaluation_time_seconds")}
 
 
 def read(path) -> list[dict]:
@@ -118,8 +120,8 @@ def test_greedy_equals_one_row_at_a_time_generate(model_dir, toy_data_dir, tmp_p
         assert line["pass_correct"] == [int(reward.pass_correct(response, row["answer_label"], row["answer"]))]
     # Not vacuous: responses differ from row to row.
     assert len({line["responses"][0] for line in lines}) > 20
-    assert set(results["benchmarks"]) == {"ToyHeartRate", "ToyFever", "ToyLesion"}
-    assert all(b["n"] == 8 for b in results["benchmarks"].values())
+    assert set(evaluate.benchmarks_of(results)) == {"ToyHeartRate", "ToyFever", "ToyLesion"}
+    assert all(b["samples"] == 8 for b in evaluate.benchmarks_of(results).values())
     assert json.loads((tmp_path / "results.json").read_text()) == results
 
 
@@ -177,39 +179,45 @@ def test_regrade_gives_hand_computed_metrics(tmp_path, capsys):
     assert [line["correct"] for line in lines] == [[1, 0, 1], [0, 0, 0], [1, 0, 1], [0, 1, 0]]
     assert [line["pass_correct"] for line in lines] == [[1, 0, 0], [0, 0, 0], [1, 0, 1], [0, 1, 0]]
     assert [line["consistent"] for line in lines] == [[1, 1, None], [1, 0, 0], [None] * 3, [None] * 3]
-    x, y = results["benchmarks"]["X"], results["benchmarks"]["Y"]
-    assert x["n"] == 2 and y["n"] == 2
-    assert x["accuracy"] == pytest.approx(100 * (2 / 3 + 0) / 2)  # mean over rows of the share correct
-    assert x["maj@3"] == 50.0 and x["pass@3"] == 50.0
-    assert x["format_rate"] == pytest.approx(100 * 5 / 6)
-    assert x["consistency"] == pytest.approx(100 * 3 / 5)  # 1, 1 | 1, 0, 0 (the null left out)
-    assert y["accuracy"] == pytest.approx(50.0) and y["maj@3"] == 50.0 and y["pass@3"] == 100.0
-    assert y["format_rate"] == 0.0 and y["consistency"] is None
-    assert results["average"] == pytest.approx((100 / 3 + 50) / 2)  # unweighted over benchmarks
+    # Every share a fraction 0-1, under lmms-eval's "<metric>,none" keys.
+    x, y = results["results"]["X"], results["results"]["Y"]
+    assert x["samples"] == 2 and y["samples"] == 2 and x["alias"] == " - X"
+    assert x["accuracy,none"] == pytest.approx((2 / 3 + 0) / 2)  # mean over rows of the share correct
+    assert x["maj@3,none"] == 0.5 and x["pass@3,none"] == 0.5
+    assert x["format_rate,none"] == pytest.approx(5 / 6)
+    assert x["consistency,none"] == pytest.approx(3 / 5)  # 1, 1 | 1, 0, 0 (the null left out)
+    assert y["accuracy,none"] == pytest.approx(0.5) and y["maj@3,none"] == 0.5 and y["pass@3,none"] == 1.0
+    assert y["format_rate,none"] == 0.0 and y["consistency,none"] is None
+    # The paper's Avg is lmms-eval's group: unweighted over benchmarks, in results and in groups.
+    avg = results["results"]["average"]
+    assert avg["accuracy,none"] == pytest.approx((1 / 3 + 1 / 2) / 2) and avg["samples"] == 4
+    assert results["groups"] == {"average": avg} and results["group_subtasks"] == {"average": ["X", "Y"]}
     # Standard errors over rows (the unit: a row's K responses are not independent): s / sqrt(n),
     # s with n - 1. X's rows score 2/3 and 0: s = sqrt(2 (1/3)^2 / 1), / sqrt(2) = 1/3. Y's: 2/3, 1/3.
-    assert x["accuracy_stderr"] == pytest.approx(100 / 3) and y["accuracy_stderr"] == pytest.approx(100 / 6)
-    assert x["maj@3_stderr"] == pytest.approx(50.0)  # 0/1 values: sqrt(p (1 - p) / (n - 1)), p = 1/2
-    assert y["pass@3_stderr"] == 0.0  # both rows 1
+    assert x["accuracy_stderr,none"] == pytest.approx(1 / 3) and y["accuracy_stderr,none"] == pytest.approx(1 / 6)
+    assert x["maj@3_stderr,none"] == pytest.approx(0.5)  # 0/1 values: sqrt(p (1 - p) / (n - 1)), p = 1/2
+    assert y["pass@3_stderr,none"] == 0.0  # both rows 1
     # The average's: sqrt(sum of the squared standard errors) / B.
-    assert results["average_stderr"] == pytest.approx(math.hypot(100 / 3, 100 / 6) / 2)
-    # lmms-eval's keys beside ours.
-    assert results["results"] == results["benchmarks"] and results["config"] == {"regrade": str(source)}
+    assert avg["accuracy_stderr,none"] == pytest.approx(math.hypot(1 / 3, 1 / 6) / 2)
+    assert results["n-samples"] == {"X": {"original": 2, "effective": 2}, "Y": {"original": 2, "effective": 2}}
+    assert results["configs"]["X"]["repeats"] == 3
+    assert results["config"]["resolved_cli_args"] == {"regrade": str(source)}
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     assert results["git_hash"] == (head.stdout.strip() if head.returncode == 0 else None)
-    assert datetime.fromisoformat(results["date"]).tzinfo is not None
+    assert datetime.strptime(results["date"], "%Y%m%d_%H%M%S")  # lmms-eval's get_datetime_str format
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
     assert results["skipped"] == {"count": 0, "rows": []}
     table = capsys.readouterr().out
-    assert "| | X | Y | Avg |" in table and "| maj@3 | 50.00 | 50.00 | 50.00 |" in table
-    assert "| accuracy_stderr | 33.33 | 16.67 | 18.63 |" in table
-    assert "| consistency | 60.00 | - | 60.00 |" in table
+    assert "| metric (0-1) | X | Y | Avg |" in table and "| maj@3 | 0.5000 | 0.5000 | 0.5000 |" in table
+    assert "| accuracy_stderr | 0.3333 | 0.1667 | 0.1863 |" in table
+    assert "| consistency | 0.6000 | - | 0.6000 |" in table
 
     # Regrading its own output changes nothing.
     again = evaluate.main(["--regrade", str(tmp_path / "out" / "predictions.jsonl"),
                            "--output_dir", str(tmp_path / "again")])
-    other_source = {"regraded_from": None, "config": None}
+    other_source = {"config": None, "configs": None}  # they name the file graded
     assert without_time(again) | other_source == without_time(results) | other_source
+    assert again["configs"]["X"] | {"dataset_path": None} == results["configs"]["X"] | {"dataset_path": None}
     # The same regrade again into its own folder is the same run; a changed file is another.
     evaluate.main(["--regrade", str(source), "--output_dir", str(tmp_path / "out")])
     source.write_text(json.dumps(HAND_LINES[3]) + "\n")
@@ -226,7 +234,7 @@ def test_regrade_gives_hand_computed_metrics(tmp_path, capsys):
 
 def test_stderr_of_a_mean_of_0_1_values_is_sqrt_p_1_minus_p_over_n_minus_1():
     values = [1, 0, 0, 1, 1]
-    assert evaluate.stderr(values) == pytest.approx(100 * math.sqrt(0.6 * 0.4 / 4))
+    assert evaluate.stderr(values) == pytest.approx(math.sqrt(0.6 * 0.4 / 4))
     assert evaluate.stderr([1]) is None and evaluate.stderr([]) is None
     assert evaluate.stderr_of_mean([3.0, 4.0]) == pytest.approx(2.5)  # sqrt(9 + 16) / 2
     assert evaluate.stderr_of_mean([3.0, None]) is None
@@ -295,7 +303,7 @@ def test_regrade_reads_a_file_written_with_ensure_ascii_false(tmp_path):
         assert line["pass_correct"] == [int(reward.pass_correct(r, label, answer)) for r in line["responses"]]
     assert lines[0]["correct"] == [1, 0, 0] and lines[1]["correct"] == [0, 1, 0]
     assert lines[0]["pass_correct"] == [1, 0, 0] and lines[1]["pass_correct"] == [0, 0, 0]
-    assert results["benchmarks"]["X"]["n"] == 3
+    assert results["results"]["X"]["samples"] == 3
 
 
 def fake_generate(model, processor, rows, n, gen_kwargs, seed, share_prompt=False):
@@ -365,7 +373,7 @@ def test_kill_and_resume_equals_uninterrupted_run(model_dir, toy_data_dir, sampl
     assert without_time(resumed) == without_time(reference)
     assert (tmp_path / "predictions.jsonl").read_text() == (reference_dir / "predictions.jsonl").read_text()
     assert not list(tmp_path.glob("predictions.rank*"))
-    assert resumed["benchmarks"]["ToyFever"]["pass@2"] >= resumed["benchmarks"]["ToyFever"]["maj@2"]
+    assert resumed["results"]["ToyFever"]["pass@2,none"] >= resumed["results"]["ToyFever"]["maj@2,none"]
 
     # Everything done: a rerun generates nothing and gives the same results.
     monkeypatch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("nothing left to generate"))
@@ -476,7 +484,10 @@ def test_bad_rows_are_named_and_counted(model_dir, test_split, tmp_path):
     assert sorted(row["position"] for row in results["skipped"]["rows"]) == sorted(faults)
     listed = read(tmp_path / "skip" / "bad_rows.jsonl")
     assert [row["position"] for row in listed] == sorted(faults)
-    assert sum(b["n"] for b in results["benchmarks"].values()) == 2
+    assert sum(b["samples"] for b in evaluate.benchmarks_of(results).values()) == 2
+    for name, counted in results["n-samples"].items():  # every row of the benchmark, graded or refused
+        assert counted == {"original": sum(row["dataset_name"] == name for row in rows),
+                           "effective": sum(rows[i]["dataset_name"] == name for i in (6, 9))}
     assert [line["dataset_index"] for line in read(tmp_path / "skip" / "predictions.jsonl")] == \
         [rows[6]["dataset_index"], rows[9]["dataset_index"]]
     assert listing(data) == before  # nothing written into the input folder (no cache-*.arrow)
@@ -534,7 +545,7 @@ def test_image_file_paths_in_jsonl_and_parquet(model_dir, test_split, tmp_path, 
         out = tmp_path / f"out_{data.suffix[1:]}"
         results = run(model_dir, data, out)
         assert [line["responses"] for line in read(out / "predictions.jsonl")] == expected
-        assert results["benchmarks"] == reference["benchmarks"]
+        assert results["results"] == reference["results"]
     assert listing(tmp_path / "files") == before
 
     rows[2]["images"] = ["img/missing.png"]
@@ -553,26 +564,119 @@ def test_arguments_are_checked():
 
 
 def test_compare_builds_one_table_summary_and_curves(tmp_path):
-    """--compare: hand-written results of two models give the summary, the table and the picture."""
-    for name, (a, b) in {"base": (10.0, 30.0), "grpo": (50.0, 70.0)}.items():
+    """--compare: hand-written results of two models (lmms-eval's layout, fractions 0-1) give the
+    summary, the table and the picture."""
+    for name, (a, b) in {"base": (0.1, 0.3), "grpo": (0.5, 0.7)}.items():
         (tmp_path / name).mkdir()
-        results = {"benchmarks": {"X": {"accuracy": a, "n": 4, "consistency": 100.0},
-                                  "Y": {"accuracy": b, "n": 2, "consistency": None}},
-                   "average": (a + b) / 2}
+        average = {"alias": "average", "accuracy,none": (a + b) / 2, "accuracy_stderr,none": None, "samples": 6}
+        results = {"results": {"average": average,
+                               "X": {"alias": " - X", "accuracy,none": a, "consistency,none": 1.0, "samples": 4},
+                               "Y": {"alias": " - Y", "accuracy,none": b, "consistency,none": None, "samples": 2}},
+                   "groups": {"average": average}}
         (tmp_path / name / "results.json").write_text(json.dumps(results))
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / s}) + "\n"
                                                     for s in (1, 2, 3)))
     summary = evaluate.main(["--output_dir", str(tmp_path / "all"), "--compare", f"base={tmp_path / 'base'}",
-                             f"grpo={tmp_path / 'grpo'}", "--paper", "Paper model=53.19",
+                             f"grpo={tmp_path / 'grpo'}", "--paper", "Paper model=0.5319",
                              "--curves", f"SFT loss={tmp_path / 'metrics.jsonl'}:loss"])
     assert summary == json.loads((tmp_path / "all" / "summary.json").read_text())
-    assert summary["grpo"]["average"] == 60.0 and summary["base"]["benchmarks"]["Y"]["accuracy"] == 30.0
+    assert summary["grpo"]["average"] == pytest.approx(0.6) and summary["base"]["benchmarks"]["Y"]["accuracy"] == 0.3
     table = (tmp_path / "all" / "summary.md").read_text().splitlines()
-    assert table[0] == "| model | X | Y | Avg |"
-    assert "| base | 10.00 | 30.00 | 20.00 |" in table
-    assert "| grpo | 50.00 | 70.00 | 60.00 |" in table
-    assert "| Paper model (paper) | - | - | 53.19 |" in table
-    assert "| grpo | 100.00 | - | 100.00 |" in table  # consistency: the known benchmarks' mean
+    assert table[:3] == ["Accuracy (0-1):", "", "| model | X | Y | Avg |"]
+    assert "| base | 0.1000 | 0.3000 | 0.2000 |" in table
+    assert "| grpo | 0.5000 | 0.7000 | 0.6000 |" in table
+    assert "| Paper model (paper) | - | - | 0.5319 |" in table
+    assert "| grpo | 1.0000 | - | 1.0000 |" in table  # consistency: the known benchmarks' mean
     assert (tmp_path / "all" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # One unit: a paper average in percent is refused, naming the flag and the fraction to give.
+    with pytest.raises(SystemExit, match=r"--paper P=53.19: give the paper's Avg as a fraction 0-1.*0.5319"):
+        evaluate.main(["--output_dir", str(tmp_path / "x"), "--compare", f"m={tmp_path / 'base'}",
+                       "--paper", "P=53.19"])
+    # A results.json of the older layout (percent, `benchmarks`) is named, not misread as fractions.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps({"benchmarks": {"X": {"accuracy": 50.0}},
+                                                               "average": 50.0, "results": {}}))
+    with pytest.raises(SystemExit, match="old.results.json: written by an older evaluate.py .*--regrade"):
+        evaluate.main(["--output_dir", str(tmp_path / "x"), "--compare", f"m={tmp_path / 'old'}"])
     with pytest.raises(SystemExit, match="does not exist"):
         evaluate.main(["--output_dir", str(tmp_path / "x"), "--compare", f"m={tmp_path / 'nothing'}"])
+
+
+# lmms-eval's layout (EvolvingLMMs-Lab/lmms-eval 0.7.3), read from its writer:
+# - lmms_eval/evaluator.py, evaluate(): results_dict's keys; simple_evaluate(): config, git_hash,
+#   git_branch, lmms_eval_version, date, usage (throughput and efficiency only for API models);
+# - lmms_eval/loggers/evaluation_tracker.py, save_results_aggregated(): task_hashes and the fields
+#   of GeneralConfigTracker; save_results_samples(): one `{date_id}_samples_{task}.jsonl` per task.
+LMMS_EVAL_KEYS = ["results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better",
+                  "n-samples", "config", "git_hash", "git_branch", "lmms_eval_version", "date", "usage",
+                  "task_hashes", "model_source", "model_name", "model_name_sanitized", "system_instruction",
+                  "system_instruction_sha", "fewshot_as_multiturn", "chat_template", "chat_template_sha",
+                  "start_time", "end_time", "total_evaluation_time_seconds"]
+LMMS_EVAL_CONFIG_KEYS = ["model", "model_args", "model_backend", "batch_size", "batch_sizes", "device", "use_cache",
+                         "limit", "offset", "bootstrap_iters", "process_docs_parallel", "gen_kwargs", "random_seed",
+                         "numpy_seed", "torch_seed", "fewshot_seed", "resolved_cli_args"]
+
+
+def lmms_eval_sample(sample: dict) -> dict:
+    """What save_results_samples writes for one logged sample, step by step as it does it."""
+    sample = dict(sample)
+    sample["input"] = sample["arguments"][0]
+    sanitize = lambda x: [sanitize(i) for i in x] if isinstance(x, list) else str(x)  # noqa: E731
+    sample["resps"], sample["filtered_resps"] = sanitize(sample["resps"]), sanitize(sample["filtered_resps"])
+    if isinstance(sample["resps"], list) and len(sample["resps"]) == 1:
+        sample["resps"] = sample["resps"][0]
+    if isinstance(sample["filtered_resps"], list) and len(sample["filtered_resps"]) == 1:
+        sample["filtered_resps"] = sample["filtered_resps"][0]
+    if sample["resps"] == sample["filtered_resps"]:
+        sample.pop("resps")
+    sample["target"] = str(sample["target"])
+    sample.pop("arguments")
+    sample.pop("doc")
+    return sample
+
+
+def test_results_and_samples_files_have_lmms_evals_layout(model_dir, toy_data_dir, tmp_path):
+    """results.json and the samples files key for key as lmms-eval's writer lays them out, from a
+    greedy run (K = 1) and a regrade of K = 3 samples; our only extra keys are named."""
+    greedy = run(model_dir, toy_data_dir, tmp_path / "greedy")
+    source = tmp_path / "hand.jsonl"
+    source.write_text("\n".join(json.dumps(line) for line in HAND_LINES))
+    sampled = evaluate.main(["--regrade", str(source), "--output_dir", str(tmp_path / "sampled")])
+    for results, folder, k in ((greedy, tmp_path / "greedy", 1), (sampled, tmp_path / "sampled", 3)):
+        assert json.loads((folder / "results.json").read_text()) == results
+        assert list(results) == LMMS_EVAL_KEYS + ["transformers_version", "torch_version", "skipped"]
+        assert list(results["config"]) == LMMS_EVAL_CONFIG_KEYS
+        names = results["group_subtasks"]["average"]
+        assert list(results["results"]) == ["average", *names] and list(results["groups"]) == ["average"]
+        metrics = ["accuracy", *([f"maj@{k}", f"pass@{k}"] if k > 1 else [])]
+        for name in names:
+            assert list(results["results"][name]) == ["alias", *[f"{m}{s},none" for m in metrics for s in ("", "_stderr")],
+                                                      "format_rate,none", "consistency,none", "samples"]
+            assert results["higher_is_better"][name] == {m: True for m in [*metrics, "format_rate", "consistency"]}
+            assert results["n-shot"][name] == 0 and results["versions"][name] == evaluate.TASK_VERSION
+            assert results["configs"][name]["task"] == name and results["configs"][name]["repeats"] == k
+        # One samples file per task, `{date_id}_samples_{task}.jsonl`, each line what lmms-eval's
+        # writer makes of the logged sample (doc_id, doc, target, arguments, resps, filtered_resps,
+        # token_counts, doc_hash, the metrics); task_hashes as save_results_aggregated hashes them.
+        lines = read(folder / "predictions.jsonl")
+        assert sorted(p.name for p in folder.glob("*_samples_*")) == \
+            sorted(f"{results['date']}_samples_{name}.jsonl" for name in names)
+        for name in names:
+            logged = [{"doc_id": line.get("dataset_index"), "doc": line, "target": line["answer_label"],
+                       "arguments": [line.get("prompt")], "resps": [line["responses"]], "filtered_resps": [line["preds"]],
+                       "token_counts": [None], "doc_hash": evaluate.doc_hash(line), **evaluate.per_row_metrics(line)}
+                      for line in lines if line["dataset_name"] == name]
+            assert read(folder / f"{results['date']}_samples_{name}.jsonl") == [lmms_eval_sample(s) for s in logged]
+            hashes = "".join(f"sample_{i}" + s["doc_hash"] for i, s in enumerate(logged))
+            assert results["task_hashes"][name] == hashlib.sha256(hashes.encode("utf-8")).hexdigest()
+        # The per-row metrics average to the task's (every share a fraction 0-1).
+        for name in names:
+            rows = read(folder / f"{results['date']}_samples_{name}.jsonl")
+            assert results["results"][name]["accuracy,none"] == pytest.approx(sum(r["accuracy"] for r in rows) / len(rows))
+            assert 0 <= results["results"][name]["accuracy,none"] <= 1
+    assert greedy["model_name"] == model_dir and greedy["config"]["resolved_cli_args"]["data"] == toy_data_dir
+    assert greedy["chat_template_sha"] == hashlib.sha256(greedy["chat_template"].encode()).hexdigest()
+    # The doc hash is the row, not the model's answer to it.
+    line = HAND_LINES[0] | {"prompt": "p", "options": {}, "dataset_index": 0}
+    assert evaluate.doc_hash(line) == evaluate.doc_hash(line | {"responses": ["other"]})
+    assert evaluate.doc_hash(line) != evaluate.doc_hash(line | {"answer_label": "Z"})

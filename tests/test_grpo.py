@@ -652,7 +652,7 @@ def test_killed_run_resumes_identically(warm_tiny_dir, four_rows, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = os.path.join(killed, "checkpoint-2")
     deadline = time.time() + 120
-    while not os.path.exists(os.path.join(checkpoint, "trainer_state.json")) and proc.poll() is None:
+    while not os.path.exists(os.path.join(checkpoint, "resume_state.json")) and proc.poll() is None:
         assert time.time() < deadline, "no checkpoint-2 in time"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # in step 3, or (rarely) already done: we resume from step 2
@@ -671,7 +671,7 @@ def test_killed_run_resumes_identically(warm_tiny_dir, four_rows, tmp_path):
                                                              "metrics.jsonl", "run.json"]
     # A checkpoint holds the final folder's files but the model card, and the training state.
     assert sorted(os.listdir(tmp_path / "uninterrupted" / "checkpoint-2")) == sorted(
-        set(os.listdir(tmp_path / "uninterrupted" / "final")) - {"README.md"} | {"trainer_state.json", "training_state"})
+        set(os.listdir(tmp_path / "uninterrupted" / "final")) - {"README.md"} | {"resume_state.json", "training_state"})
     assert not os.path.exists(os.path.join(killed, "checkpoint-3.tmp"))
     metrics_a, metrics_b = read_metrics(tmp_path / "uninterrupted"), read_metrics(killed)
     assert [m["step"] for m in metrics_b] == [1, 2, 3]
@@ -698,9 +698,46 @@ def test_run_folders_afresh_refused_finished(tiny_model_dir, four_rows, tmp_path
     assert "this run is finished" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="holds another run.*settings differ: learning_rate"):
         grpo.main([*args, "--learning_rate", "0.5", "--resume", "latest"])
-    with pytest.raises(FileNotFoundError, match=r"not a complete checkpoint \(no trainer_state.json there\)"):
+    with pytest.raises(FileNotFoundError, match=r"not a complete checkpoint \(no resume_state.json there\)"):
         grpo.main([*args[:5], str(tmp_path / "other"), *args[6:], "--resume", run])
     assert listing(run) == before
+
+
+def test_extending_a_finished_run(warm_tiny_dir, four_rows, tmp_path, capsys):
+    """A finished run given a larger --max_steps with --resume latest continues to the same weights
+    as a run given that length from the start (the constant schedule: no step's learning rate
+    depends on the length); its first final/ is kept aside. A schedule laid out over the length is
+    refused, saying why, and nothing is touched."""
+    common = ["--model", warm_tiny_dir, "--data", four_rows, "--mini_batch_size", "4", "--save_steps", "1",
+              *RUN_ARGS]
+    with one_thread():
+        longer = grpo.main([*common, "--output_dir", str(tmp_path / "three"), "--max_steps", "3"])
+        run = str(tmp_path / "run")
+        short = grpo.main([*common, "--output_dir", run, "--max_steps", "2"])
+        first_final = weights(short)
+        extended = grpo.main([*common, "--output_dir", run, "--max_steps", "3", "--resume", "latest"])
+    assert "extending the run from --max_steps 2 to 3" in capsys.readouterr().out
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+    wa, wb = weights(longer), weights(extended)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    kept = weights(os.path.join(run, "final-max_steps-2"))
+    assert all(torch.equal(kept[k], first_final[k]) for k in kept)
+    assert not all(torch.equal(kept[k], wb[k]) for k in kept)  # step 3 trained
+    assert json.load(open(os.path.join(run, "run.json")))["settings"]["max_steps"] == 3
+    # Finished again: a rerun does nothing; the same length is this run, not an extension.
+    assert grpo.main([*common, "--output_dir", run, "--max_steps", "3", "--resume", "latest"]) == extended
+
+    cosine = str(tmp_path / "cosine")
+    grpo.main([*common, "--output_dir", cosine, "--max_steps", "1", "--lr_scheduler_type", "cosine"])
+    before = listing(cosine)
+    with pytest.raises(SystemExit, match=r"--max_steps 2: .* with a cosine learning-rate schedule, laid out over "
+                                         r"the run's length.*not this run continued"):
+        grpo.main([*common, "--output_dir", cosine, "--max_steps", "2", "--lr_scheduler_type", "cosine",
+                   "--resume", "latest"])
+    assert listing(cosine) == before
+    # Without --resume a longer run is another run, as before.
+    with pytest.raises(SystemExit, match="holds another run .settings differ: max_steps"):
+        grpo.main([*common, "--output_dir", run, "--max_steps", "4"])
 
 
 def test_config_file_then_flags(tiny_model_dir, four_rows, tmp_path):

@@ -77,7 +77,7 @@ def test_make_n_reproduce_3b_shows_the_papers_pipeline():
     # Greedy evaluation, up to 4096 new tokens, on the six benchmarks (docs/method.md section 8).
     assert (evaluation.temperature, evaluation.n, evaluation.max_new_tokens) == (0.0, 1, 4096)
     assert (evaluation.data, evaluation.split) == ("UCSC-VLAA/MedVLThinker-Eval", "test")
-    assert '--paper "3B RL(m23k)=53.19"' in out
+    assert '--paper "3B RL(m23k)=0.5319"' in out
     # GRPO (docs/method.md section 5): 256 prompts x 8 samples, mini-batch 128, lr 1e-6, beta 0.01,
     # 5 epochs; validation every 25 steps on 400 items of the evaluation set.
     (argv,) = stage_commands(out, "grpo.py")
@@ -134,12 +134,12 @@ def test_reproduce_3b_runs_end_to_end_with_toy_arguments(tiny_model_dir, toy_dat
     assert len(kept) == 16  # the 16 rows with pass counts, every one in [0, 7] with 2 samples
     assert len((run / "grpo" / "metrics.jsonl").read_text().splitlines()) == 1
     summary = json.loads((run / "summary.json").read_text())
-    assert set(summary) == {"grpo"} and summary["grpo"]["benchmarks"]["ToyLesion"]["n"] == 8
-    assert "| 3B RL(m23k) (paper) | - | - | - | 53.19 |" in out
+    assert set(summary) == {"grpo"} and summary["grpo"]["benchmarks"]["ToyLesion"]["samples"] == 8
+    assert "| 3B RL(m23k) (paper) | - | - | - | 0.5319 |" in out
     # Every stage's output exists now: a second call runs nothing but the final table.
     again = make("reproduce-3b", f"RUNS={tmp_path}", f"QWEN_3B={tiny_model_dir}", f"M23K={toy_data_dir}",
                  f"EVAL_DATA={toy_data_dir}", "EVAL_SPLIT=test", "LAUNCH=false")
-    assert "grpo.py" not in again and "53.19" in again
+    assert "grpo.py" not in again and "0.5319" in again
 
 
 # The MedVLSynther models (docs/recipes.md), written from the official scripts of
@@ -149,36 +149,36 @@ def test_reproduce_3b_runs_end_to_end_with_toy_arguments(tiny_model_dir, toy_dat
 QV = "glm_generated_qwen_verified_VQA_parquet_25k_filtered_13k"
 SYNTHER = [
     # target, hub data set, prompts per step, mini-batch, GPUs, paper row, official script (abridged)
-    ("synther-3b-1k", "MedSynVQA-1K", 32, 16, 4, "3B RL(MedSynVQA-1K)=52.64", f"3b {QV}_subset1k_grpo_4a100"),
-    ("synther-3b-2k", "MedSynVQA-2K", 32, 16, 4, "3B RL(MedSynVQA-2K)=54.87", f"3b {QV}_subset2k_grpo_4a100"),
-    ("synther-3b-5k", "MedSynVQA-5K", 48, 24, 8, "3B RL(MedSynVQA-5K)=55.85", f"3b {QV}_subset5k_grpo_8a100"),
-    ("synther-3b-10k", "MedSynVQA-10K", 32, 16, 4, "3B RL(MedSynVQA-10K)=55.03", f"3b {QV}_subset10k_grpo_4a100"),
-    ("synther-3b-13k", "MedSynVQA-13K", 64, 32, 8, "3B RL(MedSynVQA-13K)=55.17", f"3b {QV}_grpo_8a100"),
-    ("synther-3b-5k-glm-glm", "MedSynVQA-5K-glm-glm", 32, 16, 4, "3B RL(MedSynVQA-5K-glm-glm)=54.59",
+    ("synther-3b-1k", "MedSynVQA-1K", 32, 16, 4, "3B RL(MedSynVQA-1K)=0.5264", f"3b {QV}_subset1k_grpo_4a100"),
+    ("synther-3b-2k", "MedSynVQA-2K", 32, 16, 4, "3B RL(MedSynVQA-2K)=0.5487", f"3b {QV}_subset2k_grpo_4a100"),
+    ("synther-3b-5k", "MedSynVQA-5K", 48, 24, 8, "3B RL(MedSynVQA-5K)=0.5585", f"3b {QV}_subset5k_grpo_8a100"),
+    ("synther-3b-10k", "MedSynVQA-10K", 32, 16, 4, "3B RL(MedSynVQA-10K)=0.5503", f"3b {QV}_subset10k_grpo_4a100"),
+    ("synther-3b-13k", "MedSynVQA-13K", 64, 32, 8, "3B RL(MedSynVQA-13K)=0.5517", f"3b {QV}_grpo_8a100"),
+    ("synther-3b-5k-glm-glm", "MedSynVQA-5K-glm-glm", 32, 16, 4, "3B RL(MedSynVQA-5K-glm-glm)=0.5459",
      "3b glm_generated_glm_verified_..._subset5k_grpo_4a100"),
-    ("synther-3b-5k-qwen-glm", "MedSynVQA-5K-qwen-glm", 32, 16, 4, "3B RL(MedSynVQA-5K-qwen-glm)=53.93",
+    ("synther-3b-5k-qwen-glm", "MedSynVQA-5K-qwen-glm", 32, 16, 4, "3B RL(MedSynVQA-5K-qwen-glm)=0.5393",
      "3b qwen_generated_glm_verified_..._subset5k_grpo_4a100"),
     ("synther-3b-5k-internvl-glm", "MedSynVQA-5K-internvl-glm", 32, 16, 4,
-     "3B RL(MedSynVQA-5K-internvl-glm)=55.20", "3b internvl_generated_glm_verified_..._subset5k_grpo_4a100"),
-    ("synther-3b-5k-no-verify", "MedSynVQA-5K-no-verify", 32, 16, 4, "3B RL(MedSynVQA-5K-no-verify)=54.72",
+     "3B RL(MedSynVQA-5K-internvl-glm)=0.5520", "3b internvl_generated_glm_verified_..._subset5k_grpo_4a100"),
+    ("synther-3b-5k-no-verify", "MedSynVQA-5K-no-verify", 32, 16, 4, "3B RL(MedSynVQA-5K-no-verify)=0.5472",
      "3b glm_generated_glm_verified_..._without_verifier_subset5k_grpo_4a100"),
-    ("synther-3b-5k-pmc-style", "MedSynVQA-5K-PMC-style", 32, 16, 4, "3B RL(MedSynVQA-5K-PMC-style)=54.80",
+    ("synther-3b-5k-pmc-style", "MedSynVQA-5K-PMC-style", 32, 16, 4, "3B RL(MedSynVQA-5K-PMC-style)=0.5480",
      "3b glm_generated_pmc_..._subset5k_grpo_4a100"),
-    ("synther-7b-1k", "MedSynVQA-1K", 48, 24, 8, "7B RL(MedSynVQA-1K)=54.96", f"7b {QV}_subset1k_grpo_8a100"),
-    ("synther-7b-2k", "MedSynVQA-2K", 48, 24, 8, "7B RL(MedSynVQA-2K)=56.96", f"7b {QV}_subset2k_grpo_8a100"),
-    ("synther-7b-5k", "MedSynVQA-5K", 48, 24, 8, "7B RL(MedSynVQA-5K)=57.56", f"7b {QV}_subset5k_grpo_8a100"),
-    ("synther-7b-10k", "MedSynVQA-10K", 48, 24, 8, "7B RL(MedSynVQA-10K)=57.48", f"7b {QV}_subset10k_grpo_8a100"),
-    ("synther-7b-13k", "MedSynVQA-13K", 64, 32, 8, "7B RL(MedSynVQA-13K)=58.15", f"7b {QV}_grpo_8a100"),
+    ("synther-7b-1k", "MedSynVQA-1K", 48, 24, 8, "7B RL(MedSynVQA-1K)=0.5496", f"7b {QV}_subset1k_grpo_8a100"),
+    ("synther-7b-2k", "MedSynVQA-2K", 48, 24, 8, "7B RL(MedSynVQA-2K)=0.5696", f"7b {QV}_subset2k_grpo_8a100"),
+    ("synther-7b-5k", "MedSynVQA-5K", 48, 24, 8, "7B RL(MedSynVQA-5K)=0.5756", f"7b {QV}_subset5k_grpo_8a100"),
+    ("synther-7b-10k", "MedSynVQA-10K", 48, 24, 8, "7B RL(MedSynVQA-10K)=0.5748", f"7b {QV}_subset10k_grpo_8a100"),
+    ("synther-7b-13k", "MedSynVQA-13K", 64, 32, 8, "7B RL(MedSynVQA-13K)=0.5815", f"7b {QV}_grpo_8a100"),
     # The script sets no ppo_mini_batch_size: 24 as in every other 7B script at 48 prompts per step.
-    ("synther-7b-5k-glm-glm", "MedSynVQA-5K-glm-glm", 48, 24, 8, "7B RL(MedSynVQA-5K-glm-glm)=58.08",
+    ("synther-7b-5k-glm-glm", "MedSynVQA-5K-glm-glm", 48, 24, 8, "7B RL(MedSynVQA-5K-glm-glm)=0.5808",
      "7b glm_generated_glm_verified_..._subset5k_grpo_8a100"),
-    ("synther-7b-5k-qwen-glm", "MedSynVQA-5K-qwen-glm", 48, 24, 8, "7B RL(MedSynVQA-5K-qwen-glm)=56.42",
+    ("synther-7b-5k-qwen-glm", "MedSynVQA-5K-qwen-glm", 48, 24, 8, "7B RL(MedSynVQA-5K-qwen-glm)=0.5642",
      "7b qwen_generated_glm_verified_..._subset5k_grpo_8a100"),
     ("synther-7b-5k-internvl-glm", "MedSynVQA-5K-internvl-glm", 48, 24, 8,
-     "7B RL(MedSynVQA-5K-internvl-glm)=57.78", "7b internvl_generated_glm_verified_..._subset5k_grpo_8a100"),
-    ("synther-7b-5k-no-verify", "MedSynVQA-5K-no-verify", 48, 24, 8, "7B RL(MedSynVQA-5K-no-verify)=57.33",
+     "7B RL(MedSynVQA-5K-internvl-glm)=0.5778", "7b internvl_generated_glm_verified_..._subset5k_grpo_8a100"),
+    ("synther-7b-5k-no-verify", "MedSynVQA-5K-no-verify", 48, 24, 8, "7B RL(MedSynVQA-5K-no-verify)=0.5733",
      "7b glm_generated_glm_verified_..._without_verifier_subset5k_grpo_8a100"),
-    ("synther-7b-5k-pmc-style", "MedSynVQA-5K-PMC-style", 48, 24, 8, "7B RL(MedSynVQA-5K-PMC-style)=55.15",
+    ("synther-7b-5k-pmc-style", "MedSynVQA-5K-PMC-style", 48, 24, 8, "7B RL(MedSynVQA-5K-PMC-style)=0.5515",
      "7b glm_generated_pmc_..._subset5k_grpo_8a100"),
 ]
 
@@ -218,7 +218,7 @@ def test_medvlsynther_num_gpus_override_and_alias():
     assert grpo_run(make("-n", "synther-3b-1k", "NUM_GPUS=8", "RUNS=/tmp/never-run"))[1] == 8
     out = make("-n", "reproduce-synther-3b", "RUNS=/tmp/never-run")
     assert grpo_run(out)[0].data == "MedVLSynther/MedSynVQA-5K"
-    assert '--paper "3B RL(MedSynVQA-5K)=55.85"' in out
+    assert '--paper "3B RL(MedSynVQA-5K)=0.5585"' in out
 
 
 def test_every_stage_line_of_the_demo_parses(tmp_path):

@@ -101,7 +101,7 @@ def test_a_damaged_checkpoint_is_named_and_passed_over(damaged, tiny_model_dir, 
     for name in ("final", "checkpoint-6"):  # as if killed after saving checkpoint-4
         shutil.rmtree(stopped / name)
     recorded = json.loads((stopped / "checkpoint-4" / runtime.CHECKSUMS).read_text())
-    assert set(recorded) >= {"model.safetensors", "config.json", "trainer_state.json", damaged}
+    assert set(recorded) >= {"model.safetensors", "config.json", "resume_state.json", damaged}
     target = stopped / "checkpoint-4" / damaged
     size = target.stat().st_size
     with open(target, "r+b") as f:
@@ -175,7 +175,7 @@ def test_sigterm_saves_the_step_and_exits_75(tiny_model_dir, toy_data_dir, tmp_p
     assert steps == list(range(1, n + 1)) and "Traceback" not in err
     assert said.strip().splitlines()[-1] == (f"stopped by SIGTERM after step {n}: {out}/checkpoint-{n} holds it; "
                                              "run the same command with --resume latest to continue")
-    assert json.loads((out / f"checkpoint-{n}" / "trainer_state.json").read_text())["step"] == n
+    assert json.loads((out / f"checkpoint-{n}" / "resume_state.json").read_text())["step"] == n
     assert runtime.damage(str(out / f"checkpoint-{n}")) is None and not (out / "final").exists()
 
 

@@ -263,7 +263,7 @@ def test_loss_goes_down_and_the_final_model_loads(tiny_model_dir, toy_data_dir, 
     for folder in ("checkpoint-10", "checkpoint-20", "final"):
         model = AutoModelForImageTextToText.from_pretrained(tmp_path / folder)
         AutoProcessor.from_pretrained(tmp_path / folder)
-    assert json.loads((tmp_path / "checkpoint-20" / "trainer_state.json").read_text())["step"] == 20
+    assert json.loads((tmp_path / "checkpoint-20" / "resume_state.json").read_text())["step"] == 20
     assert (tmp_path / "checkpoint-20" / "training_state").is_dir()
     assert not list(tmp_path.glob("*.tmp"))
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
@@ -307,7 +307,7 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_does(tiny_model_dir, to
     before = snapshot(killed)
     with pytest.raises(SystemExit, match="holds this run already. Pass --resume latest"):
         run_sft(tiny_model_dir, toy_data_dir, killed, *flags)
-    with pytest.raises(FileNotFoundError, match="no trainer_state.json there"):
+    with pytest.raises(FileNotFoundError, match="no resume_state.json there"):
         run_sft(tiny_model_dir, toy_data_dir, killed, *flags, "--resume", killed / "checkpoint-4.tmp")
     assert snapshot(killed) == before
 
@@ -332,6 +332,10 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_does(tiny_model_dir, to
     with pytest.raises(SystemExit, match="holds another run .*learning_rate"):
         sft.main(["--model", tiny_model_dir, "--data", toy_data_dir, "--split", "sft", "--output_dir",
                   str(killed), "--learning_rate", "1e-3", *flags, "--resume", "latest"])
+    # A longer run is not this one extended: the cosine schedule is laid out over the run's length.
+    with pytest.raises(SystemExit, match=r"--max_steps 6: .* cosine learning-rate schedule.*not this run "
+                                         r"continued. Train a new run from .*final \(--model\)"):
+        run_sft(tiny_model_dir, toy_data_dir, killed, *flags, "--max_steps", "6", "--resume", "latest")
     assert snapshot(killed) == finished
 
 

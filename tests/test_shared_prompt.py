@@ -510,6 +510,6 @@ def test_evaluate_samples_with_the_shared_prompt_equal_the_plain_ones(tiny_model
     assert "ToyLesion" in names and set(names) - {"ToyLesion"}  # image and text-only rows
     assert read(tmp_path / "shared") == lines
     assert len({r for line in lines for r in line["responses"]}) > 12  # sampled, not all alike
-    assert shared["benchmarks"] == plain["benchmarks"] and shared["config"] == plain["config"]
+    assert shared["results"] == plain["results"] and shared["config"] == plain["config"]
     run(True, tmp_path / "plain")  # the plain run's finished folder is accepted: nothing to generate
     assert len(calls) == 2
