@@ -286,6 +286,18 @@ DEMO_THREADS ?= 2
 demo: export OMP_NUM_THREADS = $(DEMO_THREADS)
 demo: export MKL_NUM_THREADS = $(DEMO_THREADS)
 demo: export OMP_WAIT_POLICY = PASSIVE
+# The instruction set decides fp32 bits too: ATen's, oneDNN's and MKL's kernels each take the widest
+# vectors the CPU offers (AVX-512 or AVX2), which sums in another order. The demo and the quickstart
+# pin all three to AVX2, which every x86-64 machine of the last ten years has, so their tables are
+# the same on all of them (benchmarks/numerics.py prints the bits' fingerprint; tests/test_numerics.py
+# shows each switch is honoured). PIN_NUMERICS=0 runs as the machine picks; a CPU without AVX2
+# (Apple silicon, ARM servers) is never pinned, and its tables differ.
+PIN_NUMERICS ?= $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo 1)
+ifeq ($(PIN_NUMERICS),1)
+demo quickstart: export ATEN_CPU_CAPABILITY = avx2
+demo quickstart: export ONEDNN_MAX_CPU_ISA = AVX2
+demo quickstart: export MKL_CBWR = AVX2,STRICT
+endif
 DEMO_COMMON = RUN=$(DEMO) TRAIN_DATA=$(DEMO)/data EVAL_DATA=$(DEMO)/data EVAL_SPLIT=test LAUNCH=$(PY) \
   EVAL_ARGS="--max_new_tokens 64 --batch_size 64"
 DEMO_SFT_ARGS = --learning_rate 3e-3 --global_batch_size 16 --micro_batch_size 16 --max_steps 600 \
@@ -297,7 +309,7 @@ DEMO_GRPO_ARGS = --rollout_batch_size 16 --group_size 8 --mini_batch_size 8 --mi
   --eval_split validation --eval_limit 600 --eval_batch_size 64 --seed $(SEED)
 
 demo: install
-	@echo "== [demo 1/5] the toy world: a small random Qwen2.5-VL and synthetic questions (seed $(SEED), $$OMP_NUM_THREADS threads)"
+	@echo "== [demo 1/5] the toy world: a small random Qwen2.5-VL and synthetic questions (seed $(SEED), $$OMP_NUM_THREADS threads, kernels $${ATEN_CPU_CAPABILITY:-as the CPU picks})"
 	test -f $(DEMO)/base/config.json || $(PY) toy.py model --output_dir $(DEMO)/base --size small --seed $(SEED)
 	test -f $(DEMO)/data/dataset_dict.json || $(PY) toy.py data --output_dir $(DEMO)/data --seed $(SEED)
 	@echo "== [demo 2/5] the random model on the held-out toy benchmarks"

@@ -528,7 +528,7 @@ def load_models(args: Args, engine_args, accelerator, total_steps: int):
     """
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
     if engine_args.gradient_checkpointing:  # non-reentrant: the shared prompt's keys cross layers
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
     if args.beta > 0:
         ref_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
@@ -616,12 +616,13 @@ def main(argv: list[str] | None = None):
             raise runtime.stopped(accelerator, stop, step + 1, saved)
     bar.close()
     engine.close()
-    # A finished run is never resumed (final/ says it is finished), so its end writes the model alone:
-    # no optimizer state (for the 3B, 45 GB of fp32 weights and Adam moments, docs/real_path.md).
+    # A finished run resumes only to be extended, from its newest checkpoint, so its end writes the
+    # model alone: no optimizer state (for the 3B, 45 GB of fp32 weights and Adam moments).
     card = {"stage": "grpo", "base_model": args.model, "datasets": [args.data]}
     final = runtime.save_checkpoint(accelerator, model, processor, run, total_steps, None, card) if run.save_final else None
     accelerator.end_training()
     runtime.release_output_dir(run.output_dir)
+    runtime.push_final(run, final, accelerator)
     return final
 
 

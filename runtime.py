@@ -70,6 +70,12 @@ class RunArgs:
                 "for tensorboard). The package must be installed (requirements.txt pins tensorboard)."})
     on_bad_row: str = field(default="error", metadata={
         "help": "error: stop, naming every bad row. skip: leave them out, listed in bad_rows.jsonl."})
+    push_to_hub: bool = field(default=False, metadata={
+        "help": "Upload final/ (model, processor, model card) to the Hugging Face hub when the run "
+                "completes. The hub and a token are checked before any work."})
+    hub_model_id: str | None = field(default=None, metadata={
+        "help": "With --push_to_hub: the repository, NAME or USER/NAME (default: the name of --output_dir). "
+                "Created private if it does not exist."})
 
 
 # Fields, in any stage's dataclasses, that never change what a run computes, so they stay out of
@@ -83,7 +89,8 @@ NOT_SETTINGS = frozenset((
     "model", "data", "eval_data", "output_dir", "resume", "save_steps", "save_total_limit", "save_dtype",
     "save_final", "report_to", "on_bad_row", "micro_batch_size", "eval_batch_size", "gradient_checkpointing",
     "logprob_chunk_tokens", "share_prompt", "peak_flops", "vllm_memory", "vllm_sleep", "max_skipped_steps",
-    "collapse_steps", "dataloader_num_workers", "num_proc", "regrade", "compare", "paper", "curves"))
+    "collapse_steps", "dataloader_num_workers", "num_proc", "regrade", "compare", "paper", "curves",
+    "push_to_hub", "hub_model_id"))
 
 
 def settings(*args) -> dict:
@@ -644,9 +651,51 @@ def accelerator_for(run: RunArgs):
     if run.on_bad_row not in ("error", "skip"):
         raise ValueError(f"--on_bad_row must be error or skip, got {run.on_bad_row!r}")
     saved_dtype(run.save_dtype, "no")  # a wrong --save_dtype fails now, not at the end of the run
+    if run.push_to_hub:  # the hub is checked now, not after hours of training
+        run.hub_model_id = hub_repo(run)
     return Accelerator(mixed_precision=precision(run.mixed_precision), log_with=tracker(run.report_to),
                        project_dir=run.output_dir,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def hub_repo(run: RunArgs) -> str:
+    """--push_to_hub's repository, USER/NAME, once the hub is known to be reachable with a token that
+    may write: HF_HUB_OFFLINE, no token, a refused token and an unreachable hub are each named."""
+    from huggingface_hub import HfApi, constants, get_token
+
+    if not run.save_final:
+        raise SystemExit("--push_to_hub uploads final/, which --save_final False does not write")
+    if constants.HF_HUB_OFFLINE:
+        raise SystemExit("--push_to_hub: the hub is switched off here (HF_HUB_OFFLINE=1). Train without "
+                         "it and upload final/ later from a machine online: hf upload USER/NAME DIR/final")
+    if get_token() is None:
+        raise SystemExit("--push_to_hub: no Hugging Face token. Run `hf auth login`, or set HF_TOKEN")
+    try:
+        user = HfApi().whoami()["name"]
+    except Exception as err:  # an HTTP refusal or no network: one line, before any work
+        raise SystemExit(f"--push_to_hub: the hub at {constants.ENDPOINT} did not accept the token "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    name = run.hub_model_id or os.path.basename(os.path.abspath(run.output_dir))
+    return name if "/" in name else f"{user}/{name}"
+
+
+def push_final(run: RunArgs, final: str, accelerator) -> None:
+    """Upload final/ to --hub_model_id (the main process). A failure is named with the folder, which
+    stays saved: `hf upload` sends it later."""
+    if not run.push_to_hub or not accelerator.is_main_process:
+        return
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(run.hub_model_id, private=True, exist_ok=True)
+        url = api.upload_folder(repo_id=run.hub_model_id, folder_path=final,
+                                commit_message=f"{os.path.basename(os.path.abspath(run.output_dir))}: final")
+    except Exception as err:  # noqa: BLE001 - the model is saved; say so rather than lose the line
+        raise SystemExit(f"--push_to_hub: uploading {final} to {run.hub_model_id} failed ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); the model is saved there: "
+                         f"hf upload {run.hub_model_id} {final}") from None
+    print(f"pushed {final} to {url}")
 
 
 def is_fsdp(accelerator) -> bool:

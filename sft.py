@@ -425,9 +425,11 @@ def main(argv=None):
     progress.close()
     if run.save_final:
         card = {"stage": "sft", "base_model": args.model, "datasets": [args.data]}
-        runtime.save_checkpoint(accelerator, model, processor, run, total_steps, None, card)
+        final = runtime.save_checkpoint(accelerator, model, processor, run, total_steps, None, card)
     accelerator.end_training()
     runtime.release_output_dir(run.output_dir)
+    if run.save_final:
+        runtime.push_final(run, final, accelerator)
 
 
 if __name__ == "__main__":

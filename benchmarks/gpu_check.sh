@@ -21,4 +21,11 @@ if [[ " $* " == *" --cpu "* ]]; then
 else
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 fi
+if [[ " $* " != *" --cpu "* ]]; then
+  # This host's CPU bits for the toy model, as it picks and as `make demo` pins them (README, "One
+  # table on every machine"): the pinned fingerprint is the same on every x86-64 CPU with AVX2.
+  echo "numerics as this CPU picks: $(CUDA_VISIBLE_DEVICES= "$PY" benchmarks/numerics.py)"
+  echo "numerics pinned to AVX2:    $(CUDA_VISIBLE_DEVICES= MKL_CBWR=AVX2,STRICT ATEN_CPU_CAPABILITY=avx2 \
+    ONEDNN_MAX_CPU_ISA=AVX2 "$PY" benchmarks/numerics.py)"
+fi
 exec "$PY" benchmarks/gpu_check.py "$@"

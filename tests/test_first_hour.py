@@ -87,6 +87,68 @@ def test_bad_starts_are_one_line_and_leave_the_folder_free(stage, tiny_model_dir
     assert f"{stage}.py --model {tiny_model_dir}" in card.text
 
 
+@pytest.mark.parametrize("stage", ["grpo", "sft"])
+def test_push_to_hub_is_checked_before_any_work_and_uploads_final(stage, tiny_model_dir, toy_data_dir, tmp_path,
+                                                                  monkeypatch, capsys):
+    """--push_to_hub: offline, no token or a hub that refuses are each one line before any work (the
+    folder stays free); a finished run uploads final/ (model card included) to USER/NAME; a failed
+    upload is named, and final/ stays saved."""
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    main = {"grpo": grpo.main, "sft": sft.main}[stage]
+    out = tmp_path / "med-run"
+    quick = ["--rollout_batch_size", "2", "--mini_batch_size", "2", "--group_size", "2", "--max_new_tokens", "2",
+             "--eval_every", "0"] if stage == "grpo" else ["--global_batch_size", "2", "--micro_batch_size", "2",
+                                                          "--split", "sft"]
+    argv = ["--model", tiny_model_dir, "--data", toy_data_dir, "--output_dir", str(out), "--max_steps", "1",
+            "--save_steps", "0", "--push_to_hub", *quick]
+
+    def refused(message):
+        code, err = start(main, argv, monkeypatch, capsys)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 1 and "Traceback" not in err and len(lines) == 1, err
+        assert lines[0].startswith(f"{stage}.py: error: --push_to_hub: {message}"), err
+        assert not out.exists()
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    refused("the hub is switched off here (HF_HUB_OFFLINE=1). Train without it and upload final/ later")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    refused("no Hugging Face token. Run `hf auth login`, or set HF_TOKEN")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+
+    def unreachable(self):
+        raise ConnectionError("Failed to resolve 'huggingface.co'\nmore detail")
+    monkeypatch.setattr(HfApi, "whoami", unreachable)
+    refused("the hub at https://huggingface.co did not accept the token (ConnectionError: Failed to resolve "
+            "'huggingface.co')")
+
+    calls = []
+    monkeypatch.setattr(HfApi, "whoami", lambda self: {"name": "lab"})
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
+
+    def upload(self, repo_id, folder_path, **kw):
+        calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+        if repo_id.endswith("fails"):
+            raise OSError("connection reset")
+        return f"https://huggingface.co/{repo_id}/tree/main"
+    monkeypatch.setattr(HfApi, "upload_folder", upload)
+    monkeypatch.setattr(sys, "argv", [f"{stage}.py", *argv])
+    runtime.run_main(lambda: main(argv))
+    assert calls[0] == ("create", "lab/med-run", {"private": True, "exist_ok": True})
+    assert calls[1][:2] == ("upload", "lab/med-run") and {"README.md", "model.safetensors"} <= set(calls[1][2])
+    assert f"pushed {out / 'final'} to https://huggingface.co/lab/med-run" in capsys.readouterr().out
+    # A failed upload: one line naming the saved folder and the command that sends it later.
+    other = ["--output_dir", str(tmp_path / "other"), "--hub_model_id", "team/fails"]
+    code, err = start(main, [*argv, *other], monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"{stage}.py: error: --push_to_hub: uploading {tmp_path / 'other' / 'final'} to team/fails failed "
+        f"(OSError: connection reset); the model is saved there: hf upload team/fails {tmp_path / 'other' / 'final'}")
+    assert (tmp_path / "other" / "final" / "README.md").exists()
+
+
 def test_evaluate_bad_starts_are_one_line(tiny_model_dir, toy_data_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "eval"
     for argv, message in bad_starts(tmp_path, tiny_model_dir, toy_data_dir)[:4]:

@@ -1,0 +1,50 @@
+"""One demo table on every x86-64 machine with AVX2 (README, "One table on every machine").
+
+fp32 bits differ between machines through three dispatchers, each taking the widest vectors the CPU
+offers: ATen's kernels, oneDNN's and MKL's. `make demo` and `make quickstart` pin all three to AVX2.
+benchmarks/numerics.py prints the fingerprint of a toy model's forward, backward and AdamW step;
+each run here is a fresh process, as the switches are read when the libraries load."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_env
+
+AVX2 = os.path.exists("/proc/cpuinfo") and re.search(r"\bavx2\b", open("/proc/cpuinfo").read()) is not None
+
+
+def fingerprint(**env) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "numerics.py")], cwd=ROOT, text=True,
+                          capture_output=True, env=run_env() | {"OMP_NUM_THREADS": "2"} | env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split("fingerprint=")[1].strip()
+
+
+def demo_pins() -> dict:
+    """The switches the Makefile exports for the demo and the quickstart."""
+    text = (ROOT / "Makefile").read_text()
+    return dict(re.findall(r"^demo quickstart: export (\w+) = (\S+)$", text, flags=re.M))
+
+
+def test_the_demo_pins_every_dispatcher_to_avx2():
+    assert demo_pins() == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"}
+
+
+@pytest.mark.skipif(not AVX2, reason="the pin is for x86-64 CPUs with AVX2; this CPU has none")
+def test_pinned_bits_are_an_avx2_machines_whatever_this_machine_offers():
+    """Each switch decides its dispatcher's bits (another value, other bits), so none is ignored by
+    this stack; with all three at AVX2 the bits are those of a machine that offers nothing beyond
+    AVX2 (each dispatcher capped there, nothing pinned), and stay so when MKL is offered AVX-512.
+    On a CPU whose fastest path is AVX-512, the unpinned bits differ and the pinned ones do not."""
+    pins = demo_pins()
+    pinned = fingerprint(**pins)
+    assert fingerprint(**pins | {"ATEN_CPU_CAPABILITY": "default"}) != pinned
+    assert fingerprint(**pins | {"ONEDNN_MAX_CPU_ISA": "SSE41"}) != pinned
+    assert fingerprint(**pins | {"MKL_CBWR": "COMPATIBLE"}) != pinned
+    avx2_machine = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert fingerprint(**avx2_machine) == pinned
+    assert fingerprint(**pins | {"MKL_ENABLE_INSTRUCTIONS": "AVX512"}) == pinned
