@@ -51,16 +51,12 @@ PAPER ?=
 ACCELERATE_CONFIG ?= configs/ddp.yaml
 NUM_GPUS ?= 8
 # The generation engine of the recipes' evaluate.py and grpo.py runs (docs/vllm.md): hf (HF generate,
-# the reference) or vllm (`make install-vllm`). --engine is passed only when it is not hf, so the
-# default command lines stay as they were. vLLM runs in one process: with it LAUNCH runs python, not
-# accelerate launch (sft.py too), e.g. make reproduce-3b ENGINE=vllm (untested on GPUs).
+# the reference) or vllm (`make install-vllm`): one vLLM engine beside each of the NUM_GPUS
+# processes (e.g. make reproduce-3b ENGINE=vllm; untested on GPUs). --engine is passed only when it
+# is not hf, so the default command lines stay as they were.
 ENGINE ?= hf
 ENGINE_ARG = $(if $(filter-out hf,$(ENGINE)), --engine $(ENGINE))
-ifeq ($(ENGINE),hf)
 LAUNCH ?= $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NUM_GPUS)
-else
-LAUNCH ?= $(PY)
-endif
 
 .PHONY: install test demo quickstart rl sft eval compare eval-3b reproduce-3b reproduce-7b reproduce-3b-pmc \
         reproduce-3b-sft reproduce-synther-3b clean-demo install-vllm

@@ -37,8 +37,8 @@ class EngineArgs:
 
     engine: str = field(default="hf", metadata={
         "help": "hf: transformers' generate (the reference). vllm: the rollouts and validation's greedy "
-                "answers from vLLM in this process, its weights synced after every update "
-                "(`make install-vllm`, docs/vllm.md). One process only."})
+                "answers from a vLLM engine in each process, its weights synced after every update "
+                "(`make install-vllm`, docs/vllm.md)."})
     share_prompt: bool = field(default=True, metadata={
         "help": "Compute each group's prompt (and its image) once instead of once per sample: in the "
                 "rollout's prefill, the log-prob passes and the update. The same numbers up to fp32 "
@@ -63,25 +63,22 @@ class EngineArgs:
         "help": "FLOP/s of one process's device, the denominator of `mfu` in metrics.jsonl; 0: measured "
                 "once at the start on a large matmul in the compute dtype."})
 
-    def check(self, world_size: int) -> None:
+    def check(self) -> None:
         if self.logprob_chunk_tokens < 0:
             raise ValueError("--logprob_chunk_tokens must be 0 (no chunks) or more")
         if self.engine not in ("hf", "vllm"):
             raise ValueError(f"--engine must be hf or vllm, got {self.engine!r}")
         if self.engine == "vllm":
-            check_vllm(world_size)
+            check_vllm()
 
 
-def check_vllm(world_size: int) -> None:
-    """--engine vllm: installed, and one process (one colocated engine)."""
+def check_vllm() -> None:
+    """--engine vllm: installed (before any work)."""
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:  # before any work
         raise SystemExit("--engine vllm needs vLLM, which is not installed: run `make install-vllm` "
                          "(CPU; docs/vllm.md) or see requirements-vllm.txt (GPUs)")
-    if world_size > 1:
-        raise SystemExit("--engine vllm runs in one process (one colocated vLLM engine): run it with "
-                         "python, not accelerate launch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,6 +320,21 @@ def full_parameters(model, accelerator):
             model.set_reshard_after_forward(False, recurse=False)  # the root's, as fully_shard sets it
 
 
+def full_weights(model, accelerator):
+    """The policy's weights as (name, full tensor) pairs, the names of its save_pretrained files,
+    for vLLM's copy. Unsharded (one process, DDP): the unwrapped model's own tensors. FSDP2: each
+    parameter all-gathered once (DTensor.full_tensor), one at a time, so a sync holds one full
+    tensor beyond the shards; every process must take every pair (the gathers are collective).
+    FSDP (v1) is refused: its flat parameters carry wrapper names and summon_full_params gathers
+    everything at once."""
+    if runtime.is_fsdp(accelerator) and not accelerator.is_fsdp2:
+        raise SystemExit("--engine vllm under FSDP needs fsdp_version 2 (configs/fsdp.yaml), not 1")
+    from torch.distributed.tensor import DTensor
+
+    for name, tensor in accelerator.unwrap_model(model).state_dict().items():
+        yield name, (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Sampling with vLLM (optional: `make install-vllm`, docs/vllm.md)
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +403,12 @@ class VLLM:
       the next call allocates the weights, pushes the policy's (the copy was dropped), then allocates
       the KV cache and samples. Checked on a CPU against a stand-in engine (the order of the calls,
       tests/test_vllm.py); not yet run on a GPU.
+    Several processes (`accelerate launch`): one engine in each, as verl's hybrid engine and TRL's
+    colocate mode run them, through vLLM's "external_launcher" executor, which joins the process
+    group accelerate made (gloo on CPUs, NCCL on GPUs) instead of starting its own. Each process's
+    engine serves only that process's prompts and holds that process's copy of the policy; no engine
+    waits for another. Every process must build its engine (vLLM makes its process groups then) and
+    close it last (`close`).
     Set-up: max_model_len is the longest prompt + max_new_tokens; chunked prefill off with a token
     budget of at least that, so no prompt is split over engine steps (on CPU, a seeded request split
     so fails: "CPU Generator does not use offset"); the engine in this process
@@ -401,7 +419,7 @@ class VLLM:
     """
 
     def __init__(self, model: str, dtype: str, seed: int, max_model_len: int, memory: float,
-                 images_per_prompt: int, sleep: bool = False):
+                 images_per_prompt: int, sleep: bool = False, processes: int = 1):
         cuda = torch.cuda.is_available()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
@@ -414,16 +432,17 @@ class VLLM:
             model=model, dtype=dtype, seed=seed, max_model_len=max_model_len, enable_chunked_prefill=False,
             max_num_batched_tokens=max(max_model_len, 8192), enforce_eager=not cuda,
             gpu_memory_utilization=memory, limit_mm_per_prompt={"image": images_per_prompt, "video": 0},
-            logprobs_mode="processed_logprobs", enable_sleep_mode=self.sleeps)
+            logprobs_mode="processed_logprobs", enable_sleep_mode=self.sleeps,
+            distributed_executor_backend="external_launcher" if processes > 1 else None)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.version = None  # the step of the policy weights vLLM holds; None: the model it loaded
         self.asleep = False
         self.sync_seconds: list[float] = []
 
-    def sync(self, model) -> None:
-        """Push the policy's weights (unwrapped, fp32 master copy; vLLM casts to its dtype) into vLLM."""
+    def sync(self, weights) -> None:
+        """Push the policy's weights ((name, tensor) pairs, `full_weights`: the fp32 master copy; vLLM
+        casts to its dtype) into vLLM."""
         start = runtime.synced_time(torch.device("cpu"))
-        weights = ((name, tensor.detach()) for name, tensor in model.state_dict().items())
         self.llm.collective_rpc("reload_weights",
                                 kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.llm_engine.reset_encoder_cache()
@@ -431,15 +450,17 @@ class VLLM:
         self.sync_seconds.append(runtime.synced_time(torch.device("cpu")) - start)
 
     def close(self) -> None:
-        """Shut the engine down (its process group with it) before accelerate ends the run's own:
-        otherwise vLLM's exit handler fails on a group accelerate has destroyed."""
+        """Shut the engine down, after the run's last collective: with several processes it
+        destroys the run's own process group, which vLLM's workers share (external launcher); with
+        one, vLLM's exit handler would otherwise fail on a group accelerate has destroyed."""
         self.llm.llm_engine.engine_core.shutdown()
 
     def generate(self, processor, rows: list[dict], n: int, gen_kwargs: dict, eos_ids: list[int],
                  seeds: list, policy=None, version=None) -> list[tuple[list[int], bool]]:
         """n completions of every row, row i's at [i n, (i + 1) n): (ids up to and including the first
         end-of-turn token, truncated). seeds: one per row (None: unseeded, as for greedy). policy,
-        version: the weights to sample from and the step they are from; pushed when newer."""
+        version: the weights to sample from ((name, tensor) pairs, `full_weights`) and the step they
+        are from; pushed when newer, also when `rows` is empty (under FSDP every process gathers)."""
         from vllm import SamplingParams
 
         if self.asleep:  # level 2 dropped the weights: room for them first, then the policy's
@@ -456,7 +477,7 @@ class VLLM:
         prompts = [{"prompt": text, **({"multi_modal_data": {"image": row["images"]}} if row.get("images")
                                        else {})} for text, row in zip(texts, rows)]
         outputs = self.llm.generate(prompts, [SamplingParams(**params, seed=seed) for seed in seeds],
-                                    use_tqdm=False)
+                                    use_tqdm=False) if prompts else []
         if self.sleeps:  # the GPU memory goes to the log-prob passes and the update until the next call
             self.llm.sleep(level=2)
             self.asleep = True
@@ -488,7 +509,7 @@ class Engine:
         if args.engine == "vllm":
             dtype = "bfloat16" if accelerator.mixed_precision == "bf16" else "float32"
             self.vllm = VLLM(model_path, dtype, seed, max_model_len, args.vllm_memory, images_per_prompt,
-                             sleep=args.vllm_sleep)
+                             sleep=args.vllm_sleep, processes=accelerator.num_processes)
 
     def close(self) -> None:
         if self.vllm is not None:
@@ -506,24 +527,33 @@ class Engine:
         seeded from (run seed, step, k b); then every process receives every completion (token ids
         only, a few bytes a token). seed: (run seed, step), or None when greedy. version: the number
         of updates the policy has had (vLLM's copy is pushed when it is older). desc: a progress bar
-        of that name over the main process's prompts. With --engine vllm the B prompts go to one
-        vLLM call, each prompt seeded from (run seed, step, its position).
+        of that name over the main process's prompts. With --engine vllm the prompts of this
+        process's calls go to its engine at once, each prompt seeded from (run seed, step, its
+        position), and are received by every process the same way.
         """
         accelerator, unwrapped = self.accelerator, self.accelerator.unwrap_model(model)
+        world, rank = accelerator.num_processes, accelerator.process_index
+        calls = list(range(0, len(rows), batch_size))
+        mine = calls[rank::world]
         if self.vllm is not None:
-            seeds = [None if seed is None else reward.sampling_seed(*seed, i) for i in range(len(rows))]
-            return self.vllm.generate(self.processor, rows, group_size, gen_kwargs, self.eos_ids, seeds,
-                                      policy=unwrapped, version=version)
+            positions = [i for start in mine for i in range(start, min(start + batch_size, len(rows)))]
+            seeds = [None if seed is None else reward.sampling_seed(*seed, i) for i in positions]
+            new = self.vllm.generate(self.processor, [rows[i] for i in positions], group_size, gen_kwargs,
+                                     self.eos_ids, seeds, policy=full_weights(model, accelerator), version=version)
+            local, taken = [], 0
+            for start in mine:
+                count = len(rows[start:start + batch_size]) * group_size
+                local.append((start, new[taken:taken + count]))
+                taken += count
+            by_start = dict(gather_object(local))
+            return [completion for start in calls for completion in by_start[start]]
         was_training = unwrapped.training
         unwrapped.eval()  # gradient checkpointing is off in eval mode, so generate keeps its KV cache
-        world, rank = accelerator.num_processes, accelerator.process_index
         # FSDP (v1) gathers layers inside generate (full_parameters): every process must join every
         # all-gather, so each makes the same number of calls (the extra ones repeat the first call
         # and are dropped) and keeps stepping until all are done (synced_gpus). FSDP2 has gathered it.
         sync = runtime.is_fsdp(accelerator) and not accelerator.is_fsdp2 and world > 1
         cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
-        calls = list(range(0, len(rows), batch_size))
-        mine = calls[rank::world]
         padding = calls[:1] * (math.ceil(len(calls) / world) - len(mine)) if sync else []
         local = []
         bar = tqdm(total=sum(len(rows[start:start + batch_size]) for start in mine), desc=desc,

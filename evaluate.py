@@ -106,7 +106,7 @@ class Args:
                 "'Pass counts with a shared prompt')."})
     engine: Literal["hf", "vllm"] = field(default="hf", metadata={
         "help": "hf: transformers' generate (the reference). vllm: vLLM in this process, continuous "
-                "batching (`make install-vllm`; docs/vllm.md). One process only."})
+                "batching (`make install-vllm`; docs/vllm.md); under accelerate launch one engine per process."})
     vllm_memory: float = field(default=0.9, metadata={
         "help": "--engine vllm: gpu_memory_utilization, the share of the GPU vLLM may take for weights "
                 "and KV cache (on a CPU the KV cache is VLLM_CPU_KVCACHE_SPACE GiB instead)."})
@@ -638,8 +638,6 @@ def evaluate(args: Args):
     # Every rank computes the same fingerprint; the main one claims. If it refuses, it exits
     # with the message and `accelerate launch` stops the others.
     settings = runtime.settings(args)
-    if args.engine == "vllm":
-        engine.check_vllm(state.num_processes)
     fingerprint = {"stage": "evaluate", "settings": settings, "data": data_fingerprint,
                    "model": runtime.model_fingerprint(args.model)}
     if state.is_main_process:
@@ -657,8 +655,11 @@ def evaluate(args: Args):
     mine = pending[state.process_index :: state.num_processes]  # round robin: lengths balance
     if args.engine == "vllm":
         dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+        # With several processes every one builds its engine (vLLM makes its process groups then),
+        # work or not.
         model = engine.VLLM(args.model, dtype, args.seed, max(r.length for r in rows) + args.max_new_tokens,
-                            args.vllm_memory, engine.max_images(ds)) if mine else None
+                            args.vllm_memory, engine.max_images(ds), processes=state.num_processes) \
+            if mine or state.num_processes > 1 else None
     else:
         model = load_model(args, state.device) if mine else None
     # Every generate setting explicit, the same as grpo.py's (docs/method.md section 9): the paper's
@@ -844,7 +845,7 @@ def main(argv=None):
     if args.n > 1 and args.temperature <= 0:
         raise SystemExit("--n > 1 needs --temperature > 0: greedy samples would all be the same")
     if args.engine == "vllm":  # before any work
-        engine.check_vllm(1)
+        engine.check_vllm()
     runtime.check_model(args.model)
     return evaluate(args)
 

@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None):
         defaults={"output_dir": "runs/grpo"})
     accelerator = runtime.accelerator_for(run)
     args.check(accelerator.num_processes)
-    engine_args.check(accelerator.num_processes)
+    engine_args.check()
     runtime.check_model(args.model)
     data = load_data(args, engine_args, run, accelerator)  # rows checked, folder claimed: before any model work
     if data is None:
@@ -615,11 +615,11 @@ def main(argv: list[str] | None = None):
             engine.close()
             raise runtime.stopped(accelerator, stop, step + 1, saved)
     bar.close()
-    engine.close()
     # A finished run resumes only to be extended, from its newest checkpoint, so its end writes the
     # model alone: no optimizer state (for the 3B, 45 GB of fp32 weights and Adam moments).
     card = {"stage": "grpo", "base_model": args.model, "datasets": [args.data]}
     final = runtime.save_checkpoint(accelerator, model, processor, run, total_steps, None, card) if run.save_final else None
+    engine.close()  # after the last collective: vLLM's shutdown takes the process group with it
     accelerator.end_training()
     runtime.release_output_dir(run.output_dir)
     runtime.push_final(run, final, accelerator)

@@ -230,15 +230,18 @@ def test_every_stage_line_of_the_demo_parses(tmp_path):
 
 
 def test_make_n_reproduce_3b_engine_vllm_passes_the_engine_to_every_generation():
-    """ENGINE=vllm: every evaluate.py and grpo.py line gets --engine vllm and runs under plain python
-    (vLLM runs in one process); the default lines carry no --engine at all."""
+    """ENGINE=vllm: every evaluate.py and grpo.py line gets --engine vllm and runs under accelerate
+    launch with the recipe's process count, one engine beside each process; the default lines carry
+    no --engine at all."""
     out = make("-n", "reproduce-3b", "ENGINE=vllm", "RUNS=/tmp/never-run")
-    assert "accelerate launch" not in out
+    for script in ("evaluate.py", "grpo.py"):
+        assert all(argv for argv in stage_commands(out, script))
+    assert out.count("accelerate launch --config_file configs/fsdp.yaml --num_processes 8") == 3
     generating = stage_commands(out, "evaluate.py") + stage_commands(out, "grpo.py")
     assert len(generating) == 3  # pass counts, GRPO, evaluation
     assert [stage_args(argv, s).engine for argv, s in zip(generating, ["evaluate.py"] * 2 + ["grpo.py"])] == [
         "vllm"] * 3
-    assert ".venv/bin/python grpo.py configs/grpo_m23k.yaml" in out
+    assert "--num_processes 8 grpo.py configs/grpo_m23k.yaml" in out
     (sft_argv,) = stage_commands(make("-n", "reproduce-3b-sft", "ENGINE=vllm", "RUNS=/tmp/never-run"), "sft.py")
     assert "--engine" not in sft_argv  # sft.py generates nothing
     assert "--engine" not in make("-n", "reproduce-3b", "RUNS=/tmp/never-run")

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import engine as engines
@@ -349,10 +350,10 @@ class TestGRPOEngine:
                 mine = engines.completion_logprobs(policy, batch, 1.0, never)
             return max((mine[i, :len(lp)] - lp).abs().max().item() for i, lp in enumerate(logps))
 
-        llm.sync(policy)
+        llm.sync(policy.state_dict().items())
         assert sampled_logprobs() < 1e-4
         start = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-        llm.sync(start)  # vLLM back on --model's weights: the policy's log-probs differ
+        llm.sync(start.state_dict().items())  # vLLM back on --model's weights: the policy's log-probs differ
         assert sampled_logprobs() > 0.1
 
 
@@ -486,7 +487,7 @@ def test_grpo_vllm_sleeps_between_rollouts_on_a_gpu(vllm, monkeypatch, tiny_mode
     assert engine.llm.kwargs["enable_sleep_mode"] is sleeps
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     gen_kwargs = reward.generation_kwargs(1.0, 1.0, 8, reward.never_generate_ids(processor.tokenizer))
-    rows, policy = grpo_rows(toy_data_dir, n=3), torch.nn.Linear(2, 2)
+    rows, policy = grpo_rows(toy_data_dir, n=3), list(torch.nn.Linear(2, 2).state_dict().items())
     for step in (1, 2):
         seeds = [reward.sampling_seed(0, step, i) for i in range(len(rows))]
         completions = engine.generate(processor, rows, 2, gen_kwargs, [7], seeds, policy=policy, version=0)
@@ -499,17 +500,15 @@ def test_grpo_vllm_sleeps_between_rollouts_on_a_gpu(vllm, monkeypatch, tiny_mode
         assert engine.llm.calls == [*sync, "generate", "generate"]
 
 
-def test_grpo_vllm_refuses_several_processes_and_names_the_install(monkeypatch):
-    """One engine in one process for now; without vLLM the run stops naming the make target, before
-    any work (EngineArgs.check runs before the run folder is claimed)."""
-    with pytest.raises(SystemExit, match="one process"):
-        engines.EngineArgs(engine="vllm").check(2)
-    engines.EngineArgs(engine="vllm").check(1)
+def test_grpo_vllm_names_the_install(monkeypatch):
+    """Without vLLM the run stops naming the make target, before any work (EngineArgs.check runs
+    before the run folder is claimed)."""
+    engines.EngineArgs(engine="vllm").check()
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
     with pytest.raises(SystemExit, match="make install-vllm"):
-        engines.EngineArgs(engine="vllm").check(1)
+        engines.EngineArgs(engine="vllm").check()
 
 
 def test_grpo_vllm_resumed_run_samples_the_same_completions(vllm, model_dir, toy_data_dir, tmp_path):
@@ -537,10 +536,12 @@ def test_make_reproduce_3b_engine_vllm_runs_end_to_end(base_dir, toy_data_dir, t
     """`make reproduce-3b ENGINE=vllm` on the toy world, as tests/test_recipes.py runs the HF twin:
     pass counts, the difficulty filter, GRPO and the evaluation, each generating stage through vLLM
     (every run.json / results.json records engine vllm), under this venv's python (VENV = sys.prefix:
-    the Makefile's python is the one that has vLLM). Wiring only: the random tiny32 passes nothing, so
-    MIN_PASS=0 keeps the rows."""
+    the Makefile's python is the one that has vLLM), each stage on 2 processes with an engine each
+    (configs/cpu_2proc.yaml). Wiring only: the random tiny32 passes nothing, so MIN_PASS=0 keeps the
+    rows."""
+    launch = f"{sys.prefix}/bin/accelerate launch --config_file configs/cpu_2proc.yaml"
     out = subprocess.run(
-        ["make", "--no-print-directory", "reproduce-3b", "ENGINE=vllm", f"VENV={sys.prefix}",
+        ["make", "--no-print-directory", "reproduce-3b", "ENGINE=vllm", f"VENV={sys.prefix}", f"LAUNCH={launch}",
          f"RUNS={tmp_path}", f"QWEN_3B={base_dir}", f"M23K={toy_data_dir}", f"EVAL_DATA={toy_data_dir}",
          "EVAL_SPLIT=test", "MIN_PASS=0",
          "PASS_ARGS=--n 2 --temperature 1.0 --max_new_tokens 4 --batch_size 16 --limit 16",
@@ -549,7 +550,7 @@ def test_make_reproduce_3b_engine_vllm_runs_end_to_end(base_dir, toy_data_dir, t
          "EVAL_ARGS=--max_new_tokens 4 --batch_size 24"],
         cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "accelerate launch" not in out.stdout
+    assert out.stdout.count("cpu_2proc.yaml") == 3  # pass counts, GRPO, evaluation
     run = tmp_path / "reproduce-3b"
     assert len(datasets.load_from_disk(str(run / "filtered"))) == 16
     for stage in ("passcounts", "eval-grpo"):
@@ -559,3 +560,93 @@ def test_make_reproduce_3b_engine_vllm_runs_end_to_end(base_dir, toy_data_dir, t
     summary = json.loads((run / "summary.json").read_text())
     assert summary["grpo"]["benchmarks"]["ToyLesion"]["samples"] == 8
     assert "| 3B RL(m23k) (paper) | - | - | - | 0.5319 |" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# One engine beside each process (accelerate launch, configs/cpu_2proc.yaml)
+# ---------------------------------------------------------------------------------------------
+
+RECORDER = """
+import json, os, sys
+import engine, grpo
+calls, rollout = [], engine.Engine.rollout
+def recorded(self, *args, **kwargs):
+    calls.append(rollout(self, *args, **kwargs))
+    return calls[-1]
+engine.Engine.rollout = recorded
+grpo.main(sys.argv[2:])
+with open(sys.argv[1] + "." + os.environ.get("RANK", "0"), "w") as f:
+    json.dump(calls, f)
+"""
+
+
+def two_processes(script, *args) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs" / "cpu_2proc.yaml"), str(script), *map(str, args)]
+
+
+def test_grpo_vllm_two_processes_equal_one_and_resume(model_dir, toy_data_dir, tmp_path):
+    """grpo.py --engine vllm under accelerate launch with 2 processes, an engine in each: every
+    rollout (3 steps, validation at steps 0 and 3), every metric and the final weights equal one
+    process's, bit for bit. Why exact: a prompt's G samples come from its own generator, seeded
+    from (run seed, step, its position), whichever process and engine draws them, and on this CPU a
+    request's logits do not depend on the other requests of its engine's batch (the one process's
+    engine takes 4 prompts at once, each of two processes 2). The update is exact as in
+    tests/test_grpo.py (1 process at --micro_batch_size 4, 2 at 8). Then the 2-process run killed
+    after its step-2 checkpoint resumes (each engine given the checkpoint's weights) to the same
+    weights."""
+    common = ["--engine", "vllm", "--model", model_dir, "--data", toy_data_dir, "--max_steps", "3",
+              "--eval_every", "3", "--eval_split", "train", "--eval_limit", "3", "--eval_batch_size", "2",
+              "--rollout_batch_size", "4", "--group_size", "4", "--mini_batch_size", "2",
+              "--generation_batch_size", "2", "--max_new_tokens", str(GRPO_TOKENS), "--max_prompt_length", "512",
+              "--learning_rate", "1e-3", "--gradient_checkpointing", "False", "--save_steps", "2"]
+    (tmp_path / "recorder.py").write_text(RECORDER)
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run([sys.executable, str(tmp_path / "recorder.py"), str(tmp_path / "one_rollouts"),
+                             "--output_dir", one, *common, "--micro_batch_size", "4"],
+                            env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launched = subprocess.run(two_processes(tmp_path / "recorder.py", tmp_path / "two_rollouts", "--output_dir", two,
+                                            *common, "--micro_batch_size", "8"),
+                              env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-3000:]
+    with open(tmp_path / "one_rollouts.0") as f:
+        rollouts = json.load(f)
+    assert len(rollouts) == 3 + 2 and len(rollouts[1]) == 16  # 3 steps of 4 x 4, 2 validations
+    for rank in (0, 1):
+        with open(tmp_path / f"two_rollouts.{rank}") as f:
+            assert json.load(f) == rollouts, rank
+    timing = ("time_", "tokens_per_s", "generate_tokens_per_s", "mfu", "peak_memory_gb")
+    metrics = [[{k: v for k, v in json.loads(line).items() if not k.startswith(timing)}
+                for line in open(run / "metrics.jsonl")] for run in (one, two)]
+    assert metrics[0] == metrics[1] and [m["step"] for m in metrics[0]] == [0, 1, 2, 3]
+    assert any(0 < m.get("reward", 0) < 1 for m in metrics[0])  # groups with a signal: the update is tested
+    w1, w2 = (load_file(run / "final" / "model.safetensors") for run in (one, two))
+    w0 = load_file(os.path.join(model_dir, "model.safetensors"))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1) and any(not torch.equal(w0[k], w1[k]) for k in w0)
+    # Killed after checkpoint-2: step 3 again, on 2 processes.
+    shutil.rmtree(two / "final")
+    resumed = subprocess.run(two_processes(ROOT / "grpo.py", "--output_dir", two, *common, "--micro_batch_size", "8",
+                                           "--resume", "latest"),
+                             env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    w3 = load_file(two / "final" / "model.safetensors")
+    assert all(torch.equal(w1[k], w3[k]) for k in w1)
+
+
+def test_evaluate_vllm_two_processes_give_one_process_predictions(model_dir, toy_data_dir, tmp_path):
+    """evaluate.py --engine vllm under accelerate launch with 2 processes: batches dealt round robin,
+    each process's engine answers its own, the parts merged; the greedy predictions.jsonl equals one
+    process's byte for byte."""
+    flags = ["--engine", "vllm", "--model", model_dir, "--data", toy_data_dir, "--split", "test",
+             "--max_new_tokens", TOKENS, "--batch_size", 8]
+    single = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, flags), "--output_dir",
+                             str(tmp_path / "one")], env=run_env(), cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launched = subprocess.run(two_processes(ROOT / "evaluate.py", *flags, "--output_dir", tmp_path / "two"),
+                              env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-3000:]
+    assert "rank 1: 8 rows" in launched.stdout  # 3 batches of 8: rank 0 answers two, rank 1 one
+    one, two = ((tmp_path / run / "predictions.jsonl").read_bytes() for run in ("one", "two"))
+    assert one == two and len(one.splitlines()) == 24
