@@ -58,10 +58,16 @@ ENGINE ?= hf
 ENGINE_ARG = $(if $(filter-out hf,$(ENGINE)), --engine $(ENGINE))
 LAUNCH ?= $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NUM_GPUS)
 
-.PHONY: install test demo quickstart rl sft eval compare eval-3b reproduce-3b reproduce-7b reproduce-3b-pmc \
+.PHONY: install wheelhouse test demo quickstart rl sft eval compare eval-3b reproduce-3b reproduce-7b reproduce-3b-pmc \
         reproduce-3b-sft reproduce-synther-3b clean-demo install-vllm
 
 install: $(VENV)/.installed
+
+# Every wheel the project needs beyond PyTorch and torchvision, for an offline GPU server
+# (benchmarks/wheelhouse.py; there: bash benchmarks/gpu_check.sh --wheelhouse DIR).
+WHEELHOUSE ?= dist/wheelhouse
+wheelhouse: install
+	$(PY) benchmarks/wheelhouse.py --output $(WHEELHOUSE) $(if $(WHEEL_PYTHON),--python-version $(WHEEL_PYTHON))
 
 # Re-installs only when requirements.txt changes (the stamp is newer otherwise).
 $(VENV)/.installed: requirements.txt

@@ -14,6 +14,8 @@ called with its command-line arguments (`main(argv)`), nothing else of it used:
    log-probs, update, from its metrics.jsonl) and the MFU of generate, log-probs and update, with
    benchmarks/plan.py's FLOP formulas;
 3. sft.py: two steps of one 4096-token sequence -> the second step's time and MFU;
+4. evaluate.py greedy, as the paper's evaluation: 64 prompts x 256 new tokens -> rows/s;
+5. evaluate.py --engine vllm, as check 1, when vLLM is installed -> tokens/s and the ratio to HF;
 and the peak memory of each process (torch's peak allocation on a GPU, peak RSS on a CPU).
 grpo.py and sft.py run with --save_steps 0 --save_final False: no checkpoint and no final/ (7.5 GB
 of bf16 weights each for the 3B), and with --mixed_precision bf16 on a GPU (their `auto` there).
@@ -37,7 +39,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 SIZES = dict(
     prompts=(64, 4), samples=(8, 2), new_tokens=(1024, 8),
     grpo_prompts=(8, 2), grpo_group=(8, 2), grpo_new_tokens=(512, 8), grpo_micro_batch=(8, 4),
-    sft_tokens=(4096, 256), peak_tflops=(989.0, 0.1),
+    sft_tokens=(4096, 256), peak_tflops=(989.0, 0.1), eval_new_tokens=(256, 8),
 )
 END_OF_TURN_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 
@@ -73,6 +75,7 @@ class CheckArgs:
     grpo_new_tokens: int | None = field(default=None, metadata={"help": "grpo.py: new tokens (GPU 512)."})
     grpo_micro_batch: int | None = field(default=None, metadata={"help": "grpo.py: sequences per forward (GPU 8)."})
     sft_tokens: int | None = field(default=None, metadata={"help": "sft.py: tokens of the sequence (GPU 4096)."})
+    eval_new_tokens: int | None = field(default=None, metadata={"help": "evaluate.py greedy: new tokens (GPU 256)."})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Peak dense bf16 TFLOP/s for MFU (GPU: 989, H100/H200 SXM; --cpu: a nominal 0.1)."})
 
@@ -188,10 +191,29 @@ def peak(report: dict) -> str:
     return f"{report['peak_rss_gib']:.2f} GiB (RSS)"
 
 
+def grpo_fits(parameters: int) -> str | None:
+    """Why the GRPO step cannot fit this GPU, or None. Before any loading: fp32 weights, gradients
+    and Adam moments (16 bytes a parameter), the bf16 reference (2) and autocast's bf16 copies (2)
+    under DDP, on one GPU, plus 4 GiB for activations and chunked logits (docs/real_path.md
+    section 3)."""
+    import torch
+
+    need = 20 * parameters / 2**30 + 4
+    total = torch.cuda.mem_get_info()[1] / 2**30
+    if need > total:
+        return (f"needs about {need:.0f} GiB (20 bytes x {parameters / 1e9:.2f}B parameters + 4 GiB), "
+                f"this GPU has {total:.0f} GiB")
+    return None
+
+
 def check(args: CheckArgs, work: Path) -> dict:
+    import importlib.util
+
     import plan
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    # The project first, then whatever the caller put there (gpu_check.sh --wheelhouse: its packages).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     if args.cpu:
         env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
     # As the recipes: bf16 on a GPU; the --cpu check stays fp32. No checkpoints, no final/.
@@ -224,27 +246,18 @@ def check(args: CheckArgs, work: Path) -> dict:
         tokens_per_s=tokens / seconds, peak=peak(report), report=report)
 
     # 2. One GRPO step, on-policy (mini-batch = rollout), so one log-prob pass (the reference).
-    report, out = run_stage("grpo", [
+    too_big = None if args.cpu else grpo_fits(made["parameters"])
+    if too_big:
+        print(f"grpo: skipped, it does not fit: {too_big}", flush=True)
+        rows["grpo"] = dict(what="grpo.py, one step", figure=f"skipped: {too_big}", peak="-", report={})
+    report, out = (None, None) if too_big else run_stage("grpo", [
         "--model", model_dir, "--data", data_dir, "--split", "train", "--output_dir", str(work / "grpo"),
         "--rollout_batch_size", str(args.grpo_prompts), "--group_size", str(args.grpo_group),
         "--mini_batch_size", str(args.grpo_prompts), "--generation_batch_size", str(args.grpo_prompts),
         "--micro_batch_size", str(args.grpo_micro_batch), "--max_new_tokens", str(args.grpo_new_tokens),
         "--max_steps", "1", "--learning_rate", "1e-6", *train_flags], env)
-    m = last_metrics(work / "grpo" / "metrics.jsonl",
-                     ["time_generate", "time_score", "time_logprob", "time_update", "completion_length"])
-    shape = plan.PlanArgs(prompts=args.grpo_prompts, group_size=args.grpo_group, mini_batch=args.grpo_prompts,
-                          mean_prompt_tokens=round(lengths["grpo_prompt_tokens"]),
-                          mean_new_tokens=round(m["completion_length"]))
-    f = plan.step_flops(made["config"], params, shape)
-    mfu = {k: f[k] / (m[f"time_{k}"] * peak_flops) for k in ("generate", "logprob", "update")}
-    total = m["time_generate"] + m["time_score"] + m["time_logprob"] + m["time_update"]
-    rows["grpo"] = dict(
-        what=f"grpo.py, one step: {args.grpo_prompts} prompts x {args.grpo_group} samples x "
-             f"{args.grpo_new_tokens} tokens, micro-batch {args.grpo_micro_batch}",
-        figure=f"{total:.1f} s: generate {m['time_generate']:.1f} s (MFU {100 * mfu['generate']:.1f}%), "
-               f"score {m['time_score']:.1f} s, log-probs {m['time_logprob']:.1f} s (MFU {100 * mfu['logprob']:.1f}%), "
-               f"update {m['time_update']:.1f} s (MFU {100 * mfu['update']:.1f}%)",
-        seconds=total, mfu=mfu, completion_length=m["completion_length"], peak=peak(report), report=report)
+    if not too_big:
+        rows["grpo"] = grpo_row(args, work, made, params, lengths, peak_flops, report)
 
     # 3. SFT: two steps of one long sequence; the second is timed (the first pays for warm-up).
     report, out = run_stage("sft", [
@@ -262,7 +275,62 @@ def check(args: CheckArgs, work: Path) -> dict:
         what=f"sft.py, one step of one {n}-token sequence, gradient checkpointing",
         figure=f"{seconds:.2f} s ({m['tokens_per_s']:,.0f} tokens/s, MFU {100 * sft_flops / (seconds * peak_flops):.1f}%)",
         seconds=seconds, mfu=sft_flops / (seconds * peak_flops), peak=peak(report), report=report)
+
+    # 4. The paper's evaluation, greedy: rows per second through evaluate.py.
+    report, out = run_stage("evaluate", [
+        "--model", model_dir, "--data", data_dir, "--split", "test", "--output_dir", str(work / "greedy"),
+        "--max_new_tokens", str(args.eval_new_tokens), "--batch_size", str(args.prompts),
+        "--limit", str(args.prompts), "--dtype", "float32" if args.cpu else "bfloat16"], env)
+    timed = re.search(r"(\d+) rows in ([0-9.]+) s", out)
+    n_rows, seconds = (int(timed.group(1)), float(timed.group(2))) if timed else (args.prompts, report["seconds"])
+    rows["evaluation"] = dict(
+        what=f"evaluate.py greedy: {n_rows} rows x {args.eval_new_tokens} new tokens, one batch",
+        figure=f"{n_rows / seconds:,.2f} rows/s ({seconds:.1f} s)", rows_per_s=n_rows / seconds,
+        peak=peak(report), report=report)
+
+    # 5. Check 1 through vLLM, when it is installed (on a CPU its attention needs head size >= 32).
+    head_dim = text.hidden_size // text.num_attention_heads
+    if importlib.util.find_spec("vllm") is None or (args.cpu and head_dim < 32):
+        why = "vLLM not installed" if importlib.util.find_spec("vllm") is None else \
+            f"head size {head_dim}: vLLM's CPU attention needs 32 or more"
+        rows["generation_vllm"] = dict(what="evaluate.py --engine vllm, as generation", figure=f"skipped: {why}",
+                                       peak="-", report={})
+    else:
+        report, out = run_stage("evaluate", [
+            "--engine", "vllm", "--model", model_dir, "--data", data_dir, "--split", "test",
+            "--output_dir", str(work / "vllm"), "--n", str(args.samples), "--temperature", "1.0",
+            "--max_new_tokens", str(args.new_tokens), "--batch_size", str(args.prompts),
+            "--dtype", "float32" if args.cpu else "bfloat16"], env)
+        timed = re.search(r"rows in ([0-9.]+) s", out)
+        seconds = float(timed.group(1)) if timed else report["seconds"]
+        tokens = args.prompts * args.samples * args.new_tokens
+        rows["generation_vllm"] = dict(
+            what=f"evaluate.py --engine vllm: as generation", tokens_per_s=tokens / seconds,
+            figure=f"{tokens / seconds:,.0f} tokens/s ({seconds:.1f} s), "
+                   f"{tokens / seconds / rows['generation']['tokens_per_s']:.2f}x HF",
+            peak=peak(report), report=report)
     return rows
+
+
+def grpo_row(args: CheckArgs, work: Path, made: dict, params: dict, lengths: dict, peak_flops: float,
+             report: dict) -> dict:
+    import plan
+
+    m = last_metrics(work / "grpo" / "metrics.jsonl",
+                     ["time_generate", "time_score", "time_logprob", "time_update", "completion_length"])
+    shape = plan.PlanArgs(prompts=args.grpo_prompts, group_size=args.grpo_group, mini_batch=args.grpo_prompts,
+                          mean_prompt_tokens=round(lengths["grpo_prompt_tokens"]),
+                          mean_new_tokens=round(m["completion_length"]))
+    f = plan.step_flops(made["config"], params, shape)
+    mfu = {k: f[k] / (m[f"time_{k}"] * peak_flops) for k in ("generate", "logprob", "update")}
+    total = m["time_generate"] + m["time_score"] + m["time_logprob"] + m["time_update"]
+    return dict(
+        what=f"grpo.py, one step: {args.grpo_prompts} prompts x {args.grpo_group} samples x "
+             f"{args.grpo_new_tokens} tokens, micro-batch {args.grpo_micro_batch}",
+        figure=f"{total:.1f} s: generate {m['time_generate']:.1f} s (MFU {100 * mfu['generate']:.1f}%), "
+               f"score {m['time_score']:.1f} s, log-probs {m['time_logprob']:.1f} s (MFU {100 * mfu['logprob']:.1f}%), "
+               f"update {m['time_update']:.1f} s (MFU {100 * mfu['update']:.1f}%)",
+        seconds=total, mfu=mfu, completion_length=m["completion_length"], peak=peak(report), report=report)
 
 
 def main(argv=None):
@@ -282,7 +350,7 @@ def main(argv=None):
         rows = check(args, work)
     finally:
         if not args.keep:
-            for name in ("model", "data", "eval", "grpo", "sft"):
+            for name in ("model", "data", "eval", "grpo", "sft", "greedy", "vllm"):
                 shutil.rmtree(work / name, ignore_errors=True)
     print(f"\n## gpu_check on {device} ({'tiny model, --cpu' if args.cpu else 'Qwen2.5-VL-3B sizes, random weights'}; "
           f"MFU against {args.peak_tflops:g} TFLOP/s)\n")

@@ -7,12 +7,43 @@
 #
 #   bash benchmarks/gpu_check.sh            # one GPU
 #   bash benchmarks/gpu_check.sh --cpu      # the same code, tiny model, a few tokens (tests/test_benchmarks.py)
+#   bash benchmarks/gpu_check.sh --wheelhouse DIR   # a server with PyTorch only: the rest from DIR
 #
+# --wheelhouse DIR (`make wheelhouse` elsewhere, carried over): the machine's own python (PYTHON, or
+# python3) keeps its torch and torchvision; every other package is installed from DIR alone, with
+# no network, into DIR/site, a folder of its own that goes first on PYTHONPATH for this run.
 # Other flags go to benchmarks/gpu_check.py (--help lists them: sizes, --workdir, --keep).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then PY=.venv/bin/python; fi
+args=()
+WHEELHOUSE=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --wheelhouse) WHEELHOUSE=${2:?--wheelhouse needs a folder}; shift 2 ;;
+    --wheelhouse=*) WHEELHOUSE=${1#*=}; shift ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+set -- "${args[@]+"${args[@]}"}"
+if [[ -n $WHEELHOUSE ]]; then
+  PY=${PYTHON:-python3}
+  if [[ ! -f $WHEELHOUSE/requirements.txt ]]; then
+    echo "gpu_check.sh: --wheelhouse $WHEELHOUSE holds no requirements.txt (make it with: make wheelhouse)" >&2; exit 1
+  fi
+  if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
+    echo "gpu_check.sh: $PY has no torch and torchvision; the wheelhouse brings everything else" >&2; exit 1
+  fi
+  # transformers 5.x switches PyTorch off below 2.6 (transformers/utils/import_utils.py).
+  if ! "$PY" -c "import sys, torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 6))"; then
+    echo "gpu_check.sh: $PY has torch $("$PY" -c 'import torch; print(torch.__version__)'); the wheelhouse's transformers needs 2.6 or newer" >&2; exit 1
+  fi
+  "$PY" -m pip install --quiet --no-index --no-deps --find-links "$WHEELHOUSE" --target "$WHEELHOUSE/site" \
+    --upgrade -r "$WHEELHOUSE/requirements.txt"
+  export PYTHONPATH="$WHEELHOUSE/site${PYTHONPATH:+:$PYTHONPATH}"
+  echo "gpu_check.sh: torch $("$PY" -c 'import torch; print(torch.__version__)') from $PY, the rest from $WHEELHOUSE"
+fi
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 # Spin-waiting OpenMP threads are much slower when the cores are shared (README, docs/method.md section 9).
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}

@@ -113,6 +113,10 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     assert "tokens/s" in out and "log-probs" in out and "update" in out and "MFU" in out and "GiB" in out
     checks = json.loads((work / "gpu_check.json").read_text())["checks"]
     assert checks["generation"]["tokens_per_s"] > 0 and checks["sft"]["seconds"] > 0
+    assert checks["evaluation"]["rows_per_s"] > 0 and "| evaluation | evaluate.py greedy: 4 rows x 8 new tokens" in out
+    # The tiny model's head size is 16: vLLM's CPU attention refuses it, and the table says so.
+    assert checks["generation_vllm"]["figure"] in (
+        "skipped: vLLM not installed", "skipped: head size 16: vLLM's CPU attention needs 32 or more")
     assert all(v > 0 for v in checks["grpo"]["mfu"].values())
     # Every GRPO sample ran to the limit: the end-of-turn ids are banned by the saved generation_config.
     assert checks["grpo"]["completion_length"] == 8

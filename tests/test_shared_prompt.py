@@ -136,7 +136,7 @@ def loss_and_grads(model, processor, samples, shared: bool, checkpointing: bool,
     samples' own (with one, update takes the current log-probs); only the first counts (`FirstUpdate`).
     No clipping of the gradient norm (max_grad_norm inf), so the gradients are the loss's."""
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     engine = engine_of(model, processor, shared, micro_batch_size=micro_batch_size)
     args = args_of(beta=0.1, rollout_batch_size=2, mini_batch_size=1, max_grad_norm=math.inf, **kwargs)
     guard = FirstUpdate(model)
@@ -148,7 +148,7 @@ def loss_and_grads(model, processor, samples, shared: bool, checkpointing: bool,
     finally:
         model.eval()
         if checkpointing:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
     assert len(done["grad_norms"]) == 1 and len(done["skips"]) == 1
     return done["sums"], guard.grads
 
@@ -314,7 +314,7 @@ def test_exact_in_fp64(tiny_model_dir, rows, monkeypatch):
     for s in samples:
         s.pixel_values = None if s.pixel_values is None else s.pixel_values.double()
     weights = [torch.randn(len(s.completion_ids), generator=gen, dtype=torch.float64) for s in samples]
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     result = {}
     for shared, micro in ((False, 2 * G), (True, G + G // 2)):
@@ -357,7 +357,7 @@ def _ddp_worker(rank, world, init_file, model_dir, rows, result_file):
     out = {}
     for shared in (False, True):
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         ddp = DDP(model, find_unused_parameters=True)
         collate, fn = pass_of(shared)
