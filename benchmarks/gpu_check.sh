@@ -11,7 +11,7 @@
 #
 # --wheelhouse DIR (`make wheelhouse` elsewhere, carried over): the machine's own python (PYTHON, or
 # python3) keeps its torch and torchvision; every other package is installed from DIR alone, with
-# no network, into DIR/site, a folder of its own that goes first on PYTHONPATH for this run.
+# no network, into DIR/venv, a virtual environment of its own that also sees the machine's torch.
 # Other flags go to benchmarks/gpu_check.py (--help lists them: sizes, --workdir, --keep).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,10 +39,16 @@ if [[ -n $WHEELHOUSE ]]; then
   if ! "$PY" -c "import sys, torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 6))"; then
     echo "gpu_check.sh: $PY has torch $("$PY" -c 'import torch; print(torch.__version__)'); the wheelhouse's transformers needs 2.6 or newer" >&2; exit 1
   fi
-  "$PY" -m pip install --quiet --no-index --no-deps --find-links "$WHEELHOUSE" --target "$WHEELHOUSE/site" \
-    --upgrade -r "$WHEELHOUSE/requirements.txt"
-  export PYTHONPATH="$WHEELHOUSE/site${PYTHONPATH:+:$PYTHONPATH}"
-  echo "gpu_check.sh: torch $("$PY" -c 'import torch; print(torch.__version__)') from $PY, the rest from $WHEELHOUSE"
+  # A virtual environment of its own; a .pth file puts the folder that holds the machine's torch
+  # after its own packages, so its transformers (say) never shadows the wheelhouse's.
+  machine=$("$PY" -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
+  [[ -x $WHEELHOUSE/venv/bin/python ]] || "$PY" -m venv "$WHEELHOUSE/venv"
+  site=$("$WHEELHOUSE/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  echo "$machine" > "$site/machine_torch.pth"
+  "$WHEELHOUSE/venv/bin/python" -m pip install --quiet --no-index --no-deps --find-links "$WHEELHOUSE" \
+    -r "$WHEELHOUSE/requirements.txt"
+  echo "gpu_check.sh: torch $("$PY" -c 'import torch; print(torch.__version__)') from $machine, the rest from $WHEELHOUSE"
+  PY=$WHEELHOUSE/venv/bin/python
 fi
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 # Spin-waiting OpenMP threads are much slower when the cores are shared (README, docs/method.md section 9).
