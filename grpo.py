@@ -95,6 +95,11 @@ class Args:
     eval_seed: int = field(default=42, metadata={
         "help": "Seed of the shuffle that picks the --eval_limit rows (apart from --seed, so that runs of "
                 "every --seed validate on one slice)."})
+    # What GRPO trained on, for reading (not a setting: it changes nothing the run computes).
+    log_completions: int = field(default=0, metadata={
+        "help": "N > 0: every step, N groups of the main process (prompt, image, the G completions with "
+                "their rewards, advantages, lengths, format and clipped share) to completions.jsonl and "
+                "the tracker (--report_to)."})
 
     @property
     def updates_per_step(self) -> int:
@@ -182,6 +187,7 @@ class Sample:
     text: str = ""  # the completion, decoded
     reward: float = 0.0  # step 3
     advantage: float = 0.0  # step 3
+    clipped: int = 0  # step 5: its tokens a clip silenced (counted with --log_completions only)
     old_logp: torch.Tensor | None = None  # [C], step 4
     ref_logp: torch.Tensor | None = None  # [C], step 4
 
@@ -344,6 +350,11 @@ def update(model, accelerator, optimizer, scheduler, engine, samples: list[Sampl
                                             n_seqs, world)
                 accelerator.backward(loss)
             totals += mini_batch_stats(loss, kl, logp.detach(), old_logp, advantages, entropy, mask, args, world)
+            if args.log_completions:
+                clipped = clipped_tokens(logp.detach(), old_logp, advantages, mask, args.eps_low, args.eps_high,
+                                         args.dual_clip)
+                for s, n in zip(batch, sum(v.int() for v in clipped.values()).sum(1).tolist()):
+                    s.clipped = n
         stats = dict(zip(STATS, accelerator.reduce(totals, "sum")))
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         if guard.optimizer_step(optimizer, scheduler, stats["loss"], grad_norm):
@@ -447,6 +458,25 @@ def step_record(accelerator, step: int, epoch: float, samples: list[Sample], upd
         "mfu": flops.utilisation(passes_without_grad * needed, needed, seconds, accelerator.num_processes),
         "peak_memory_gb": slowest[-1],
     }
+
+
+def logged_groups(step: int, rows: list[dict], samples: list[Sample], args: Args) -> list[dict]:
+    """The first --log_completions groups of this process as completions.jsonl lines: the question,
+    its images (PNG thumbnails as data URIs), the answer, and per completion its text, reward,
+    advantage, length, format and share of tokens a clip silenced. A group whose rewards are all
+    equal has A = 0 everywhere: it teaches nothing (`zero_advantage`)."""
+    G, lines = args.group_size, []
+    for i, row in enumerate(rows[:args.log_completions]):
+        group = samples[i * G:(i + 1) * G]
+        lines.append({
+            "step": step, "question": reward.build_prompt_text(row), "answer_label": row["answer_label"],
+            "images": [runtime.thumbnail(image) for image in row.get("images") or []],
+            "zero_advantage": len({s.reward for s in group}) == 1,
+            "completions": [{"text": s.text, "reward": s.reward, "advantage": s.advantage,
+                             "length": len(s.completion_ids), "format_ok": reward.format_ok(s.text),
+                             "truncated": s.truncated, "clipped": s.clipped / max(len(s.completion_ids), 1)}
+                            for s in group]})
+    return lines
 
 
 def validate(model, engine, rows, args: Args, batch_size: int, version: int) -> dict:
@@ -559,7 +589,9 @@ def main(argv: list[str] | None = None):
     total_steps = args.max_steps if args.max_steps > 0 else args.num_epochs * steps_per_epoch
     model, ref_model, optimizer, scheduler = load_models(args, engine_args, accelerator, total_steps)
     metrics_path = os.path.join(run.output_dir, "metrics.jsonl")
-    state = runtime.restore(accelerator, runtime.find_checkpoint(run, accelerator), run, metrics_path)
+    completions_path = os.path.join(run.output_dir, "completions.jsonl")
+    state = runtime.restore(accelerator, runtime.find_checkpoint(run, accelerator), run, metrics_path,
+                            completions_path)
     start_step, guard = state["step"], runtime.Guard(guard_args, **state.get("guard", {}))
     engine = engines.Engine(engine_args, accelerator, processor, model, args.model, args.seed,
                             args.max_prompt_length + args.max_new_tokens,
@@ -599,6 +631,9 @@ def main(argv: list[str] | None = None):
         if args.eval_every > 0 and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps):
             record.update(validate(model, engine, eval_rows, args, engine_args.eval_batch_size, step + 1))
         runtime.log(accelerator, metrics_path, record)
+        if args.log_completions:
+            runtime.log_groups(accelerator, completions_path, step + 1,
+                               logged_groups(step + 1, [rows[i] for i in share], samples, args))
         warning = guard.after_step(record)  # raises SystemExit after too many skipped steps in a row
         if warning:
             accelerator.print(warning)

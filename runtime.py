@@ -90,7 +90,7 @@ NOT_SETTINGS = frozenset((
     "save_final", "report_to", "on_bad_row", "micro_batch_size", "eval_batch_size", "gradient_checkpointing",
     "logprob_chunk_tokens", "share_prompt", "peak_flops", "vllm_memory", "vllm_sleep", "max_skipped_steps",
     "collapse_steps", "dataloader_num_workers", "num_proc", "regrade", "compare", "paper", "curves",
-    "push_to_hub", "hub_model_id"))
+    "push_to_hub", "hub_model_id", "log_completions"))
 
 
 def settings(*args) -> dict:
@@ -1049,18 +1049,19 @@ def read_state(checkpoint: str | None, expect: dict | None = None) -> dict:
     return state
 
 
-def restore(accelerator, checkpoint: str | None, run: RunArgs, metrics_path: str) -> dict:
+def restore(accelerator, checkpoint: str | None, run: RunArgs, metrics_path: str, *logs: str) -> dict:
     """Load `checkpoint`'s training state (weights, optimizer, scheduler, RNG) and return its
     resume_state.json ({"step": 0} without one). Then, in the run folder: the .tmp folders of saves
-    a kill interrupted are removed, and metrics.jsonl keeps the lines up to the checkpoint's step
-    (later ones are computed again)."""
+    a kill interrupted are removed, and metrics.jsonl (and each of `logs`, lines with a "step") keeps
+    the lines up to the checkpoint's step (later ones are computed again)."""
     state = read_state(checkpoint)
     if checkpoint is not None:
         accelerator.load_state(os.path.join(checkpoint, TRAINING_STATE))
         accelerator.print(f"resumed from {checkpoint} after step {state['step']}")
     if accelerator.is_main_process:
         remove_stale_tmp(run.output_dir)
-        keep_metrics_until(metrics_path, state["step"])
+        for path in (metrics_path, *logs):
+            keep_metrics_until(path, state["step"])
     accelerator.wait_for_everyone()  # no process logs before the file is rewritten
     return state
 
@@ -1092,6 +1093,34 @@ def keep_metrics_until(metrics_path: str, step: int) -> None:
     with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(kept)
     os.replace(metrics_path + ".tmp", metrics_path)
+
+
+def thumbnail(image, size: int = 128) -> str:
+    """A PIL image as a PNG data URI at most `size` pixels a side, for a log line or a page."""
+    import base64
+    import io
+
+    small = image.copy()
+    small.thumbnail((size, size))
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def log_groups(accelerator, path: str, step: int, lines: list[dict]) -> None:
+    """grpo.py's logged groups: lines of `path` (the main process's), and for a tensorboard tracker one
+    markdown table of the step's completions (accelerate's log takes scalars only)."""
+    if not accelerator.is_main_process:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    for tracker_ in accelerator.trackers:
+        if tracker_.name == "tensorboard":
+            rows = ["| group | reward | advantage | length | completion |", "|---|---|---|---|---|"]
+            for g, line in enumerate(lines):
+                rows += [f"| {g} | {c['reward']:g} | {c['advantage']:.3f} | {c['length']} | "
+                         f"{c['text'][:200].replace('|', '/').replace(chr(10), ' ')} |" for c in line["completions"]]
+            tracker_.writer.add_text("completions", "\n".join(rows), global_step=step)
 
 
 def log(accelerator, metrics_path: str, record: dict) -> None:

@@ -123,9 +123,17 @@ def test_grpo_logs_to_tensorboard(tiny_model_dir, toy_data_dir, tmp_path):
                "--rollout_batch_size", "2", "--group_size", "2", "--mini_batch_size", "2",
                "--micro_batch_size", "4", "--generation_batch_size", "2", "--max_new_tokens", "4",
                "--max_steps", "2", "--save_steps", "0", "--save_final", "False",
-               "--gradient_checkpointing", "False", "--report_to", "tensorboard"])
+               "--gradient_checkpointing", "False", "--report_to", "tensorboard", "--log_completions", "1"])
     logged = [(m["step"], m["reward"]) for m in metrics(out)]
     assert scalars(out / "grpo", "reward") == [(step, pytest.approx(value)) for step, value in logged]
+    # --log_completions: the step's groups as a text table, beside completions.jsonl.
+    events = EventAccumulator(str(out / "grpo"))
+    events.Reload()
+    texts = events.Tensors("completions/text_summary")
+    assert [t.step for t in texts] == [1, 2]
+    first = json.loads((out / "completions.jsonl").read_text().splitlines()[0])
+    assert first["completions"][0]["text"][:20].replace("|", "/").replace("\n", " ") in \
+        texts[0].tensor_proto.string_val[0].decode()
 
 
 def test_a_tracker_that_is_not_installed_is_an_error(monkeypatch, tmp_path):

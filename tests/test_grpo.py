@@ -7,7 +7,9 @@ and no update would move anything; the tests that train start from `warm_tiny_di
 taught the format (with a random letter) in a few seconds of plain cross-entropy.
 """
 
+import base64
 import contextlib
+import io
 import json
 import math
 import os
@@ -738,6 +740,44 @@ def test_extending_a_finished_run(warm_tiny_dir, four_rows, tmp_path, capsys):
     # Without --resume a longer run is another run, as before.
     with pytest.raises(SystemExit, match="holds another run .settings differ: max_steps"):
         grpo.main([*common, "--output_dir", run, "--max_steps", "4"])
+
+
+def test_logged_completions_are_the_groups_grpo_trained_on(warm_tiny_dir, four_rows, tmp_path):
+    """--log_completions 2: every step, 2 groups to completions.jsonl, each completion with the reward
+    reward.py gives its text, the advantage group_advantages gives the group's rewards, its length,
+    format and clipped share; a group of equal rewards is marked. A run resumed from its step-1
+    checkpoint logs step 2 again, as the uninterrupted run did."""
+    run = str(tmp_path / "run")
+    common = ["--model", warm_tiny_dir, "--data", four_rows, "--output_dir", run, "--max_steps", "2",
+              "--mini_batch_size", "2", "--save_steps", "1", "--log_completions", "2", *RUN_ARGS]
+    with one_thread():
+        grpo.main(common)
+    lines = [json.loads(line) for line in open(os.path.join(run, "completions.jsonl"))]
+    assert [line["step"] for line in lines] == [1, 1, 2, 2]
+    rows = datasets.load_from_disk(four_rows)["train"]
+    questions = {reward.build_prompt_text(row): row for row in rows}
+    G = 2
+    for line in lines:
+        row = questions[line["question"]]  # one of the data's questions, with its answer
+        assert line["answer_label"] == row["answer_label"] and len(line["completions"]) == G
+        rewards = [c["reward"] for c in line["completions"]]
+        assert rewards == [reward.reward(c["text"], row["answer_label"], row["answer"]) for c in line["completions"]]
+        expected = grpo.group_advantages(torch.tensor(rewards), G).tolist()
+        assert [c["advantage"] for c in line["completions"]] == pytest.approx(expected, abs=1e-6)
+        assert line["zero_advantage"] == (len(set(rewards)) == 1)
+        for c in line["completions"]:
+            assert c["format_ok"] == reward.format_ok(c["text"]) and 0 <= c["clipped"] <= 1 and c["length"] >= 1
+        for image in line["images"]:
+            assert image.startswith("data:image/png;base64,")
+            assert Image.open(io.BytesIO(base64.b64decode(image.split(",", 1)[1]))).size[0] <= 128
+    assert any(line["images"] for line in lines) or not any(row["images"] for row in rows)
+    # Killed after checkpoint-1: step 2's lines are dropped and logged again, the same.
+    shutil.rmtree(os.path.join(run, "final"))
+    with open(os.path.join(run, "completions.jsonl"), "a") as f:
+        f.write('{"step": 2, "quest')  # torn by the kill
+    with one_thread():
+        grpo.main([*common, "--resume", "latest"])
+    assert [json.loads(line) for line in open(os.path.join(run, "completions.jsonl"))] == lines
 
 
 def test_config_file_then_flags(tiny_model_dir, four_rows, tmp_path):
