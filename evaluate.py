@@ -115,6 +115,9 @@ class Args:
                 "written with DIR/summary.json as {NAME: {benchmarks, average}}."})
     paper: list[str] = field(default_factory=list, metadata={
         "help": "With --compare: NAME=AVG rows of the paper to print beside ours."})
+    report: bool = field(default=False, metadata={
+        "help": "Write --output_dir's report.html from the run folder's files (grpo.py, sft.py or "
+                "evaluate.py), no model."})
     curves: list[str] = field(default_factory=list, metadata={
         "help": "With --compare: LABEL=metrics.jsonl:KEY ... one panel each in DIR/curves.png."})
 
@@ -580,6 +583,7 @@ def finish(out: Path, lines: list[dict], skipped: list[dict], config: dict, task
     print(f"\n{config['model'] or config['resolved_cli_args'].get('regrade')}: average accuracy (0-1) "
           f"{'-' if avg is None else f'{avg:.4f}'}{error} over {len(results['group_subtasks'][AVERAGE])} benchmark(s)")
     print(markdown_table(summarize(lines)))
+    runtime.write_report(str(out))
     return results
 
 
@@ -789,25 +793,11 @@ def compare(args: Args):
     return summary
 
 
-# metrics.jsonl's shares, fractions 0-1 as in every table and results.json.
-FRACTIONS = ("reward", "accuracy", "format_rate", "zero_advantage_groups", "truncated", "clip_low", "clip_high",
-             "clip_dual", "mfu")
-
-
 def plot_curves(curves: list[str], path: Path):
-    """Training curves, one panel per LABEL=metrics.jsonl:KEY (steps without KEY are left out).
-
-    matplotlib is the project's one dependency beyond the paper's stack, for this picture only.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no screen needed
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    panels = named(curves, "--curves")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (label, spec) in zip(axes[0], panels):
+    """Training curves, one panel per LABEL=metrics.jsonl:KEY (steps without KEY are left out;
+    runtime.draw_curves draws them)."""
+    panels = []
+    for label, spec in named(curves, "--curves"):
         file, _, key = spec.rpartition(":")
         if not file:
             raise SystemExit(f"--curves {label}={spec}: expected LABEL=metrics.jsonl:KEY")
@@ -816,22 +806,17 @@ def plot_curves(curves: list[str], path: Path):
         steps = [line for _, line in runtime.read_jsonl(file, complete_only=True) if line.get(key) is not None]
         if not steps:
             raise SystemExit(f"--curves {label}: no step of {file} has {key!r}")
-        # A sparse series (a validation every N steps) shows its points: a line alone would invent
-        # the steps between them.
-        ax.plot([line.get("step", i + 1) for i, line in enumerate(steps)], [line[key] for line in steps],
-                marker="o" if len(steps) <= 30 else None, markersize=4)
-        ax.set_title(label)
-        ax.set_xlabel("training step")
-        ax.set_ylabel(f"{key} (0-1)" if key in FRACTIONS or key.startswith("val_accuracy") else key)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        panels.append((label, steps, key))
+    runtime.draw_curves(panels, path)
     print(f"curves: {path}")
 
 
 def main(argv=None):
     args = runtime.parse_args(Args, argv=argv)  # a YAML/JSON file first (configs/eval.yaml), flags override
+    if args.report:
+        path = runtime.write_report(args.output_dir)
+        print(f"report: {path}")
+        return path
     if args.compare:
         return compare(args)
     if args.regrade:

@@ -90,7 +90,7 @@ NOT_SETTINGS = frozenset((
     "save_final", "report_to", "on_bad_row", "micro_batch_size", "eval_batch_size", "gradient_checkpointing",
     "logprob_chunk_tokens", "share_prompt", "peak_flops", "vllm_memory", "vllm_sleep", "max_skipped_steps",
     "collapse_steps", "dataloader_num_workers", "num_proc", "regrade", "compare", "paper", "curves",
-    "push_to_hub", "hub_model_id", "log_completions"))
+    "push_to_hub", "hub_model_id", "log_completions", "report"))
 
 
 def settings(*args) -> dict:
@@ -1093,6 +1093,175 @@ def keep_metrics_until(metrics_path: str, step: int) -> None:
     with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(kept)
     os.replace(metrics_path + ".tmp", metrics_path)
+
+
+# metrics.jsonl's shares, fractions 0-1 as in every table and results.json; `clipped` is the three
+# clips' tokens together (completions.jsonl's per completion, the report's per step).
+FRACTIONS = ("reward", "accuracy", "format_rate", "zero_advantage_groups", "truncated", "clip_low", "clip_high",
+             "clip_dual", "clipped", "mfu")
+
+
+def draw_curves(panels: list[tuple[str, list[dict], str]], path) -> None:
+    """One panel per (title, metrics.jsonl lines, key) into `path` (a file or a buffer), as PNG.
+
+    matplotlib is the project's one dependency beyond the paper's stack, for these pictures only.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    columns = min(len(panels), 4)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    for ax, (label, steps, key) in zip(axes.flat, panels):
+        # A sparse series (a validation every N steps) shows its points: a line alone would invent
+        # the steps between them.
+        ax.plot([line.get("step", i + 1) for i, line in enumerate(steps)], [line[key] for line in steps],
+                marker="o" if len(steps) <= 30 else None, markersize=4)
+        ax.set_title(label)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{key} (0-1)" if key in FRACTIONS or key.startswith("val_accuracy") else key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+
+
+# The report's curves: (title, key) where metrics.jsonl has the key; `clipped` is derived.
+REPORT_CURVES = (("reward", "reward"), ("KL (k3)", "kl"), ("entropy", "entropy"),
+                 ("completion length (tokens)", "completion_length"), ("clipped tokens", "clipped"),
+                 ("validation accuracy", "val_accuracy"), ("zero-advantage groups", "zero_advantage_groups"),
+                 ("loss", "loss"))
+REPORT_EXAMPLES = 10  # right and wrong answers shown per benchmark
+
+REPORT_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>report: {title}</title>
+<style>
+body {{ font: 14px/1.4 sans-serif; margin: 1.5em; max-width: 1400px; }}
+img.curves {{ max-width: 100%; }}
+.group {{ border: 1px solid #999; margin: 0.8em 0; padding: 0.5em; }}
+.group.zero {{ opacity: 0.6; border-style: dashed; }}
+.completion {{ margin: 0.3em 0; padding: 0.3em; white-space: pre-wrap; font-family: monospace; }}
+.r1 {{ background: #d4f4d4; }} .r0 {{ background: #f8d7d7; }} .rmid {{ background: #fff3c4; }}
+.answer {{ margin: 0.3em 0; padding: 0.3em; white-space: pre-wrap; font-family: monospace; }}
+.meta {{ color: #555; }}
+</style></head><body>
+<h1>{title}</h1>
+<p class="meta">{summary}</p>
+{body}
+<script type="application/json" id="groups-data">{groups}</script>
+<script>
+const groups = JSON.parse(document.getElementById("groups-data").textContent);
+const select = document.getElementById("step");
+function show(step) {{
+  const box = document.getElementById("groups");
+  box.replaceChildren();
+  for (const g of groups[step] || []) {{
+    const div = document.createElement("div");
+    div.className = "group" + (g.zero_advantage ? " zero" : "");
+    const head = document.createElement("p");
+    head.textContent = g.question + "  [answer " + g.answer_label + "]" +
+      (g.zero_advantage ? "  (all rewards equal: advantage 0, this group contributes nothing)" : "");
+    div.append(head);
+    for (const src of g.images) {{ const img = document.createElement("img"); img.src = src; div.append(img); }}
+    for (const c of g.completions) {{
+      const p = document.createElement("div");
+      p.className = "completion " + (c.reward >= 1 ? "r1" : c.reward <= 0 ? "r0" : "rmid");
+      p.textContent = "reward " + c.reward + "  advantage " + c.advantage.toFixed(3) + "  " + c.length +
+        " tokens" + (c.truncated ? " (truncated)" : "") + "  clipped " + (100 * c.clipped).toFixed(1) +
+        "%\\n" + c.text;
+      div.append(p);
+    }}
+    box.append(div);
+  }}
+}}
+if (select) {{
+  for (const step of Object.keys(groups)) {{
+    const o = document.createElement("option"); o.value = step; o.textContent = "step " + step; select.append(o);
+  }}
+  const wanted = new URLSearchParams(location.hash.slice(1)).get("step");  // report.html#step=N
+  if (wanted in groups) select.value = wanted;
+  select.addEventListener("change", () => {{ show(select.value); location.hash = "step=" + select.value; }});
+  show(select.value);
+}}
+</script></body></html>
+"""
+
+
+def write_report(folder: str) -> str:
+    """DIR/report.html, one self-contained page (nothing fetched when it is viewed) of a run folder:
+    the curves of metrics.jsonl in the project's units, and, from completions.jsonl (grpo.py
+    --log_completions), a step selector showing the logged groups, each completion coloured by its
+    reward with its advantage, a group of equal rewards marked as contributing nothing; for an
+    evaluation folder (predictions.jsonl), per benchmark right and wrong answers with the think text
+    and the extracted answer. Returns the path."""
+    import base64
+    import html
+    import io
+
+    import reward
+
+    folder = os.path.abspath(folder)
+    stage = ""
+    if os.path.isfile(os.path.join(folder, RUN_FILE)):
+        with open(os.path.join(folder, RUN_FILE), encoding="utf-8") as f:
+            stage = json.load(f).get("stage", "")
+    body, groups = [], {}
+    metrics_path = os.path.join(folder, "metrics.jsonl")
+    if os.path.isfile(metrics_path):
+        lines = [line for _, line in read_jsonl(metrics_path, complete_only=True)]
+        for line in lines:
+            if all(line.get(k) is not None for k in ("clip_low", "clip_high", "clip_dual")):
+                line["clipped"] = line["clip_low"] + line["clip_high"] + line["clip_dual"]
+        panels = [(title, [x for x in lines if x.get(key) is not None], key) for title, key in REPORT_CURVES]
+        panels = [panel for panel in panels if panel[1]]
+        if panels:
+            buffer = io.BytesIO()
+            draw_curves(panels, buffer)
+            body.append('<h2>Curves</h2><img class="curves" alt="curves" src="data:image/png;base64,'
+                        + base64.b64encode(buffer.getvalue()).decode() + '">')
+    completions_path = os.path.join(folder, "completions.jsonl")
+    if os.path.isfile(completions_path):
+        for _, line in read_jsonl(completions_path, complete_only=True):
+            groups.setdefault(str(line["step"]), []).append(line)
+        body.append('<h2>What GRPO trained on</h2><label>Logged groups of <select id="step"></select></label>'
+                    '<div id="groups"></div>')
+    predictions_path = os.path.join(folder, "predictions.jsonl")
+    if os.path.isfile(predictions_path):
+        by_benchmark: dict[str, dict[bool, list]] = {}
+        for _, line in read_jsonl(predictions_path, complete_only=True):
+            shown = by_benchmark.setdefault(line["dataset_name"], {True: [], False: []})
+            for response, pred, correct in zip(line["responses"], line["preds"], line["correct"]):
+                if len(shown[bool(correct)]) < REPORT_EXAMPLES:
+                    shown[bool(correct)].append((line, response, pred))
+        body.append("<h2>Answers</h2>")
+        for name, shown in by_benchmark.items():
+            body.append(f'<details class="benchmark"><summary>{html.escape(name)}</summary>')
+            for correct, title in ((True, "right"), (False, "wrong")):
+                body.append(f"<h3>{title}</h3>")
+                for line, response, pred in shown[correct]:
+                    think = reward.think_text(response)
+                    body.append(f'<div class="answer {"r1" if correct else "r0"}">'
+                                f"row {html.escape(str(line.get('dataset_index')))}: answer {html.escape(str(pred))} "
+                                f"(label {html.escape(str(line['answer_label']))})\nthink: "
+                                f"{html.escape(think if think is not None else '(no think block)')}</div>")
+            body.append("</details>")
+    if not body:
+        raise SystemExit(f"--report {folder}: no metrics.jsonl, completions.jsonl or predictions.jsonl there")
+    page = REPORT_PAGE.format(
+        title=html.escape(f"{os.path.basename(folder)}" + (f" ({stage})" if stage else "")),
+        summary=html.escape(folder), body="\n".join(body),
+        groups=json.dumps(groups, ensure_ascii=False).replace("</", "<\\/"))
+    path = os.path.join(folder, "report.html")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(page)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def thumbnail(image, size: int = 128) -> str:

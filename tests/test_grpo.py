@@ -771,6 +771,7 @@ def test_logged_completions_are_the_groups_grpo_trained_on(warm_tiny_dir, four_r
             assert image.startswith("data:image/png;base64,")
             assert Image.open(io.BytesIO(base64.b64decode(image.split(",", 1)[1]))).size[0] <= 128
     assert any(line["images"] for line in lines) or not any(row["images"] for row in rows)
+    assert "What GRPO trained on" in open(os.path.join(run, "report.html")).read()  # written at the end
     # Killed after checkpoint-1: step 2's lines are dropped and logged again, the same.
     shutil.rmtree(os.path.join(run, "final"))
     with open(os.path.join(run, "completions.jsonl"), "a") as f:
