@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None):
     card = {"stage": "grpo", "base_model": args.model, "datasets": [args.data]}
     final = runtime.save_checkpoint(accelerator, model, processor, run, total_steps, None, card) if run.save_final else None
     engine.close()  # after the last collective: vLLM's shutdown takes the process group with it
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and run.save_final:
         accelerator.print(f"report: {runtime.write_report(run.output_dir)}")
     accelerator.end_training()
     runtime.release_output_dir(run.output_dir)

@@ -58,8 +58,8 @@ class RunArgs:
                 "bfloat16, float32, or auto: bfloat16 after a bf16 run (as the hub checkpoints), float32 "
                 "after an fp32 one. training_state/ always keeps the fp32 master weights for resuming."})
     save_final: bool = field(default=True, metadata={
-        "help": "Write final/ (model and processor) when the run completes. False: nothing at the end "
-                "(benchmarks). A run that completes never writes its optimizer state: nothing resumes "
+        "help": "Write final/ (model and processor) and report.html when the run completes. False: nothing "
+                "at the end (benchmarks). A run that completes never writes its optimizer state: nothing resumes "
                 "a finished run."})
     mixed_precision: str = field(default="auto", metadata={
         "help": "auto: bf16 autocast on a GPU (the paper), fp32 on a CPU. bf16: bf16 autocast anywhere "

@@ -426,7 +426,7 @@ def main(argv=None):
     if run.save_final:
         card = {"stage": "sft", "base_model": args.model, "datasets": [args.data]}
         final = runtime.save_checkpoint(accelerator, model, processor, run, total_steps, None, card)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and run.save_final:
         accelerator.print(f"report: {runtime.write_report(run.output_dir)}")
     accelerator.end_training()
     runtime.release_output_dir(run.output_dir)

@@ -670,7 +670,7 @@ def test_killed_run_resumes_identically(warm_tiny_dir, four_rows, tmp_path):
                                    "--save_total_limit", "2", *common])
         resumed = grpo.main(["--output_dir", killed, "--save_steps", "2", "--resume", "latest", *common])
     assert sorted(os.listdir(tmp_path / "uninterrupted")) == ["checkpoint-1", "checkpoint-2", "final",
-                                                             "metrics.jsonl", "run.json"]
+                                                             "metrics.jsonl", "report.html", "run.json"]
     # A checkpoint holds the final folder's files but the model card, and the training state.
     assert sorted(os.listdir(tmp_path / "uninterrupted" / "checkpoint-2")) == sorted(
         set(os.listdir(tmp_path / "uninterrupted" / "final")) - {"README.md"} | {"resume_state.json", "training_state"})
