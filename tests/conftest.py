@@ -47,3 +47,9 @@ def run_env(threads: int = 1) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), ACCELERATE_USE_CPU="true",
                CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
     return env
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: an end-to-end run of half a minute or more; `make test-slow` runs them, "
+                   "`make test` the rest (CI runs both)")

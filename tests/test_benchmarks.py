@@ -94,6 +94,7 @@ def test_plan_prints_a_markdown_table(capsys):
             plan.main(bad)
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_on_the_cpu(tmp_path):
     """`bash benchmarks/gpu_check.sh --cpu`: the GPU check's code on the tiny real-tokenizer model."""
     import json

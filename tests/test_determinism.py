@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -38,6 +39,7 @@ def files(folder: Path) -> list[Path]:
     return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_the_toy_world_is_the_same_in_every_process(tmp_path):
     """Model weights, the BPE tokenizer trained at run time, and every data file: equal bytes."""
     for name in ("a", "b"):

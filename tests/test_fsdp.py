@@ -163,6 +163,7 @@ def test_accelerate_runs_no_fsdp_on_a_cpu(tmp_path):
     assert done.stdout.count("DistributedType.MULTI_CPU") == 2 and "FSDP" not in done.stdout
 
 
+@pytest.mark.slow
 def test_sft_under_fsdp_equals_one_process_and_resumes(tiny_model_dir, toy_data_dir, tmp_path):
     flags = ["--model", tiny_model_dir, "--data", toy_data_dir, "--split", "sft", "--learning_rate", "3e-3",
              "--global_batch_size", "8", "--max_steps", "3", "--save_steps", "2"]

@@ -35,6 +35,7 @@ def test_the_demo_pins_every_dispatcher_to_avx2():
 
 
 @pytest.mark.skipif(not AVX2, reason="the pin is for x86-64 CPUs with AVX2; this CPU has none")
+@pytest.mark.slow
 def test_pinned_bits_are_an_avx2_machines_whatever_this_machine_offers():
     """Each switch decides its dispatcher's bits (another value, other bits), so none is ignored by
     this stack; with all three at AVX2 the bits are those of a machine that offers nothing beyond

@@ -211,6 +211,7 @@ def run_stage(args: list[str]) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_each_stage_runs_on_the_real_processor(qwen_model_dir, tmp_path):
     """One short run of evaluate.py, sft.py and grpo.py on the 151,936-id model, by their CLIs."""
     data = str(tmp_path / "data")

@@ -120,6 +120,7 @@ def test_every_settings_file_holds_only_settings_of_its_stage(config):
     stage_args([f"configs/{config}.yaml", *required], script)
 
 
+@pytest.mark.slow
 def test_reproduce_3b_runs_end_to_end_with_toy_arguments(tiny_model_dir, toy_data_dir, tmp_path):
     """Wiring only, not numbers: the random tiny model passes nothing, so MIN_PASS=0 keeps rows."""
     out = make(

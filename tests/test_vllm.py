@@ -393,6 +393,7 @@ class TestGRPOEngine:
         assert len(first) == len(rows) and first == grpo_engine.rollout(policy, rows, 1, greedy, 8)
 
 
+@pytest.mark.slow
 def test_grpo_steps_with_vllm_learn_like_hf(vllm, model_dir, toy_data_dir, tmp_path):
     """12 GRPO steps (2 epochs of the 48 training rows, 8 prompts x 8 samples, lr 1e-4) of the trained
     tiny32 through each engine. The engines draw other samples, so the runs differ; but each step's
@@ -532,6 +533,7 @@ def test_grpo_vllm_resumed_run_samples_the_same_completions(vllm, model_dir, toy
     assert resumed[0] == whole[0]  # step 1's line is kept as it was
 
 
+@pytest.mark.slow
 def test_make_reproduce_3b_engine_vllm_runs_end_to_end(base_dir, toy_data_dir, tmp_path):
     """`make reproduce-3b ENGINE=vllm` on the toy world, as tests/test_recipes.py runs the HF twin:
     pass counts, the difficulty filter, GRPO and the evaluation, each generating stage through vLLM
@@ -585,6 +587,7 @@ def two_processes(script, *args) -> list[str]:
             str(ROOT / "configs" / "cpu_2proc.yaml"), str(script), *map(str, args)]
 
 
+@pytest.mark.slow
 def test_grpo_vllm_two_processes_equal_one_and_resume(model_dir, toy_data_dir, tmp_path):
     """grpo.py --engine vllm under accelerate launch with 2 processes, an engine in each: every
     rollout (3 steps, validation at steps 0 and 3), every metric and the final weights equal one
@@ -634,6 +637,7 @@ def test_grpo_vllm_two_processes_equal_one_and_resume(model_dir, toy_data_dir, t
     assert all(torch.equal(w1[k], w3[k]) for k in w1)
 
 
+@pytest.mark.slow
 def test_evaluate_vllm_two_processes_give_one_process_predictions(model_dir, toy_data_dir, tmp_path):
     """evaluate.py --engine vllm under accelerate launch with 2 processes: batches dealt round robin,
     each process's engine answers its own, the parts merged; the greedy predictions.jsonl equals one
