@@ -63,13 +63,15 @@ class EngineArgs:
         "help": "FLOP/s of one process's device, the denominator of `mfu` in metrics.jsonl; 0: measured "
                 "once at the start on a large matmul in the compute dtype."})
 
-    def check(self) -> None:
+    def check(self, accelerator=None) -> None:
         if self.logprob_chunk_tokens < 0:
             raise ValueError("--logprob_chunk_tokens must be 0 (no chunks) or more")
         if self.engine not in ("hf", "vllm"):
             raise ValueError(f"--engine must be hf or vllm, got {self.engine!r}")
         if self.engine == "vllm":
             check_vllm()
+            if accelerator is not None and runtime.is_fsdp(accelerator) and not accelerator.is_fsdp2:
+                raise SystemExit(FSDP1_REFUSED)
 
 
 def check_vllm() -> None:
@@ -320,6 +322,9 @@ def full_parameters(model, accelerator):
             model.set_reshard_after_forward(False, recurse=False)  # the root's, as fully_shard sets it
 
 
+FSDP1_REFUSED = "--engine vllm under FSDP needs fsdp_version 2 (configs/fsdp.yaml), not 1"
+
+
 def full_weights(model, accelerator):
     """The policy's weights as (name, full tensor) pairs, the names of its save_pretrained files,
     for vLLM's copy. Unsharded (one process, DDP): the unwrapped model's own tensors. FSDP2: each
@@ -328,7 +333,7 @@ def full_weights(model, accelerator):
     FSDP (v1) is refused: its flat parameters carry wrapper names and summon_full_params gathers
     everything at once."""
     if runtime.is_fsdp(accelerator) and not accelerator.is_fsdp2:
-        raise SystemExit("--engine vllm under FSDP needs fsdp_version 2 (configs/fsdp.yaml), not 1")
+        raise SystemExit(FSDP1_REFUSED)
     from torch.distributed.tensor import DTensor
 
     for name, tensor in accelerator.unwrap_model(model).state_dict().items():

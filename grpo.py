@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None):
         defaults={"output_dir": "runs/grpo"})
     accelerator = runtime.accelerator_for(run)
     args.check(accelerator.num_processes)
-    engine_args.check()
+    engine_args.check(accelerator)
     runtime.check_model(args.model)
     data = load_data(args, engine_args, run, accelerator)  # rows checked, folder claimed: before any model work
     if data is None:
