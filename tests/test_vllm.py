@@ -7,7 +7,7 @@ Last, `make reproduce-3b ENGINE=vllm` runs end to end on the toy world.
 vLLM is optional (`make install-vllm`, docs/vllm.md): without it this module is skipped. On a CPU its
 attention needs a head size in {32, 64, 80, ...}, so the model is toy.py's `tiny32`, trained for 100
 steps on the toy teacher's traces so that it writes the <think>/<answer> format and gets some
-questions right (greedy accuracy 37.5 on the 24 test rows, about 15 at T 1.0): grades then mean
+questions right (greedy accuracy 0.375 on the 24 test rows, about 0.15 at T 1.0): grades then mean
 something.
 """
 
