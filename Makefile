@@ -273,7 +273,7 @@ $(eval $(call synther,synther-7b-5k-no-verify,7B,5K-no-verify,48,24,8,0.5733))
 # train/7b_biomedica_webdataset_glm_generated_pmc_VQA_parquet_25k_subset5k_grpo_8a100.sh
 $(eval $(call synther,synther-7b-5k-pmc-style,7B,5K-PMC-style,48,24,8,0.5515))
 
-# MedVLSynther-3B, the paper's headline 3B model (55.85), is the 5K one.
+# MedVLSynther-3B, the paper's headline 3B model (0.5585), is the 5K one.
 reproduce-synther-3b: synther-3b-5k
 
 # ---------------------------------------------------------------------------------------------

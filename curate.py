@@ -285,9 +285,7 @@ def count_drops(drops) -> tuple[dict, dict]:
 def finish(data, out: str, stats: dict, lines: list[str] = ()) -> None:
     """Save the data, then its stats (last: the step's completion marker); print the summary."""
     data.save_to_disk(out)
-    with open(os.path.join(out, STATS_FILE + ".tmp"), "w", encoding="utf-8") as f:
-        json.dump(stats, f, indent=1, ensure_ascii=False)
-    os.replace(os.path.join(out, STATS_FILE + ".tmp"), os.path.join(out, STATS_FILE))
+    runtime.write_text(os.path.join(out, STATS_FILE), json.dumps(stats, indent=1, ensure_ascii=False))
     print(f"{stats['command']}: kept {stats['kept']} of {stats['rows_in']} rows -> {out}")
     for reason, n in sorted(stats.get("dropped", {}).items(), key=lambda item: -item[1]):
         print(f"  dropped {n:>7}  {reason}  (first rows: {stats['examples'].get(reason, [])[:5]})")

@@ -463,13 +463,14 @@ def sample_record(line: dict) -> dict:
     return record
 
 
-def results_file(lines: list[dict], skipped: list[dict], config: dict, task_config: dict,
+def results_file(lines: list[dict], samples: dict, skipped: list[dict], config: dict, task_config: dict,
                  date: str, started: float, chat_template: str | None) -> dict:
     """results.json: lmms-eval's keys (results, groups, group_subtasks, configs, versions, n-shot,
     higher_is_better, n-samples, config, git_hash, git_branch, lmms_eval_version, date, usage,
     task_hashes and GeneralConfigTracker's),
     lm-evaluation-harness's `transformers_version`, and `skipped` (rows the data check refused),
-    which neither has. Every share is a fraction 0-1.
+    which neither has. Every share is a fraction 0-1. `samples`: each benchmark's sample records
+    (sample_record), whose doc hashes make its task hash as save_results_aggregated makes it.
 
     The group's standard error is stderr_of_mean: the paper's Avg weighs the benchmarks equally, so
     lmms-eval's pooled_sample_stderr (for a mean weighted by size) would be the wrong one."""
@@ -486,10 +487,9 @@ def results_file(lines: list[dict], skipped: list[dict], config: dict, task_conf
         results[name] = {"alias": f" - {name}", **{f"{m},{FILTER}": v for m, v in stats.items() if m != "samples"},
                          "samples": stats["samples"]}
     metrics = [m for m in next(iter(benchmarks.values()), {}) if not m.endswith("_stderr") and m != "samples"]
-    hashes = {name: hashlib.sha256("".join(f"sample_{i}" + doc_hash(line) for i, line in
-                                           enumerate(x for x in lines if x["dataset_name"] == name)).encode()).hexdigest()
-              for name in benchmarks}
-    model = config["model"]
+    hashes = {name: hashlib.sha256("".join(f"sample_{i}" + record["doc_hash"] for i, record in
+                                           enumerate(samples[name])).encode()).hexdigest() for name in benchmarks}
+    model, ended = config["model"], time.time()
     return {
         "results": results,
         "groups": {AVERAGE: results[AVERAGE]} if benchmarks else {},
@@ -518,8 +518,8 @@ def results_file(lines: list[dict], skipped: list[dict], config: dict, task_conf
         "chat_template": chat_template,
         "chat_template_sha": None if chat_template is None else hashlib.sha256(chat_template.encode()).hexdigest(),
         "start_time": started,
-        "end_time": time.time(),
-        "total_evaluation_time_seconds": str(time.time() - started),
+        "end_time": ended,
+        "total_evaluation_time_seconds": str(ended - started),
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
         "skipped": {"count": len(skipped), "rows": skipped},
@@ -571,18 +571,20 @@ def finish(out: Path, lines: list[dict], skipped: list[dict], config: dict, task
     benchmark (results_file, sample_record), print the table."""
     runtime.write_lines(out / "predictions.jsonl", lines)
     date = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")  # lmms-eval's get_datetime_str, in UTC
-    results = results_file(lines, skipped, config, task_config, date, started, chat_template)
+    samples: dict[str, list[dict]] = {}
+    for line in lines:
+        samples.setdefault(line["dataset_name"], []).append(sample_record(line))
+    results = results_file(lines, samples, skipped, config, task_config, date, started, chat_template)
     runtime.write_json(out / "results.json", results)
     for old in out.glob("*_samples_*.jsonl"):  # an earlier finish of this same run
         old.unlink()
-    for name in results["group_subtasks"][AVERAGE]:
-        records = [sample_record(line) for line in lines if line["dataset_name"] == name]
+    for name, records in samples.items():
         runtime.write_lines(out / f"{date}_samples_{name.replace('/', '__')}.jsonl", records)
     avg, avg_stderr = average_of(results)
     error = "" if avg_stderr is None else f" (stderr {avg_stderr:.4f})"
     print(f"\n{config['model'] or config['resolved_cli_args'].get('regrade')}: average accuracy (0-1) "
           f"{'-' if avg is None else f'{avg:.4f}'}{error} over {len(results['group_subtasks'][AVERAGE])} benchmark(s)")
-    print(markdown_table(summarize(lines)))
+    print(markdown_table(benchmarks_of(results)))
     runtime.write_report(str(out))
     return results
 

@@ -59,8 +59,8 @@ class RunArgs:
                 "after an fp32 one. training_state/ always keeps the fp32 master weights for resuming."})
     save_final: bool = field(default=True, metadata={
         "help": "Write final/ (model and processor) and report.html when the run completes. False: nothing "
-                "at the end (benchmarks). A run that completes never writes its optimizer state: nothing resumes "
-                "a finished run."})
+                "at the end (benchmarks). A run that completes never writes its optimizer state: a finished "
+                "run resumes only to be extended, from its newest checkpoint."})
     mixed_precision: str = field(default="auto", metadata={
         "help": "auto: bf16 autocast on a GPU (the paper), fp32 on a CPU. bf16: bf16 autocast anywhere "
                 "(a CPU with bf16 support included). no: fp32. The weights stay fp32 (the optimizer's "
@@ -416,10 +416,8 @@ def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool, inputs=()
     _FRESH.setdefault(os.path.realpath(output_dir), created)  # ours now: given back if the start fails
     if os.path.isfile(path):  # another run claimed it between our look and our lock
         release_output_dir(output_dir)
-        return claim_output_dir(output_dir, fingerprint, resume, inputs)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(fingerprint, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+        return claim_output_dir(output_dir, fingerprint, resume, inputs, schedule)
+    write_text(path, json.dumps(fingerprint, indent=1, sort_keys=True))
 
 
 LENGTHS = ("max_steps", "num_epochs")  # the settings that only say where a trainer's run ends
@@ -462,10 +460,7 @@ def extend_run(output_dir: str, previous: dict, fingerprint: dict, longer: tuple
     final = os.path.join(output_dir, "final")
     if os.path.isdir(final):
         os.replace(final, f"{final}-{flag}-{before}")
-    path = os.path.join(output_dir, RUN_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(fingerprint, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    write_text(os.path.join(output_dir, RUN_FILE), json.dumps(fingerprint, indent=1, sort_keys=True))
     print(f"{output_dir}: extending the run from --{flag} {before} to {now} (constant learning rate); "
           f"its final model moved to {final}-{flag}-{before}")
 
@@ -548,12 +543,17 @@ def lock_holder(folder: str) -> str:
     return "a process this machine cannot see, or one that just ended"
 
 
-def write_json(path, obj) -> None:
-    """A JSON file written whole or not at all: a reader never sees half a file."""
+def write_text(path, text: str) -> None:
+    """A file written whole or not at all (a .tmp file renamed): a reader never sees half a file."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path, obj) -> None:
+    """A JSON file written whole (write_text)."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 # Files written whole, and JSON lines: the prediction files of evaluate.py and the official code.
@@ -595,11 +595,8 @@ def drop_torn_tail(path) -> None:
 
 
 def write_lines(path, lines: list[dict]) -> None:
-    """JSON lines (ensure_ascii=False, as the official files), written whole or not at all."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
-    os.replace(tmp, path)
+    """JSON lines (ensure_ascii=False, as the official files), written whole (write_text)."""
+    write_text(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
 
 
 def git_hash(what: str = "--short") -> str | None:
@@ -674,9 +671,14 @@ def hub_repo(run: RunArgs) -> str:
         user = HfApi().whoami()["name"]
     except Exception as err:  # an HTTP refusal or no network: one line, before any work
         raise SystemExit(f"--push_to_hub: the hub at {constants.ENDPOINT} did not accept the token "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+                         f"({one_line(err)})") from None
     name = run.hub_model_id or os.path.basename(os.path.abspath(run.output_dir))
     return name if "/" in name else f"{user}/{name}"
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as `Type: its first line`, for a one-line error."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def push_final(run: RunArgs, final: str, accelerator) -> None:
@@ -692,9 +694,8 @@ def push_final(run: RunArgs, final: str, accelerator) -> None:
         url = api.upload_folder(repo_id=run.hub_model_id, folder_path=final,
                                 commit_message=f"{os.path.basename(os.path.abspath(run.output_dir))}: final")
     except Exception as err:  # noqa: BLE001 - the model is saved; say so rather than lose the line
-        raise SystemExit(f"--push_to_hub: uploading {final} to {run.hub_model_id} failed ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}); the model is saved there: "
-                         f"hf upload {run.hub_model_id} {final}") from None
+        raise SystemExit(f"--push_to_hub: uploading {final} to {run.hub_model_id} failed ({one_line(err)}); "
+                         f"the model is saved there: hf upload {run.hub_model_id} {final}") from None
     print(f"pushed {final} to {url}")
 
 
@@ -778,7 +779,7 @@ def prepare(accelerator, model, optimizer, scheduler):
 # DIR/checkpoint-{step}/ holds the model and processor (save_pretrained, loadable like a hub id),
 # training_state/ (accelerator.save_state: the fp32 weights, optimizer, scheduler, every process's
 # RNG) and resume_state.json (the step and what the stage adds), written last. DIR/final/ holds the
-# model and processor only: a finished run is never resumed.
+# model and processor only: a finished run resumes only to be extended, from its newest checkpoint.
 
 TRAINING_STATE = "training_state"
 RESUME_STATE = "resume_state.json"
@@ -1077,7 +1078,7 @@ def remove_stale_tmp(output_dir: str) -> None:
 def keep_metrics_until(metrics_path: str, step: int) -> None:
     """Keep the metrics.jsonl lines of steps up to `step` (the resumed checkpoint's): the ones a
     stopped run logged after its last checkpoint are computed again, and a line torn by a kill
-    mid-write (not a JSON object) is dropped. Rewritten via a .tmp file and os.replace, so a kill now
+    mid-write (not a JSON object) is dropped. Rewritten whole (write_text), so a kill now
     loses nothing. No file yet: nothing to do (the first logged line makes it)."""
     if not os.path.exists(metrics_path):
         return
@@ -1090,9 +1091,7 @@ def keep_metrics_until(metrics_path: str, step: int) -> None:
                 continue
             if isinstance(metrics, dict) and metrics.get("step", math.inf) <= step:
                 kept.append(json.dumps(metrics) + "\n")
-    with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(metrics_path + ".tmp", metrics_path)
+    write_text(metrics_path, "".join(kept))
 
 
 # metrics.jsonl's shares, fractions 0-1 as in every table and results.json; `clipped` is the three
@@ -1200,7 +1199,6 @@ def write_report(folder: str) -> str:
     reward with its advantage, a group of equal rewards marked as contributing nothing; for an
     evaluation folder (predictions.jsonl), per benchmark right and wrong answers with the think text
     and the extracted answer. Returns the path."""
-    import base64
     import html
     import io
 
@@ -1223,8 +1221,7 @@ def write_report(folder: str) -> str:
         if panels:
             buffer = io.BytesIO()
             draw_curves(panels, buffer)
-            body.append('<h2>Curves</h2><img class="curves" alt="curves" src="data:image/png;base64,'
-                        + base64.b64encode(buffer.getvalue()).decode() + '">')
+            body.append(f'<h2>Curves</h2><img class="curves" alt="curves" src="{png_uri(buffer)}">')
     completions_path = os.path.join(folder, "completions.jsonl")
     if os.path.isfile(completions_path):
         for _, line in read_jsonl(completions_path, complete_only=True):
@@ -1258,22 +1255,26 @@ def write_report(folder: str) -> str:
         summary=html.escape(folder), body="\n".join(body),
         groups=json.dumps(groups, ensure_ascii=False).replace("</", "<\\/"))
     path = os.path.join(folder, "report.html")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(path + ".tmp", path)
+    write_text(path, page)
     return path
 
 
-def thumbnail(image, size: int = 128) -> str:
-    """A PIL image as a PNG data URI at most `size` pixels a side, for a log line or a page."""
+def png_uri(buffer) -> str:
+    """PNG bytes (a BytesIO) as a data URI, for a log line or a page."""
     import base64
+
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def thumbnail(image, size: int = 128) -> str:
+    """A PIL image as a PNG data URI at most `size` pixels a side."""
     import io
 
     small = image.copy()
     small.thumbnail((size, size))
     buffer = io.BytesIO()
     small.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return png_uri(buffer)
 
 
 def log_groups(accelerator, path: str, step: int, lines: list[dict]) -> None:

@@ -305,7 +305,7 @@ def check(args: CheckArgs, work: Path) -> dict:
         seconds = float(timed.group(1)) if timed else report["seconds"]
         tokens = args.prompts * args.samples * args.new_tokens
         rows["generation_vllm"] = dict(
-            what=f"evaluate.py --engine vllm: as generation", tokens_per_s=tokens / seconds,
+            what="evaluate.py --engine vllm: as generation", tokens_per_s=tokens / seconds,
             figure=f"{tokens / seconds:,.0f} tokens/s ({seconds:.1f} s), "
                    f"{tokens / seconds / rows['generation']['tokens_per_s']:.2f}x HF",
             peak=peak(report), report=report)

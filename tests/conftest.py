@@ -49,6 +49,23 @@ def run_env(threads: int = 1) -> dict:
     return env
 
 
+# A grpo.py run that also records every rollout it sampled: `python recorder.py OUT grpo-args...`
+# writes OUT.<RANK>, the completions of each Engine.rollout call in order (tests of N processes
+# against one).
+RECORDER = """
+import json, os, sys
+import engine, grpo
+calls, rollout = [], engine.Engine.rollout
+def recorded(self, *args, **kwargs):
+    calls.append(rollout(self, *args, **kwargs))
+    return calls[-1]
+engine.Engine.rollout = recorded
+grpo.main(sys.argv[2:])
+with open(sys.argv[1] + "." + os.environ.get("RANK", "0"), "w") as f:
+    json.dump(calls, f)
+"""
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: an end-to-end run of half a minute or more; `make test-slow` runs them, "

@@ -32,7 +32,7 @@ import engine as engines
 import grpo
 import reward
 import runtime
-from conftest import ROOT, run_env
+from conftest import RECORDER, ROOT, run_env
 
 # ---------------------------------------------------------------------------------------------
 # The math by hand
@@ -551,21 +551,6 @@ def four_rows(toy_data_dir, tmp_path_factory) -> str:
     assert [bool(r["images"]) for r in train] == [False, False, True, False]
     datasets.DatasetDict({"train": train}).save_to_disk(out)
     return out
-
-
-# Runs with this in place of grpo.py record every rollout (all completions, on every process).
-RECORDER = """
-import json, os, sys
-import engine, grpo
-calls, rollout = [], engine.Engine.rollout
-def recorded(self, *args, **kwargs):
-    calls.append(rollout(self, *args, **kwargs))
-    return calls[-1]
-engine.Engine.rollout = recorded
-grpo.main(sys.argv[2:])
-with open(sys.argv[1] + "." + os.environ.get("RANK", "0"), "w") as f:
-    json.dump(calls, f)
-"""
 
 
 @pytest.fixture(scope="module")

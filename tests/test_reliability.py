@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 from safetensors.torch import load_file

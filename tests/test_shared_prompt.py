@@ -16,7 +16,6 @@ relative norm of 1e-5 (5x the worst).
 import contextlib
 import json
 import math
-import os
 
 import datasets
 import pytest

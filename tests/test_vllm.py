@@ -30,7 +30,7 @@ import engine as engines
 import evaluate
 import grpo
 import reward
-from conftest import ROOT, run_env, save_toy_model
+from conftest import RECORDER, ROOT, run_env, save_toy_model
 
 WHY_SKIPPED = "vLLM is optional and not installed: `make install-vllm` (docs/vllm.md) runs these tests"
 # Decided without importing vLLM: its import takes about 11 s and sets up process-wide state (logging,
@@ -147,7 +147,7 @@ def test_sampled_pass_counts_agree_in_distribution(sampled):
     for e, (results, folder) in sampled.items():
         lines = read(folder / "predictions.jsonl")
         assert len(lines) == 24 and all(len(line["responses"]) == 16 for line in lines), e
-        assert all(f"pass@16" in b and "maj@16" in b for b in evaluate.benchmarks_of(results).values())
+        assert all("pass@16" in b and "maj@16" in b for b in evaluate.benchmarks_of(results).values())
     hf_format = sum(b["format_rate"] for b in evaluate.benchmarks_of(sampled["hf"][0]).values()) / 3
     vl_format = sum(b["format_rate"] for b in evaluate.benchmarks_of(sampled["vllm"][0]).values()) / 3
     assert abs(hf_format - vl_format) < 0.15, (hf_format, vl_format)
@@ -567,19 +567,6 @@ def test_make_reproduce_3b_engine_vllm_runs_end_to_end(base_dir, toy_data_dir, t
 # ---------------------------------------------------------------------------------------------
 # One engine beside each process (accelerate launch, configs/cpu_2proc.yaml)
 # ---------------------------------------------------------------------------------------------
-
-RECORDER = """
-import json, os, sys
-import engine, grpo
-calls, rollout = [], engine.Engine.rollout
-def recorded(self, *args, **kwargs):
-    calls.append(rollout(self, *args, **kwargs))
-    return calls[-1]
-engine.Engine.rollout = recorded
-grpo.main(sys.argv[2:])
-with open(sys.argv[1] + "." + os.environ.get("RANK", "0"), "w") as f:
-    json.dump(calls, f)
-"""
 
 
 def two_processes(script, *args) -> list[str]:
