@@ -130,14 +130,16 @@ def cut_completions(completions: torch.Tensor, eos_ids: list[int]) -> list[tuple
     return [(row[keep].tolist(), bool(cut)) for row, keep, cut in zip(completions, mask, truncated)]
 
 
-def prompt_length(processor, row, base_dir: str = "") -> int:
-    """Tokens of a row's chat prompt, its image tokens included, without running the image processor.
+def prompt_length(processor, row, base_dir: str = "", text: str | None = None) -> int:
+    """Tokens of a row's chat prompt (or of `text`, a chat text for the row's images), its image
+    tokens included, without running the image processor.
 
     The chat template holds one <|image_pad|> per image, which the processor expands to
     patches / merge^2 tokens; the number of patches follows from the image's size alone.
     """
-    text = processor.apply_chat_template(reward.build_messages(row), add_generation_prompt=True,
-                                         tokenize=False)
+    if text is None:
+        text = processor.apply_chat_template(reward.build_messages(row), add_generation_prompt=True,
+                                             tokenize=False)
     n_tokens = len(processor.tokenizer(text)["input_ids"])
     merge = processor.image_processor.merge_size
     for item in row.get("images") or []:
@@ -252,7 +254,7 @@ def generate_shared(model, inputs, group_size: int, **gen_kwargs):
 
 @torch.no_grad()
 def sample(model, processor, rows: list[dict], n: int, gen_kwargs: dict, share_prompt: bool = False,
-           **extra) -> torch.Tensor:
+           texts: list[str] | None = None, **extra) -> torch.Tensor:
     """HF generate on `rows`, n samples each: the new tokens [rows x n, L], row i's at [i n, (i+1) n).
 
     Prompts and images are repeated n times before the processor call (not num_return_sequences,
@@ -261,10 +263,16 @@ def sample(model, processor, rows: list[dict], n: int, gen_kwargs: dict, share_p
     and text-only rows, and it returns mm_token_type_ids, without which Qwen2.5-VL falls back to 1-D
     positions. Left padding: generation continues every prompt at its end. share_prompt (and n > 1):
     the rows once, each prefilled once and its cache repeated n times (`generate_shared`): the same
-    sequences in the same order. The caller seeds the sampler.
+    sequences in the same order. texts: the rows' chat texts, when they are not the task's prompt
+    (synth.py's); the rows then give only their images. The caller seeds the sampler.
     """
     shared = share_prompt and n > 1
-    texts, images = reward.chat_prompts(processor, rows if shared else [row for row in rows for _ in range(n)])
+    copies = 1 if shared else n
+    if texts is None:
+        texts, images = reward.chat_prompts(processor, [row for row in rows for _ in range(copies)])
+    else:
+        texts = [text for text in texts for _ in range(copies)]
+        images = [image for row in rows for _ in range(copies) for image in (row.get("images") or [])]
     inputs = processor(text=texts, images=images or None, padding=True, padding_side="left",
                        return_tensors="pt").to(model.device)
     if shared:
@@ -424,7 +432,7 @@ class VLLM:
     """
 
     def __init__(self, model: str, dtype: str, seed: int, max_model_len: int, memory: float,
-                 images_per_prompt: int, sleep: bool = False, processes: int = 1):
+                 images_per_prompt: int, sleep: bool = False, processes: int = 1, tensor_parallel: int = 1):
         cuda = torch.cuda.is_available()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
@@ -438,7 +446,8 @@ class VLLM:
             max_num_batched_tokens=max(max_model_len, 8192), enforce_eager=not cuda,
             gpu_memory_utilization=memory, limit_mm_per_prompt={"image": images_per_prompt, "video": 0},
             logprobs_mode="processed_logprobs", enable_sleep_mode=self.sleeps,
-            distributed_executor_backend="external_launcher" if processes > 1 else None)
+            distributed_executor_backend="external_launcher" if processes > 1 else None,
+            tensor_parallel_size=tensor_parallel)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.version = None  # the step of the policy weights vLLM holds; None: the model it loaded
         self.asleep = False
@@ -461,11 +470,12 @@ class VLLM:
         self.llm.llm_engine.engine_core.shutdown()
 
     def generate(self, processor, rows: list[dict], n: int, gen_kwargs: dict, eos_ids: list[int],
-                 seeds: list, policy=None, version=None) -> list[tuple[list[int], bool]]:
+                 seeds: list, policy=None, version=None, texts: list[str] | None = None) -> list[tuple[list[int], bool]]:
         """n completions of every row, row i's at [i n, (i + 1) n): (ids up to and including the first
         end-of-turn token, truncated). seeds: one per row (None: unseeded, as for greedy). policy,
         version: the weights to sample from ((name, tensor) pairs, `full_weights`) and the step they
-        are from; pushed when newer, also when `rows` is empty (under FSDP every process gathers)."""
+        are from; pushed when newer, also when `rows` is empty (under FSDP every process gathers).
+        texts: the rows' chat texts when they are not the task's prompt (synth.py's)."""
         from vllm import SamplingParams
 
         if self.asleep:  # level 2 dropped the weights: room for them first, then the policy's
@@ -477,7 +487,8 @@ class VLLM:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         params = vllm_sampling(gen_kwargs, n, self.vocab_size, eos_ids)
-        texts, _ = reward.chat_prompts(processor, rows)
+        if texts is None:
+            texts, _ = reward.chat_prompts(processor, rows)
         # Text-only rows carry no multi_modal_data: one call mixes both.
         prompts = [{"prompt": text, **({"multi_modal_data": {"image": row["images"]}} if row.get("images")
                                        else {})} for text, row in zip(texts, rows)]

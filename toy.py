@@ -11,6 +11,8 @@ Nothing can be downloaded on a laptop without the hub, so every stage is built a
   defaults and generation_config. Its output layer has 151,936 rows, so it is 20-40x slower than the
   toy model: it exists to test the real path (tests/test_real_tokenizer.py), not to learn.
 - `python toy.py data --output_dir DIR` saves questions in the schema of docs/method.md section 2.
+- `python toy.py figures --output_dir DIR` saves figures with captions and citing sentences, the input
+  of synth.py (MedVLSynther's synthesis).
 
 Three families, two modalities (docs/method.md section 11 says what a model this small can learn):
 - `ToyHeartRate` (text): a vignette with a heart rate -> bradycardia / normal / tachycardia;
@@ -256,6 +258,48 @@ def build_data(args: DataArgs):
         splits[name] = datasets.Dataset.from_dict(cols, features=features)
         start += n
     return datasets.DatasetDict(splits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Toy figures for synth.py: images with the captions and citing sentences of a made-up paper
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FiguresArgs:
+    output_dir: str = field(metadata={"help": "Folder for the figures (a Dataset, save_to_disk)."})
+    n: int = field(default=24, metadata={"help": "Figures."})
+    seed: int = 0
+
+
+def build_figures(args: FiguresArgs):
+    """Figures in the shape synth.py reads (the official pipeline's, from BIOMEDICA): `images`,
+    `caption` (one per image), `context` (per image, the paper's sentences that cite it),
+    `article_accession_id` and `dataset_index`. One figure in eight has two images with one shared
+    caption, as the official curation groups them; the verifier prompt then shows its first caption
+    only (a quirk of the official code)."""
+    import datasets
+
+    rng = np.random.default_rng(args.seed)
+    cols = {k: [] for k in ("images", "caption", "context", "article_accession_id", "dataset_index")}
+    for i in range(args.n):
+        n_images = 2 if i % 8 == 7 else 1
+        radii = [draw_value(rng, "ToyLesion") for _ in range(n_images)]
+        age, who, complaint = patient(rng)
+        size = "large" if radii[0] >= FAMILIES["ToyLesion"][2][0] else "small"
+        caption = (f"Chest radiograph of a {age}-year-old {who} with {complaint}, showing a {size} "
+                   f"round opacity{' (two views)' if n_images == 2 else ''}.")
+        cols["images"].append([radiograph(r, rng) for r in radii])
+        cols["caption"].append([caption] * n_images)
+        cols["context"].append([[f"Figure {i + 1} shows an opacity of about {2 * r:.0f} px across.",
+                                 f"The {size} lesion was followed up after three months."] for r in radii])
+        cols["article_accession_id"].append(f"TOY{1000 + i // 2}")
+        cols["dataset_index"].append(i)
+    features = datasets.Features({
+        "images": datasets.List(datasets.Image()), "caption": datasets.List(datasets.Value("string")),
+        "context": datasets.List(datasets.List(datasets.Value("string"))),
+        "article_accession_id": datasets.Value("string"), "dataset_index": datasets.Value("int64")})
+    return datasets.Dataset.from_dict(cols, features=features)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,12 +560,12 @@ def build_model(args: ModelArgs):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    usage = "usage: python toy.py model|data --output_dir DIR [options]"
+    usage = "usage: python toy.py model|data|figures --output_dir DIR [options]"
     if argv[:1] in (["-h"], ["--help"]):
         print(f"{usage}\n\n{__doc__.strip()}\n\nEach command's flags and defaults: python toy.py model --help, "
-              "python toy.py data --help")
+              "python toy.py data --help, python toy.py figures --help")
         return
-    if not argv or argv[0] not in ("model", "data"):
+    if not argv or argv[0] not in ("model", "data", "figures"):
         raise SystemExit(usage)
     if argv[0] == "model":
         args = runtime.parse_args(ModelArgs, argv=argv[1:])  # a YAML/JSON file, then flags, as every stage
@@ -533,6 +577,11 @@ def main(argv=None):
         n = sum(p.numel() for p in model.parameters())
         print(f"saved a {args.size} Qwen2.5-VL ({n / 1e6:.2f}M parameters, {args.tokenizer} tokenizer) "
               f"to {args.output_dir}")
+    elif argv[0] == "figures":
+        args = runtime.parse_args(FiguresArgs, argv=argv[1:])
+        figures = build_figures(args)
+        figures.save_to_disk(args.output_dir)
+        print(f"saved {len(figures)} toy figures to {args.output_dir}")
     else:
         args = runtime.parse_args(DataArgs, argv=argv[1:])
         data = build_data(args)
