@@ -58,7 +58,7 @@ ENGINE ?= hf
 ENGINE_ARG = $(if $(filter-out hf,$(ENGINE)), --engine $(ENGINE))
 LAUNCH ?= $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NUM_GPUS)
 
-.PHONY: install wheelhouse test test-slow demo quickstart rl sft eval compare eval-3b reproduce-3b reproduce-7b reproduce-3b-pmc \
+.PHONY: install wheelhouse test test-slow demo quickstart paper-toy rl sft eval compare eval-3b reproduce-3b reproduce-7b reproduce-3b-pmc \
         reproduce-3b-sft reproduce-synther-3b clean-demo install-vllm
 
 install: $(VENV)/.installed
@@ -277,6 +277,76 @@ $(eval $(call synther,synther-7b-5k-pmc-style,7B,5K-PMC-style,48,24,8,0.5515))
 reproduce-synther-3b: synther-3b-5k
 
 # ---------------------------------------------------------------------------------------------
+# MedVLSynther's data: questions synthesised from figures (synth.py; docs/recipes.md maps each
+# released MedSynVQA set to its target). FIGURES: the figures as the official curation leaves them
+# (images, caption, context; curating them from BIOMEDICA is not part of this project). The models
+# and settings are the official synthesis/scripts/*.sh: greedy, 4096 new tokens (2048 for the GLM
+# verifier), vLLM with tensor parallelism (GLM-4.5V over 4 GPUs, the 72B models over 8); the official
+# runs also ran two GLM engines side by side (dp_size 2), which only halves the time.
+# ---------------------------------------------------------------------------------------------
+.PHONY: synth-demo synth-data synth-data-glm-glm synth-data-qwen-glm synth-data-internvl-glm \
+        synth-data-no-verify synth-data-pmc-style
+SYNTH ?= runs/synth
+FIGURES ?=
+GLM_45V ?= zai-org/GLM-4.5V
+QWEN_72B ?= Qwen/Qwen2.5-VL-72B-Instruct
+# The transformers-format release of InternVL3.5-38B (the official script loads the original one in vLLM).
+INTERNVL_38B ?= OpenGVLab/InternVL3_5-38B-HF
+SYNTH_ENGINE ?= --engine vllm
+GLM_TP ?= 4
+BIG_TP ?= 8
+SYNTH_ARGS ?=
+# The released subsets of MedSynVQA, each drawn from the 13K with seed 42.
+SUBSETS ?= 1K 2K 5K 10K
+SYNTH_PY = $(PY) synth.py
+
+$(SYNTH)/generated-%/generated.jsonl:
+	@test -n "$(FIGURES)" || { echo "give FIGURES=... (the figures: images, caption, context)"; exit 1; }
+	$(SYNTH_PY) generate --generator $(GEN_FAMILY) --model $(GEN_MODEL) --data $(FIGURES) \
+	  --output_dir $(SYNTH)/generated-$* $(SYNTH_ENGINE) --tensor_parallel $(GEN_TP) $(SYNTH_ARGS)
+
+$(SYNTH)/generated-glm/generated.jsonl $(SYNTH)/generated-glm_pmc/generated.jsonl: GEN_MODEL = $(GLM_45V)
+$(SYNTH)/generated-glm/generated.jsonl $(SYNTH)/generated-glm_pmc/generated.jsonl: GEN_TP = $(GLM_TP)
+$(SYNTH)/generated-qwen/generated.jsonl: GEN_MODEL = $(QWEN_72B)
+$(SYNTH)/generated-internvl/generated.jsonl: GEN_MODEL = $(INTERNVL_38B)
+$(SYNTH)/generated-%/generated.jsonl: GEN_TP ?= $(BIG_TP)
+$(SYNTH)/generated-%/generated.jsonl: GEN_FAMILY = $*
+
+# verified-GENERATOR-VERIFIER: the qwen verifier is Qwen2.5-VL-72B, the glm one GLM-4.5V (2048 tokens).
+$(SYNTH)/verified-%/verified.jsonl:
+	$(MAKE) --no-print-directory $(SYNTH)/generated-$(word 1,$(subst -, ,$*))/generated.jsonl
+	$(SYNTH_PY) verify --verifier $(word 2,$(subst -, ,$*)) --figures $(FIGURES) \
+	  --data $(SYNTH)/generated-$(word 1,$(subst -, ,$*))/generated.jsonl --output_dir $(SYNTH)/verified-$* \
+	  $(if $(filter glm,$(word 2,$(subst -, ,$*))),--model $(GLM_45V) --tensor_parallel $(GLM_TP) --max_new_tokens 2048,--model $(QWEN_72B) --tensor_parallel $(BIG_TP)) \
+	  $(SYNTH_ENGINE) $(SYNTH_ARGS)
+
+# MedSynVQA (13K) and its subsets: GLM-4.5V questions, Qwen2.5-VL-72B rubrics, pass + score >= 0.9670.
+synth-data: $(SYNTH)/verified-glm-qwen/verified.jsonl
+	$(SYNTH_PY) select --data $< --figures $(FIGURES) --output_dir $(SYNTH)/MedSynVQA-13K
+	$(foreach k,$(SUBSETS),$(SYNTH_PY) select --data $< --figures $(FIGURES) --subset $(subst K,000,$(k)) \
+	  --output_dir $(SYNTH)/MedSynVQA-$(k) &&) true
+
+# The ablations of Table 4, each a 5K subset: another verifier, another generator, no verifier,
+# PMC-VQA-style questions (four options, no context, no verifier).
+synth-data-glm-glm synth-data-qwen-glm synth-data-internvl-glm: synth-data-%: $(SYNTH)/verified-%/verified.jsonl
+	$(SYNTH_PY) select --data $< --figures $(FIGURES) --subset 5000 --output_dir $(SYNTH)/MedSynVQA-5K-$*
+synth-data-no-verify: $(SYNTH)/generated-glm/generated.jsonl
+	$(SYNTH_PY) select --data $< --figures $(FIGURES) --verified False --subset 5000 --output_dir $(SYNTH)/MedSynVQA-5K-no-verify
+synth-data-pmc-style: $(SYNTH)/generated-glm_pmc/generated.jsonl
+	$(SYNTH_PY) select --data $< --figures $(FIGURES) --verified False --subset 5000 --output_dir $(SYNTH)/MedSynVQA-5K-PMC-style
+
+# The synthesis on a CPU: toy figures, the tiny random toy model as generator and verifier, every
+# step run; what such a model writes holds no JSON, and select counts it (README, "Synthesis").
+SYNTH_DEMO ?= runs/synth-demo
+synth-demo: export OMP_NUM_THREADS = $(DEMO_THREADS)
+synth-demo: install
+	test -f $(SYNTH_DEMO)/model/config.json || $(PY) toy.py model --output_dir $(SYNTH_DEMO)/model --size tiny
+	test -f $(SYNTH_DEMO)/figures/state.json || $(PY) toy.py figures --output_dir $(SYNTH_DEMO)/figures --n 24
+	$(MAKE) --no-print-directory synth-data SYNTH=$(SYNTH_DEMO) FIGURES=$(SYNTH_DEMO)/figures \
+	  GLM_45V=$(SYNTH_DEMO)/model QWEN_72B=$(SYNTH_DEMO)/model SYNTH_ENGINE= GLM_TP=1 BIG_TP=1 SUBSETS= \
+	  SYNTH_ARGS="--max_new_tokens 64 --batch_size 8"
+
+# ---------------------------------------------------------------------------------------------
 # The demo: the same pipeline on the toy world, on a CPU
 # ---------------------------------------------------------------------------------------------
 # Settings chosen on the toy validation split (never on test); docs/demo.md says how. The toy model
@@ -301,9 +371,9 @@ demo: export OMP_WAIT_POLICY = PASSIVE
 # (Apple silicon, ARM servers) is never pinned, and its tables differ.
 PIN_NUMERICS ?= $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo 1)
 ifeq ($(PIN_NUMERICS),1)
-demo quickstart: export ATEN_CPU_CAPABILITY = avx2
-demo quickstart: export ONEDNN_MAX_CPU_ISA = AVX2
-demo quickstart: export MKL_CBWR = AVX2,STRICT
+demo quickstart paper-toy: export ATEN_CPU_CAPABILITY = avx2
+demo quickstart paper-toy: export ONEDNN_MAX_CPU_ISA = AVX2
+demo quickstart paper-toy: export MKL_CBWR = AVX2,STRICT
 endif
 DEMO_COMMON = RUN=$(DEMO) TRAIN_DATA=$(DEMO)/data EVAL_DATA=$(DEMO)/data EVAL_SPLIT=test LAUNCH=$(PY) \
   EVAL_ARGS="--max_new_tokens 64 --batch_size 64"
@@ -333,6 +403,12 @@ demo: install
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# The paper's main table on the toy world (benchmarks/paper_toy.py; README, "The paper's grid on the
+# toy world"): the rows with a toy counterpart, on 3 seeds, two one-thread processes at a time.
+PAPER_TOY ?= runs/paper-toy
+paper-toy: install
+	$(PY) benchmarks/paper_toy.py --output_dir $(PAPER_TOY)
 
 # A first run in about two minutes: every stage once, on the tiny toy model, in QUICK (each
 # stage's command is printed as it runs). Its numbers are not the paper's shape: a tiny model after
