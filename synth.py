@@ -1,5 +1,6 @@
-"""MedVLSynther's synthesis (arXiv 2510.25867, Section 3): multiple-choice questions made from
-biomedical figures by a generator, checked against a rubric by a verifier, and selected.
+"""MedVLSynther's synthesis (arXiv 2510.25867; its generator-verifier pipeline): multiple-choice
+questions made from biomedical figures by a generator, checked against a rubric by a verifier, and
+selected (docs/method.md section 14).
 
     python synth.py generate --model zai-org/GLM-4.5V --data FIGURES --output_dir DIR/generated
     python synth.py verify --model Qwen/Qwen2.5-VL-72B-Instruct --data DIR/generated/generated.jsonl \
@@ -12,15 +13,15 @@ official pipeline prepares them from BIOMEDICA: `images` (a list), `caption` (on
 `context` (the sentences of the paper that cite each image: a list of lists); `dataset_index` is
 added when missing, as the official scripts do. `python toy.py figures` makes a toy one.
 
-1. generate (Section 3.2; the official synthesis/generate/*_generate.py): each figure's images,
+1. generate (the official synthesis/generate/*_generate.py): each figure's images,
    captions and citing sentences go into the generator's prompt (`generator_prompt`); its greedy
    answer is one JSON question {"question", "options": {"A".."E"}, "answer"}. The raw answer is kept
    in `generator_response`, beside the figure's fields, in DIR/generated.jsonl.
-2. verify (Section 3.3; verify/*_verify.py): the parsed question (`parse_json`, `mcq_of`), the
+2. verify (verify/*_verify.py): the parsed question (`parse_json`, `mcq_of`), the
    images, the first caption and the citing sentences go into the verifier's prompt
    (`verifier_prompt`); it answers a rubric as JSON: 7 essential items of weight 5, 4-8 bonus items
    (3-4 or 1-2), pitfalls of -1 or -2. The raw answer is `verifier_response`, in DIR/verified.jsonl.
-3. select (Section 3.4; anotate_rubric_score.py, filter_by_score.py, rebalance_vqa.py,
+3. select (anotate_rubric_score.py, filter_by_score.py, rebalance_vqa.py,
    extract_vqa_subset_jsonl.py, construct_trainset.py): each rubric scored (`rubric_score`: the
    points earned minus the pitfalls' penalties over the points available, in [0, 1], and a pass only
    when every essential item earns its full weight), the questions kept that pass with a score of at
@@ -277,7 +278,8 @@ def mcq_of(parsed) -> dict | None:
     (combine_generated_MCQ_parquet.py, normalize_generated_vqa, then its Arrow column of strings):
     options A-E only, a missing one None, extra keys dropped, a non-string question or answer
     turned to a string. None for what is not an object, and for what the official step cannot store
-    (options that are not an object, an option that is not a string): it stops the whole run there."""
+    (options that are not an object, an option that is not a string, text that is not valid UTF-8):
+    it stops the whole run there."""
     if not isinstance(parsed, dict):
         return None
     options = parsed.get("options") or {}
@@ -286,9 +288,20 @@ def mcq_of(parsed) -> dict | None:
     options = {k: options.get(k) for k in LETTERS}
     if any(v is not None and not isinstance(v, str) for v in options.values()):
         return None
-    question, answer = parsed.get("question"), parsed.get("answer")
     as_text = lambda v: v if isinstance(v, str) or v is None else str(v)  # noqa: E731
-    return {"question": as_text(question), "options": options, "answer": as_text(answer)}
+    mcq = {"question": as_text(parsed.get("question")), "options": options, "answer": as_text(parsed.get("answer"))}
+    texts = [mcq["question"], mcq["answer"], *options.values()]
+    if any(t is not None and not t.isascii() and not encodable(t) for t in texts):
+        return None  # a lone surrogate ("\ud83d" in the JSON): Arrow cannot store it as UTF-8
+    return mcq
+
+
+def encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 ESSENTIALS = ("Stem Self-contained", "Vocabulary Constraint", "Diagnosis Leak", "Single Correct Option",
@@ -570,6 +583,9 @@ def run_model_step(args: Args, step: str) -> Path:
     goes (a kill loses at most the batch in flight), then merged in input order."""
     out = Path(args.output_dir)
     state = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=48))])
+    if args.tensor_parallel > 1 and state.num_processes > 1:
+        raise SystemExit("--tensor_parallel runs one engine over several GPUs in one process: start it with "
+                         "python, not accelerate launch")
     processor = AutoProcessor.from_pretrained(args.model)
     processor.tokenizer.padding_side = "left"
     figures = load_figures(args)
@@ -690,7 +706,7 @@ def score_lines(lines: list[dict], args: Args) -> list[tuple[dict, str | None]]:
         why = None
         if mcq is None:
             why = ("the generator's answer holds no JSON object" if parsed is None
-                   else "the generator's JSON is not a question (options not an object, or not text)")
+                   else "the generator's JSON is not a question the official pipeline can store (options not an object of texts)")
         if args.verified:
             response = line.get("verifier_response")
             verification = parse_json(response, strip_tags=False) if response is not None else None
@@ -794,6 +810,8 @@ def main(argv=None):
         raise SystemExit(f"synth.py {step}: give --model")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise SystemExit("--batch_size and --max_new_tokens must be at least 1")
+    if args.tensor_parallel < 1 or (args.tensor_parallel > 1 and args.engine != "vllm"):
+        raise SystemExit("--tensor_parallel N > 1 splits a vLLM engine over N GPUs: it needs --engine vllm")
     if args.engine == "vllm":
         engine.check_vllm()
     runtime.check_model(args.model)

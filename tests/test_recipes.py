@@ -17,6 +17,7 @@ import evaluate
 import grpo
 import runtime
 import sft
+import synth
 from conftest import ROOT, run_env
 
 # Each stage's argument classes, as its main parses them.
@@ -246,3 +247,63 @@ def test_make_n_reproduce_3b_engine_vllm_passes_the_engine_to_every_generation()
     (sft_argv,) = stage_commands(make("-n", "reproduce-3b-sft", "ENGINE=vllm", "RUNS=/tmp/never-run"), "sft.py")
     assert "--engine" not in sft_argv  # sft.py generates nothing
     assert "--engine" not in make("-n", "reproduce-3b", "RUNS=/tmp/never-run")
+
+
+# ---------------------------------------------------------------------------------------------
+# MedVLSynther's data: synth.py's targets (docs/recipes.md, "Re-making the data")
+# ---------------------------------------------------------------------------------------------
+
+# target: (generator, its model, verifier, its model, select's --subset, --verified, output folder)
+SYNTH_TARGETS = {
+    "synth-data-glm-glm": ("glm", "zai-org/GLM-4.5V", "glm", "zai-org/GLM-4.5V", 5000, True, "MedSynVQA-5K-glm-glm"),
+    "synth-data-qwen-glm": ("qwen", "Qwen/Qwen2.5-VL-72B-Instruct", "glm", "zai-org/GLM-4.5V", 5000, True,
+                            "MedSynVQA-5K-qwen-glm"),
+    "synth-data-internvl-glm": ("internvl", "OpenGVLab/InternVL3_5-38B-HF", "glm", "zai-org/GLM-4.5V", 5000, True,
+                                "MedSynVQA-5K-internvl-glm"),
+    "synth-data-no-verify": ("glm", "zai-org/GLM-4.5V", None, None, 5000, False, "MedSynVQA-5K-no-verify"),
+    "synth-data-pmc-style": ("glm_pmc", "zai-org/GLM-4.5V", None, None, 5000, False, "MedSynVQA-5K-PMC-style"),
+}
+
+
+def synth_steps(out: str) -> dict:
+    """{step: [synth.Args of each line]} of a `make -n` output."""
+    found = {}
+    for argv in stage_commands(out.replace(" && ", "\n"), "synth.py"):  # the subsets: one line, joined by &&
+        found.setdefault(argv[0], []).append(runtime.parse_args(synth.Args, argv=argv[1:]))
+    return found
+
+
+@pytest.mark.parametrize("target", sorted(SYNTH_TARGETS))
+def test_make_n_synth_data_ablations(target):
+    generator, gen_model, verifier, ver_model, subset, verified, folder = SYNTH_TARGETS[target]
+    steps = synth_steps(make("-n", target, "FIGURES=/tmp/figures", "SYNTH=/tmp/never-run"))
+    (gen,) = steps["generate"]
+    assert (gen.generator, gen.model, gen.engine, gen.max_new_tokens, gen.temperature) == \
+        (generator, gen_model, "vllm", 4096, 0.0)
+    assert gen.tensor_parallel == (4 if gen_model == "zai-org/GLM-4.5V" else 8)
+    if verifier:
+        (ver,) = steps["verify"]
+        assert (ver.verifier, ver.model, ver.max_new_tokens, ver.figures) == (verifier, ver_model, 2048, "/tmp/figures")
+        assert ver.data == f"/tmp/never-run/generated-{generator}/generated.jsonl"
+    else:
+        assert "verify" not in steps
+    (sel,) = steps["select"]
+    assert (sel.subset, sel.verified, sel.min_score, sel.require_pass, sel.rebalance, sel.subset_seed) == \
+        (subset, verified, 0.9670, True, True, 42)
+    assert sel.output_dir == f"/tmp/never-run/{folder}"
+
+
+def test_make_n_synth_data_makes_the_13k_and_its_subsets():
+    steps = synth_steps(make("-n", "synth-data", "FIGURES=/tmp/figures", "SYNTH=/tmp/never-run"))
+    assert [(a.generator, a.model) for a in steps["generate"]] == [("glm", "zai-org/GLM-4.5V")]
+    assert [(a.verifier, a.model, a.max_new_tokens, a.tensor_parallel) for a in steps["verify"]] == \
+        [("qwen", "Qwen/Qwen2.5-VL-72B-Instruct", 4096, 8)]
+    assert [(a.subset, a.output_dir) for a in steps["select"]] == \
+        [(None, "/tmp/never-run/MedSynVQA-13K")] + [(n * 1000, f"/tmp/never-run/MedSynVQA-{n}K") for n in (1, 2, 5, 10)]
+
+
+@pytest.mark.slow
+def test_make_synth_demo_runs_end_to_end(tmp_path):
+    out = make("synth-demo", f"SYNTH_DEMO={tmp_path}", timeout=600)
+    assert "dropped 24: the generator's answer holds no JSON object" in out
+    assert json.loads((tmp_path / "MedSynVQA-13K" / "select.json").read_text())["lines"] == 24

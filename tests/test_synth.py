@@ -4,14 +4,12 @@ answers worked by hand, down to a training set grpo.py trains on. tests/test_syn
 compares the parsing, scoring, rebalancing, the subset draw and the prompts with the official
 functions on thousands of inputs."""
 
-import io
 import json
 import subprocess
 import sys
 
 import datasets
 import pytest
-from PIL import Image
 
 import grpo
 import reward
@@ -191,7 +189,7 @@ def recorded_lines() -> list[tuple[dict, str | None]]:
         ({"generator_response": "I cannot write a question.", "verifier_response": None},
          "the generator's answer holds no JSON object"),
         ({"generator_response": '{"question": "Q", "options": ["x", "y"], "answer": "A"}', "verifier_response": None},
-         "the generator's JSON is not a question (options not an object, or not text)"),
+         "the generator's JSON is not a question the official pipeline can store (options not an object of texts)"),
         ({"generator_response": json.dumps(question("E")), "verifier_response": "no rubric today"},
          "the verifier's answer holds no JSON object"),
         ({"generator_response": json.dumps(question("D", n=4)), "verifier_response": json.dumps(rubric())}, None),

@@ -129,6 +129,32 @@ def test_greedy_predictions_equal_hf(vllm, model_dir, toy_data_dir, tmp_path):
     assert vllm_config == hf_config
 
 
+def test_synth_generate_and_verify_with_vllm_equal_hf(vllm, base_dir, tmp_path):
+    """synth.py's model steps through vLLM: the same greedy answers, byte for byte, as HF generate
+    (the official prompts are 2,000-3,000 tokens on the toy tokenizer; a two-image figure included)."""
+    import synth
+    import toy
+
+    figures = tmp_path / "figures"
+    toy.build_figures(toy.FiguresArgs(output_dir=str(figures), n=8)).save_to_disk(str(figures))
+    generated = tmp_path / "generated.jsonl"  # recorded questions, so that the verifier is asked
+    with open(generated, "w", encoding="utf-8") as f:
+        for i in range(8):
+            mcq = {"question": f"Which finding is shown in case {i}?", "options": {k: f"finding {k}" for k in "ABCDE"},
+                   "answer": "ABCDE"[i % 5]}
+            f.write(json.dumps({"dataset_index": i, "generator": "glm", "generator_response": json.dumps(mcq)}) + "\n")
+    out = {}
+    for engine in ("hf", "vllm"):
+        for step, data in (("generate", figures), ("verify", generated)):
+            extra = ["--figures", str(figures)] if step == "verify" else []
+            out[engine, step] = synth.main([step, "--engine", engine, "--model", base_dir, "--data", str(data),
+                                            "--output_dir", str(tmp_path / engine / step), "--max_new_tokens", "16",
+                                            "--batch_size", "3", *extra]).read_bytes()
+    for step in ("generate", "verify"):
+        assert out["vllm", step] == out["hf", step]
+    assert all(json.loads(line)["verifier_response"] for line in out["hf", "verify"].splitlines())
+
+
 def test_sampled_pass_counts_agree_in_distribution(sampled):
     """The two engines draw different samples (other generators) from one distribution: per row, the
     share of correct samples (what a pass count is made of) and of well-formed ones. The rows are
