@@ -647,9 +647,6 @@ def run_model_step(args: Args, step: str) -> Path:
     if mine:
         n = sum(len(b) for b in mine)
         print(f"rank {state.process_index}: {n} answers in {time.time() - started:.1f} s")
-    if args.engine == "vllm" and model is not None:
-        state.wait_for_everyone()
-        model.close()
     state.wait_for_everyone()
     if state.is_main_process:
         found = saved(out, step)

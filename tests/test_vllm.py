@@ -667,3 +667,25 @@ def test_evaluate_vllm_two_processes_give_one_process_predictions(model_dir, toy
     assert "rank 1: 8 rows" in launched.stdout  # 3 batches of 8: rank 0 answers two, rank 1 one
     one, two = ((tmp_path / run / "predictions.jsonl").read_bytes() for run in ("one", "two"))
     assert one == two and len(one.splitlines()) == 24
+
+
+@pytest.mark.slow
+def test_synth_generate_vllm_two_processes_write_what_one_does(base_dir, tmp_path):
+    """synth.py generate --engine vllm under accelerate launch: each process's engine answers its own
+    batches; the merged generated.jsonl equals one process's byte for byte."""
+    import toy
+
+    figures = tmp_path / "figures"
+    toy.build_figures(toy.FiguresArgs(output_dir=str(figures), n=9)).save_to_disk(str(figures))
+    flags = ["generate", "--engine", "vllm", "--model", base_dir, "--data", figures, "--max_new_tokens", 12,
+             "--batch_size", 3]
+    single = subprocess.run([sys.executable, str(ROOT / "synth.py"), *map(str, flags), "--output_dir",
+                             str(tmp_path / "one")], env=run_env(), cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launched = subprocess.run(two_processes(ROOT / "synth.py", *flags, "--output_dir", tmp_path / "two"),
+                              env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-3000:]
+    assert "rank 1: 3 answers" in launched.stdout  # 3 batches: rank 0 answers two, rank 1 one
+    one, two = ((tmp_path / run / "generated.jsonl").read_bytes() for run in ("one", "two"))
+    assert one == two and len(one.splitlines()) == 9
