@@ -655,6 +655,7 @@ def evaluate(args: Args):
     state.wait_for_everyone()
 
     done = saved_lines(out)
+    state.wait_for_everyone()  # every process has read what is done before any writes more
     # A batch is run again whole if any of its rows is missing, so that every row is answered in
     # the same batch as in an uninterrupted run; only the missing rows are written.
     pending = [b for b in make_batches(rows, args.batch_size) if any(r.key not in done for r in b)]

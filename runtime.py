@@ -599,6 +599,73 @@ def write_lines(path, lines: list[dict]) -> None:
     write_text(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
 
 
+def saved_lines(output_dir, name: str, key: str) -> dict:
+    """Every line of NAME.jsonl in a folder and of its parts NAME.rank*.jsonl, by `key`: what a run
+    writing them has done so far (a part's torn last line is not done)."""
+    found, folder = {}, str(output_dir)
+    parts = sorted(p for p in os.listdir(folder) if p.startswith(f"{name}.rank") and p.endswith(".jsonl")) \
+        if os.path.isdir(folder) else []
+    for path in [os.path.join(folder, f"{name}.jsonl"), *(os.path.join(folder, p) for p in parts)]:
+        if os.path.exists(path):
+            for _, line in read_jsonl(path, complete_only=True):
+                found.setdefault(line[key], line)
+    return found
+
+
+def answer_lines(state, output_dir, name: str, lines: list[dict], ask: list[bool], batch_size: int, respond,
+                 key: str, show: bool = True) -> list[dict] | None:
+    """Each line once with what `respond(batch of lines)` gives it (a list of dicts, one per line, merged
+    into it), written to OUTPUT_DIR/NAME.jsonl in the lines' order; a line not to `ask` is written as is.
+
+    The lines are cut into fixed batches in their order; the batches are dealt to the processes in
+    turn (`state`: an accelerate state), each process appending its answers to its own part
+    NAME.rank{i}.jsonl, one flushed write per batch, so a kill loses at most the batch in flight. A
+    batch runs again whole when any of its lines is missing, so a resumed run gives every line the
+    neighbours of an uninterrupted one. SIGTERM stops after the batch (exit STOPPED). Returns the
+    merged lines on the main process (None on the others); the parts are then removed.
+    """
+    done = saved_lines(output_dir, name, key)
+    state.wait_for_everyone()  # every process has read what is done before any writes more
+    asked = [line for line, a in zip(lines, ask) if a]
+    batches = [asked[i : i + batch_size] for i in range(0, len(asked), batch_size)]
+    pending = [b for b in batches if any(line[key] not in done for line in b)]
+    mine = pending[state.process_index :: state.num_processes]
+    part = os.path.join(str(output_dir), f"{name}.rank{state.process_index}.jsonl")
+    drop_torn_tail(part)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(map(len, mine)), unit="line", desc=f"{name} rank {state.process_index}", disable=not show)
+    started = time.time()
+    with open(part, "a", encoding="utf-8") as f:
+        for batch in mine:
+            answers = respond(batch)
+            new = [dict(line, **answer) for line, answer in zip(batch, answers) if line[key] not in done]
+            f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in new))
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch))
+            stop = stop_requested()
+            if stop:
+                bar.close()
+                print(f"rank {state.process_index}: stopped by {stop}; its answers are in {part}. "
+                      "Run the same command again to answer the rest.")
+                raise SystemExit(STOPPED)
+    bar.close()
+    if mine:
+        print(f"rank {state.process_index}: {sum(map(len, mine))} answers in {time.time() - started:.1f} s")
+    state.wait_for_everyone()
+    merged = None
+    if state.is_main_process:
+        found = saved_lines(output_dir, name, key)
+        merged = [found[line[key]] if a else line for line, a in zip(lines, ask)]
+        write_lines(os.path.join(str(output_dir), f"{name}.jsonl"), merged)
+        for p in os.listdir(str(output_dir)):
+            if p.startswith(f"{name}.rank") and p.endswith(".jsonl"):
+                os.remove(os.path.join(str(output_dir), p))
+    state.wait_for_everyone()
+    return merged
+
+
 def git_hash(what: str = "--short") -> str | None:
     """This project's commit (short; `--abbrev-ref` for its branch), or None outside a git checkout
     or without git."""

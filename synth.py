@@ -36,11 +36,9 @@ kept; each is named where it happens and listed in the README ("Synthesis").
 """
 
 import json
-import os
 import random
 import re
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -453,7 +451,7 @@ def training_row(record: dict, images: list, dataset_name: str, letters=LETTERS)
 # ---------------------------------------------------------------------------------------------
 
 KEY = "dataset_index"
-OUTPUT = {"generate": "generated.jsonl", "verify": "verified.jsonl"}
+OUTPUT = {"generate": "generated", "verify": "verified"}  # OUTPUT_DIR/NAME.jsonl
 RESPONSE = {"generate": "generator_response", "verify": "verifier_response"}
 # What makes a step's folder this run (run.json): the settings that change what it writes.
 STEP_SETTINGS = {
@@ -550,16 +548,6 @@ def measure(args: Args, step: str, items: list[dict], figures, processor, show: 
     return [item for item in items if item["line"][KEY] not in skipped], bad
 
 
-def saved(out: Path, step: str) -> dict:
-    """Every line written so far in the folder, merged or not, by dataset_index."""
-    found = {}
-    for path in [out / OUTPUT[step], *sorted(out.glob(f"{OUTPUT[step][:-6]}.rank*.jsonl"))]:
-        if path.exists():
-            for _, line in runtime.read_jsonl(path, complete_only=True):
-                found.setdefault(line[KEY], line)
-    return found
-
-
 def answer(model, processor, args: Args, step: str, batch: list[dict], figures, eos_ids) -> list[str]:
     """The model's greedy (or sampled) answer to each item of a batch, decoded as evaluate.py does."""
     family = args.generator if step == "generate" else args.verifier
@@ -574,13 +562,28 @@ def answer(model, processor, args: Args, step: str, batch: list[dict], figures, 
         ids = [ids for ids, _ in model.generate(processor, rows, 1, gen_kwargs, eos_ids, seeds, texts=texts)]
     else:
         torch.manual_seed(reward.sampling_seed(args.seed, batch[0]["line"][KEY]))
-        ids = engine.sample(model, processor, rows, 1, gen_kwargs, texts=texts)
+        with torch.no_grad():
+            ids = engine.sample(model, processor, rows, 1, gen_kwargs, texts=texts)
     return processor.batch_decode(ids, skip_special_tokens=True)
 
 
+def load_engine(args: Args, items: list[dict], state):
+    """The model to answer with: HF's, or a vLLM engine sized for the longest prompt (an engine in every
+    process under accelerate launch: vLLM makes its process groups when it starts)."""
+    if args.engine == "vllm":
+        dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+        asked = [item for item in items if item["text"] is not None] or [{"length": 1, "n_images": 1}]
+        return engine.VLLM(args.model, dtype, args.seed, max(i["length"] for i in asked) + args.max_new_tokens,
+                           args.vllm_memory, max(max(i["n_images"] for i in asked), 1),
+                           processes=state.num_processes, tensor_parallel=args.tensor_parallel)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if state.device.type == "cuda" else "float32")
+    return AutoModelForImageTextToText.from_pretrained(args.model, dtype=getattr(torch, dtype)).to(state.device).eval()
+
+
 def run_model_step(args: Args, step: str) -> Path:
-    """generate or verify: every item answered once, each process appending its own part file as it
-    goes (a kill loses at most the batch in flight), then merged in input order."""
+    """generate or verify: every figure (or question) answered once, in fixed batches dealt to the
+    processes, written as it comes and resumed after a stop (runtime.answer_lines); the lines
+    then merged in input order into OUTPUT_DIR/generated.jsonl (verified.jsonl)."""
     out = Path(args.output_dir)
     state = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=48))])
     if args.tensor_parallel > 1 and state.num_processes > 1:
@@ -602,67 +605,30 @@ def run_model_step(args: Args, step: str) -> Path:
             print(f"skipped {len(bad)} bad figure(s), listed in {out / 'bad_rows.jsonl'}; the first: {bad[0]['reason']}")
     state.wait_for_everyone()
 
-    done = saved(out, step)
-    asked = [item for item in items if item["text"] is not None]
-    # Fixed batches in input order: a batch runs again whole if any of its items is missing, so a
-    # resumed run feeds every prompt to the model with the same neighbours as an uninterrupted one.
-    batches = [asked[i : i + args.batch_size] for i in range(0, len(asked), args.batch_size)]
-    pending = [b for b in batches if any(item["line"][KEY] not in done for item in b)]
-    mine = pending[state.process_index :: state.num_processes]
-    if args.engine == "vllm":
-        dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
-        model = engine.VLLM(args.model, dtype, args.seed, max([i["length"] for i in asked] or [1]) + args.max_new_tokens,
-                            args.vllm_memory, max([i.get("n_images", 0) for i in asked] + [1]),
-                            processes=state.num_processes, tensor_parallel=args.tensor_parallel) \
-            if mine or state.num_processes > 1 else None
-        eos_ids = engine.end_of_turn_ids(args.model)
-    else:
-        dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if state.device.type == "cuda" else "float32")
-        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=getattr(torch, dtype)).to(state.device).eval() \
-            if mine else None
-        eos_ids = None
+    by_key, loaded = {item["line"][KEY]: item for item in items}, {}
+    eos_ids = engine.end_of_turn_ids(args.model) if args.engine == "vllm" else None
+    if args.engine == "vllm" and state.num_processes > 1:
+        loaded["model"] = load_engine(args, items, state)
 
-    part = out / f"{OUTPUT[step][:-6]}.rank{state.process_index}.jsonl"
-    runtime.drop_torn_tail(part)
-    bar = tqdm(total=sum(len(b) for b in mine), unit="figure", desc=f"{step} rank {state.process_index}",
-               disable=not state.is_main_process)
-    started = time.time()
-    with open(part, "a", encoding="utf-8") as f:
-        for batch in mine:
-            with torch.no_grad():
-                responses = answer(model, processor, args, step, batch, figures, eos_ids)
-            new = [dict(item["line"], **{RESPONSE[step]: response}) for item, response in zip(batch, responses)
-                   if item["line"][KEY] not in done]
-            f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in new))
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(batch))
-            stop = runtime.stop_requested()
-            if stop:
-                bar.close()
-                print(f"rank {state.process_index}: stopped by {stop}; its answers are in {part}. "
-                      "Run the same command again to answer the rest.")
-                raise SystemExit(runtime.STOPPED)
-    bar.close()
-    if mine:
-        n = sum(len(b) for b in mine)
-        print(f"rank {state.process_index}: {n} answers in {time.time() - started:.1f} s")
-    state.wait_for_everyone()
-    if state.is_main_process:
-        found = saved(out, step)
-        # A verify item without a question is written without asking the model, as the official
-        # verifiers write {"error": "missing_mcq"}.
-        merged = [found[item["line"][KEY]] if item["text"] is not None else dict(item["line"], **{RESPONSE[step]: None})
-                  for item in items]
-        runtime.write_lines(out / OUTPUT[step], merged)
-        for path in out.glob(f"{OUTPUT[step][:-6]}.rank*.jsonl"):
-            path.unlink()
-        parsed = sum(parse_json(line[RESPONSE[step]], strip_tags=step == "generate" and args.generator in ("glm", "glm_pmc"))
-                     is not None for line in merged)
-        print(f"{step}: {len(merged)} lines in {out / OUTPUT[step]}; {parsed} hold a JSON object")
+    def respond(batch: list[dict]) -> list[dict]:
+        if "model" not in loaded:  # only a process with work loads the model
+            loaded["model"] = load_engine(args, items, state)
+        responses = answer(loaded["model"], processor, args, step, [by_key[line[KEY]] for line in batch], figures, eos_ids)
+        return [{RESPONSE[step]: response} for response in responses]
+
+    # A verify item without a question is written without asking the model (the official verifiers
+    # record {"error": "missing_mcq"}).
+    merged = runtime.answer_lines(state, out, OUTPUT[step], [dict(i["line"], **({} if i["text"] else {RESPONSE[step]: None}))
+                                                             for i in items],
+                                  [i["text"] is not None for i in items], args.batch_size, respond, KEY,
+                                  show=state.is_main_process)
+    if merged is not None:
+        strip = step == "generate" and args.generator in ("glm", "glm_pmc")
+        parsed = sum(parse_json(line[RESPONSE[step]], strip_tags=strip) is not None for line in merged)
+        print(f"{step}: {len(merged)} lines in {out / OUTPUT[step]}.jsonl; {parsed} hold a JSON object")
     state.wait_for_everyone()
     runtime.release_output_dir(str(out))
-    return out / OUTPUT[step]
+    return out / f"{OUTPUT[step]}.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------
