@@ -99,9 +99,10 @@ class Args:
     subset: int | None = field(default=None, metadata={
         "help": "select: draw this many questions, balanced over the answer letters (1000, 2000, 5000, "
                 "10000 for the released subsets)."})
-    subset_seed: int = field(default=42, metadata={"help": "select: the seed of the subset draw (official: 42)."})
     dataset_name: str = field(default="MedSynVQA", metadata={"help": "select: the dataset_name of the selected rows."})
-    seed: int = field(default=42, metadata={"help": "The sampling seed (the official vLLM seed) when --temperature > 0."})
+    seed: int = field(default=42, metadata={
+        "help": "The step's one random draw (official: 42 in every script): generate and verify sample with it "
+                "when --temperature > 0; select draws the --subset with it."})
     on_bad_row: Literal["error", "skip"] = field(default="error", metadata={
         "help": "A figure whose images cannot be read or whose prompt does not fit the model: stop and "
                 "name it, or skip it and list it in bad_rows.jsonl."})
@@ -459,7 +460,7 @@ STEP_SETTINGS = {
                  "seed", "split", "on_bad_row", "dtype", "engine"),
     "verify": ("verifier", "max_new_tokens", "temperature", "batch_size", "max_images", "min_image_side", "seed",
                "split", "on_bad_row", "dtype", "engine"),
-    "select": ("min_score", "require_pass", "verified", "rebalance", "subset", "subset_seed", "dataset_name",
+    "select": ("min_score", "require_pass", "verified", "rebalance", "subset", "seed", "dataset_name",
                "split", "generator"),
 }
 
@@ -704,7 +705,7 @@ def select(args: Args) -> dict:
     if args.rebalance:
         kept = rebalance(kept, letters)
     if args.subset is not None:
-        drawn = draw_subset(kept, args.subset, args.subset_seed, letters)
+        drawn = draw_subset(kept, args.subset, args.seed, letters)
         chosen = {r[KEY] for r in drawn}
         for record in kept:
             if record[KEY] not in chosen:

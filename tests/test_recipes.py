@@ -288,7 +288,7 @@ def test_make_n_synth_data_ablations(target):
     else:
         assert "verify" not in steps
     (sel,) = steps["select"]
-    assert (sel.subset, sel.verified, sel.min_score, sel.require_pass, sel.rebalance, sel.subset_seed) == \
+    assert (sel.subset, sel.verified, sel.min_score, sel.require_pass, sel.rebalance, sel.seed) == \
         (subset, verified, 0.9670, True, True, 42)
     assert sel.output_dir == f"/tmp/never-run/{folder}"
 
