@@ -406,9 +406,11 @@ clean-demo:
 
 # The paper's main table on the toy world (benchmarks/paper_toy.py; README, "The paper's grid on the
 # toy world"): the rows with a toy counterpart, on 3 seeds, two one-thread processes at a time.
+# PAPER_TOY_ARGS="--labs True" adds the README's labs (docs/labs.md).
 PAPER_TOY ?= runs/paper-toy
+PAPER_TOY_ARGS ?=
 paper-toy: install
-	$(PY) benchmarks/paper_toy.py --output_dir $(PAPER_TOY)
+	$(PY) benchmarks/paper_toy.py --output_dir $(PAPER_TOY) $(PAPER_TOY_ARGS)
 
 # A first run in about two minutes: every stage once, on the tiny toy model, in QUICK (each
 # stage's command is printed as it runs). Its numbers are not the paper's shape: a tiny model after
