@@ -16,6 +16,8 @@ called with its command-line arguments (`main(argv)`), nothing else of it used:
 3. sft.py: two steps of one 4096-token sequence -> the second step's time and MFU;
 4. evaluate.py greedy, as the paper's evaluation: 64 prompts x 256 new tokens -> rows/s;
 5. evaluate.py --engine vllm, as check 1, when vLLM is installed -> tokens/s and the ratio to HF;
+6. TRL's GRPOTrainer, one step at check 2's settings, when TRL is installed (the wheelhouse has it;
+   benchmarks/grpo_vs_trl.py's driver) -> its time and the ratio to grpo.py's step;
 and the peak memory of each process (torch's peak allocation on a GPU, peak RSS on a CPU).
 grpo.py and sft.py run with --save_steps 0 --save_final False: no checkpoint and no final/ (7.5 GB
 of bf16 weights each for the 3B), and with --mixed_precision bf16 on a GPU (their `auto` there).
@@ -49,9 +51,10 @@ END_OF_TURN_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 RUNNER = r"""
 import json, resource, sys, time
 stage, argv = sys.argv[1], sys.argv[2:]
-module = __import__(stage)
+name, _, entry = stage.partition(":")  # grpo_vs_trl:trl_driver, or a stage's main
+module = __import__(name)
 started = time.perf_counter()
-module.main(argv)
+getattr(module, entry or "main")(argv)
 no_save = "--save_final" in argv and argv[argv.index("--save_final") + 1] == "False"
 report = dict(seconds=time.perf_counter() - started, checkpoints_skipped=no_save,
               peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
@@ -212,7 +215,7 @@ def check(args: CheckArgs, work: Path) -> dict:
     import plan
 
     # The project first, then whatever the caller put there (gpu_check.sh --wheelhouse: its packages).
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONPATH=path, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     if args.cpu:
         env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
@@ -258,6 +261,7 @@ def check(args: CheckArgs, work: Path) -> dict:
         "--max_steps", "1", "--learning_rate", "1e-6", *train_flags], env)
     if not too_big:
         rows["grpo"] = grpo_row(args, work, made, params, lengths, peak_flops, report)
+    rows["grpo_trl"] = trl_row(args, work, model_dir, data_dir, env, too_big, rows["grpo"])
 
     # 3. SFT: two steps of one long sequence; the second is timed (the first pays for warm-up).
     report, out = run_stage("sft", [
@@ -312,6 +316,34 @@ def check(args: CheckArgs, work: Path) -> dict:
     return rows
 
 
+def trl_row(args: CheckArgs, work: Path, model_dir: str, data_dir: str, env: dict, too_big: str | None,
+            grpo: dict) -> dict:
+    """TRL's GRPOTrainer for one step at check 2's settings (benchmarks/grpo_vs_trl.py's driver: the
+    same prompts, reward, sampling, beta 0.01 with a reference model, token-mean loss, one optimizer
+    step of micro-batches of the same size, gradient checkpointing as grpo.py's default, bf16 on a
+    GPU), and its time
+    over grpo.py's. Both are a first step: warm-up included in both."""
+    import importlib.util
+
+    what = "TRL GRPOTrainer, one step at grpo's settings"
+    if importlib.util.find_spec("trl") is None:
+        return dict(what=what, figure="skipped: TRL not installed (requirements-trl.txt; the wheelhouse has it)",
+                    peak="-", report={})
+    if too_big:
+        return dict(what=what, figure=f"skipped: {too_big}", peak="-", report={})
+    report, _ = run_stage("grpo_vs_trl:trl_driver", [
+        "--model", model_dir, "--data", data_dir, "--output_dir", str(work / "trl"),
+        "--rollout_batch_size", str(args.grpo_prompts), "--group_size", str(args.grpo_group),
+        "--micro_batch_size", str(args.grpo_micro_batch), "--max_new_tokens", str(args.grpo_new_tokens),
+        "--beta", "0.01", "--steps", "1", "--threads", os.environ.get("OMP_NUM_THREADS", "1"),
+        "--cpu", str(args.cpu), "--bf16", str(not args.cpu), "--gradient_checkpointing", "True"], env)
+    (step,) = [json.loads(line) for line in (work / "trl" / "steps.jsonl").read_text().splitlines() if line.strip()]
+    ratio = step["time"] / grpo["seconds"]
+    return dict(what=f"{what}: {args.grpo_prompts} prompts x {args.grpo_group} samples x {args.grpo_new_tokens} tokens",
+                figure=f"{step['time']:.1f} s (generate {step['time_generate']:.1f} s): {ratio:.2f}x grpo.py's step",
+                seconds=step["time"], ratio_to_grpo=ratio, peak=peak(report), report=report)
+
+
 def grpo_row(args: CheckArgs, work: Path, made: dict, params: dict, lengths: dict, peak_flops: float,
              report: dict) -> dict:
     import plan
@@ -350,7 +382,7 @@ def main(argv=None):
         rows = check(args, work)
     finally:
         if not args.keep:
-            for name in ("model", "data", "eval", "grpo", "sft", "greedy", "vllm"):
+            for name in ("model", "data", "eval", "grpo", "trl", "sft", "greedy", "vllm"):
                 shutil.rmtree(work / name, ignore_errors=True)
     print(f"\n## gpu_check on {device} ({'tiny model, --cpu' if args.cpu else 'Qwen2.5-VL-3B sizes, random weights'}; "
           f"MFU against {args.peak_tflops:g} TFLOP/s)\n")

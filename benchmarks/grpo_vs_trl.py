@@ -280,6 +280,11 @@ class DriverArgs:
     steps: int = 3
     seed: int = 42
     threads: int = 2
+    # benchmarks/gpu_check.py's step: on a GPU bf16 autocast over fp32 weights, and gradient
+    # checkpointing, as grpo.py runs there by default.
+    cpu: bool = True
+    bf16: bool = False
+    gradient_checkpointing: bool = False
 
 
 def trl_dataset(args: DriverArgs, processor):
@@ -303,7 +308,7 @@ def trl_dataset(args: DriverArgs, processor):
 
     dataset = rows.map(convert, remove_columns=[c for c in rows.column_names
                                                  if c not in ("answer_label", "answer", "images")])
-    for i in range(4):  # TRL's rendering of a prompt is grpo.py's (reward.chat_prompts)
+    for i in range(min(4, len(dataset))):  # TRL's rendering of a prompt is grpo.py's (reward.chat_prompts)
         row = dataset[i]
         text = processor.apply_chat_template(prepare_multimodal_messages(row["prompt"], images=row["images"]),
                                              add_generation_prompt=True, tokenize=False)
@@ -342,14 +347,15 @@ def trl_driver(argv):
     sequences = args.rollout_batch_size * args.group_size
     accumulation = sequences // args.micro_batch_size
     config = GRPOConfig(
-        output_dir=args.output_dir, use_cpu=True, bf16=False, fp16=False, seed=args.seed, max_steps=args.steps,
+        output_dir=args.output_dir, use_cpu=args.cpu, bf16=args.bf16, fp16=False, seed=args.seed, max_steps=args.steps,
         per_device_train_batch_size=args.micro_batch_size, gradient_accumulation_steps=accumulation,
         steps_per_generation=accumulation, num_iterations=1, num_generations=args.group_size,
         max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, min_p=None,
         repetition_penalty=1.0, generation_kwargs={"suppress_tokens": never_ids},
         beta=args.beta, epsilon=0.2, loss_type="dapo", scale_rewards="group", use_bias_correction_kl=False,
         learning_rate=1e-6, lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0,
-        optim="adamw_torch", gradient_checkpointing=False, shuffle_dataset=False, remove_unused_columns=False,
+        optim="adamw_torch", gradient_checkpointing=args.gradient_checkpointing, shuffle_dataset=False,
+        remove_unused_columns=False,
         logging_steps=1, save_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=True,
     )
 
