@@ -89,6 +89,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_model_dir, figures_dir, t
         generate(tiny_model_dir, figures_dir, out, "--generator", "qwen")
 
 
+@pytest.mark.slow
 def test_two_processes_write_what_one_does(tiny_model_dir, figures_dir, tmp_path):
     one = generate(tiny_model_dir, figures_dir, tmp_path / "one", "--temperature", "1.0").read_bytes()
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -129,6 +129,7 @@ def test_greedy_predictions_equal_hf(vllm, model_dir, toy_data_dir, tmp_path):
     assert vllm_config == hf_config
 
 
+@pytest.mark.slow
 def test_synth_generate_and_verify_with_vllm_equal_hf(vllm, base_dir, tmp_path):
     """synth.py's model steps through vLLM: the same greedy answers, byte for byte, as HF generate
     (the official prompts are 2,000-3,000 tokens on the toy tokenizer; a two-image figure included)."""
