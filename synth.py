@@ -468,8 +468,18 @@ STEP_SETTINGS = {
 def load_figures(args: Args):
     """The figures, with `dataset_index` added as the official scripts add it (0, 1, ...) when missing;
     an index must name one figure."""
+    import datasets
+
     source = args.figures or args.data
     figures = runtime.load_split(source, args.split, columns=("images", "caption"))
+    # A caption string would be read one character per image, as the official scripts would read it.
+    shapes = {"caption": "a list of strings (one per image)", "context": "a list of lists of strings (per image)"}
+    for column, shape in shapes.items():
+        feature, depth = figures.features.get(column), 1 if column == "caption" else 2
+        for _ in range(depth if feature is not None else 0):
+            if not isinstance(feature, (datasets.List, datasets.LargeList, datasets.Sequence)):
+                raise ValueError(f"{source}: column {column!r} must be {shape}, it is {figures.features[column]}")
+            feature = feature.feature
     if KEY not in figures.column_names:
         figures = figures.add_column(KEY, list(range(len(figures))))
     keys = figures[KEY]

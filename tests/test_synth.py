@@ -278,3 +278,14 @@ def test_select_names_what_is_wrong_in_one_line(figures_dir, tmp_path):
         synth.main(["verify", "--data", str(path), "--model", "m", "--output_dir", str(tmp_path / "c")])
     with pytest.raises(SystemExit, match="the first argument is the step"):
         synth.main(["--data", str(path)])
+
+
+def test_a_caption_that_is_not_a_list_is_refused(figures_dir, tmp_path):
+    """One string per figure would be read one character per image (as the official scripts would)."""
+    figures = datasets.load_from_disk(figures_dir)
+    flat = figures.map(lambda r: {"flat": r["caption"][0]}).remove_columns("caption").rename_column("flat", "caption")
+    flat.save_to_disk(str(tmp_path / "flat"))
+    (tmp_path / "any.jsonl").write_text(json.dumps({"dataset_index": 0, "generator_response": "{}"}) + "\n")
+    with pytest.raises(ValueError, match=r"column 'caption' must be a list of strings \(one per image\)"):
+        synth.main(["select", "--data", str(tmp_path / "any.jsonl"), "--figures", str(tmp_path / "flat"),
+                    "--output_dir", str(tmp_path / "out"), "--verified", "False"])
