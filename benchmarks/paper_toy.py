@@ -238,14 +238,30 @@ def child_env(threads: int) -> dict:
     return env
 
 
+def waiting_on(jobs: list[Job]) -> dict:
+    """Per job, how many jobs wait on it, directly or not: the ready job with the most starts first,
+    so that a seed's warm start (which every later stage of the seed waits on) does not wait until
+    the other seeds run out of work, leaving a core idle at the end."""
+    children = {job.name: [j.name for j in jobs if job.name in j.deps] for job in jobs}
+    count = {}
+    for job in reversed(jobs):  # every dependency comes earlier in the list, so children are counted
+        below = set()
+        for child in children[job.name]:
+            below |= {child} | count[child]
+        count[job.name] = below
+    return {name: len(below) for name, below in count.items()}
+
+
 def run_jobs(jobs: list[Job], n_parallel: int, env: dict) -> dict:
-    """Run every job once its dependencies are done; returns each job's seconds (None: skipped,
-    its output was there). A failed command stops the grid once the running ones end."""
+    """Run every job once its dependencies are done, the one most others wait on first; returns
+    each job's seconds (None: skipped, its output was there). A failed command stops the grid once
+    the running ones end."""
     start = time.time()
     stamp = lambda: f"[{(time.time() - start) / 60:5.1f} min]"  # noqa: E731
     done = {job.name for job in jobs if job.done.exists()}
     seconds = {name: None for name in done}
-    pending = [job for job in jobs if job.name not in done]
+    rank = waiting_on(jobs)
+    pending = sorted((job for job in jobs if job.name not in done), key=lambda job: -rank[job.name])  # stable
     running, failed = {}, None
     while pending or running:
         ready = [job for job in pending if all(dep in done for dep in job.deps)]

@@ -48,6 +48,9 @@ def test_every_job_runs_after_what_it_reads(tmp_path):
             if job.argv and flag in job.argv:
                 parts = Path(job.argv[job.argv.index(flag) + 1]).relative_to(tmp_path).parts
                 assert writer[f"{parts[0]}/{parts[1]}"] in before(job.name), (job.name, flag)
+    # A seed's warm start, which the rest of its seed waits on, goes before another seed's later stages.
+    rank = paper_toy.waiting_on(jobs)
+    assert rank["seed1/instruct"] > rank["seed0/pass-text"] > rank["seed0/eval-rl-text"] == 0
     # Every row is scored on the chosen split; rl-image trains on all image questions (the filter keeps
     # none), rl-text on the filtered text questions, and the SFT-then-RL row starts from sft-text.
     for row in paper_toy.ROWS:
