@@ -25,9 +25,10 @@ def fingerprint(**env) -> str:
 
 
 def demo_pins() -> dict:
-    """The switches the Makefile exports for the demo and the quickstart."""
+    """The switches the Makefile exports for the demo and the quickstart (and whichever targets share them)."""
     text = (ROOT / "Makefile").read_text()
-    return dict(re.findall(r"^demo quickstart: export (\w+) = (\S+)$", text, flags=re.M))
+    return {name: value for targets, name, value in re.findall(r"^([\w -]+): export (\w+) = (\S+)$", text, flags=re.M)
+            if {"demo", "quickstart"} <= set(targets.split())}
 
 
 def test_the_demo_pins_every_dispatcher_to_avx2():
