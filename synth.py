@@ -496,6 +496,16 @@ def figure_images(figures, position: int, base_dir: str) -> list:
     return [reward.open_image(item, base_dir) for item in stored]
 
 
+def step_file(path: str, name: str) -> str:
+    """The file a previous step wrote: PATH, or PATH/NAME.jsonl when PATH is its folder."""
+    if Path(path).is_dir():
+        path = str(Path(path) / f"{name}.jsonl")
+    if not Path(path).is_file():
+        hint = "; select --verified False reads generate's generated.jsonl" if name == "verified" else ""
+        raise FileNotFoundError(f"{path}: no such file (the {name}.jsonl that synth.py's previous step writes{hint})")
+    return path
+
+
 def read_lines(path: str, needs: tuple[str, ...]) -> list[dict]:
     """A step's JSONL file; a line without a field the next step needs is named."""
     lines = []
@@ -778,6 +788,8 @@ def main(argv=None):
         raise SystemExit(f"synth.py {step}: give --data ({Args.__dataclass_fields__['data'].metadata['help']})")
     if step != "generate" and not args.figures:
         raise SystemExit(f"synth.py {step}: give --figures, the figures generate read (their images)")
+    if step != "generate":  # the previous step's file, or its folder
+        args.data = step_file(args.data, OUTPUT["verify" if step == "select" and args.verified else "generate"])
     if step == "select":
         return select(args)
     if not args.model:

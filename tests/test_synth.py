@@ -236,8 +236,8 @@ def test_select_scores_filters_rebalances_and_feeds_grpo(figures_dir, tiny_model
     for row in train:
         reward.check_row(row)
 
-    # A subset balanced over the letters, drawn with seed 42.
-    summary = synth.main(["select", "--data", str(tmp_path / "verified.jsonl"), "--figures", figures_dir,
+    # A subset balanced over the letters, drawn with seed 42 (--data: the verify step's folder).
+    summary = synth.main(["select", "--data", str(tmp_path), "--figures", figures_dir,
                           "--output_dir", str(tmp_path / "sub"), "--subset", "2"])
     assert summary["selected"] == 2 and summary["dropped"]["not drawn into the --subset"] == 2
     assert sorted(datasets.load_from_disk(str(tmp_path / "sub" / "data"))["train"]["answer_label"]) == ["A", "B"]
@@ -274,6 +274,11 @@ def test_select_names_what_is_wrong_in_one_line(figures_dir, tmp_path):
                                 "verifier_response": json.dumps(rubric())}) + "\n")
     with pytest.raises(ValueError, match="dataset_index 99 is not a figure of"):
         synth.main(["select", "--data", str(path), "--figures", figures_dir, "--output_dir", str(tmp_path / "b")])
+    # A step's folder stands for its file; a missing file is named, with the way out.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty/verified.jsonl: no such file .*select --verified False reads"):
+        synth.main(["select", "--data", str(tmp_path / "empty"), "--figures", figures_dir, "--output_dir",
+                    str(tmp_path / "d")])
     with pytest.raises(SystemExit, match="give --figures"):
         synth.main(["verify", "--data", str(path), "--model", "m", "--output_dir", str(tmp_path / "c")])
     with pytest.raises(SystemExit, match="the first argument is the step"):
