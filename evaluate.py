@@ -547,22 +547,10 @@ def average_of(results: dict) -> tuple[float | None, float | None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def part_files(out: Path) -> list[Path]:
-    return sorted(out.glob("predictions.rank*.jsonl"))
-
-
 def saved_lines(out: Path) -> dict:
-    """Every row answered so far in DIR, merged or not, by (dataset_name, dataset_index).
-
-    The files are the record: each process appends its own part as it goes, so whatever a kill
-    leaves is reused, and the merge reads those files rather than gathering objects in memory.
-    """
-    found = {}
-    for path in [out / "predictions.jsonl", *part_files(out)]:
-        if path.exists():
-            for _, line in runtime.read_jsonl(path, complete_only=True):
-                found.setdefault((line["dataset_name"], line["dataset_index"]), line)
-    return found
+    """Every row answered so far in DIR, merged or not, by (dataset_name, dataset_index): each
+    process appends its own part as it goes (runtime.saved_lines)."""
+    return runtime.saved_lines(out, "predictions", lambda line: (line["dataset_name"], line["dataset_index"]))
 
 
 def finish(out: Path, lines: list[dict], skipped: list[dict], config: dict, task_config: dict,
@@ -730,8 +718,8 @@ def evaluate(args: Args):
         task_config = {"dataset_path": args.data, "test_split": args.split, "output_type": "generate_until",
                        "generation_kwargs": gen_kwargs}
         results = finish(out, lines, skipped, config, task_config, started, processor.chat_template)
-        for path in part_files(out):  # merged: predictions.jsonl now holds every line
-            path.unlink()
+        for path in runtime.part_files(out, "predictions"):  # merged: predictions.jsonl holds every line
+            os.remove(path)
     state.wait_for_everyone()
     runtime.release_output_dir(str(out))
     return results

@@ -599,23 +599,31 @@ def write_lines(path, lines: list[dict]) -> None:
     write_text(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
 
 
-def saved_lines(output_dir, name: str, key: str) -> dict:
-    """Every line of NAME.jsonl in a folder and of its parts NAME.rank*.jsonl, by `key`: what a run
-    writing them has done so far (a part's torn last line is not done)."""
-    found, folder = {}, str(output_dir)
-    parts = sorted(p for p in os.listdir(folder) if p.startswith(f"{name}.rank") and p.endswith(".jsonl")) \
+def part_files(output_dir, name: str) -> list[str]:
+    """The parts NAME.rank*.jsonl that the processes of a run append to, in a folder."""
+    folder = str(output_dir)
+    names = sorted(p for p in os.listdir(folder) if p.startswith(f"{name}.rank") and p.endswith(".jsonl")) \
         if os.path.isdir(folder) else []
-    for path in [os.path.join(folder, f"{name}.jsonl"), *(os.path.join(folder, p) for p in parts)]:
+    return [os.path.join(folder, p) for p in names]
+
+
+def saved_lines(output_dir, name: str, key) -> dict:
+    """Every line of NAME.jsonl in a folder and of its parts (part_files), by `key(line)`: what a run
+    writing them has done so far (a part's torn last line is not done). The files are the record:
+    whatever a kill leaves is reused, and a merge reads them rather than gathering objects in memory."""
+    found = {}
+    for path in [os.path.join(str(output_dir), f"{name}.jsonl"), *part_files(output_dir, name)]:
         if os.path.exists(path):
             for _, line in read_jsonl(path, complete_only=True):
-                found.setdefault(line[key], line)
+                found.setdefault(key(line), line)
     return found
 
 
 def answer_lines(state, output_dir, name: str, lines: list[dict], ask: list[bool], batch_size: int, respond,
-                 key: str, show: bool = True) -> list[dict] | None:
+                 key, show: bool = True) -> list[dict] | None:
     """Each line once with what `respond(batch of lines)` gives it (a list of dicts, one per line, merged
     into it), written to OUTPUT_DIR/NAME.jsonl in the lines' order; a line not to `ask` is written as is.
+    `key(line)` names a line (unique).
 
     The lines are cut into fixed batches in their order; the batches are dealt to the processes in
     turn (`state`: an accelerate state), each process appending its answers to its own part
@@ -628,7 +636,7 @@ def answer_lines(state, output_dir, name: str, lines: list[dict], ask: list[bool
     state.wait_for_everyone()  # every process has read what is done before any writes more
     asked = [line for line, a in zip(lines, ask) if a]
     batches = [asked[i : i + batch_size] for i in range(0, len(asked), batch_size)]
-    pending = [b for b in batches if any(line[key] not in done for line in b)]
+    pending = [b for b in batches if any(key(line) not in done for line in b)]
     mine = pending[state.process_index :: state.num_processes]
     part = os.path.join(str(output_dir), f"{name}.rank{state.process_index}.jsonl")
     drop_torn_tail(part)
@@ -639,7 +647,7 @@ def answer_lines(state, output_dir, name: str, lines: list[dict], ask: list[bool
     with open(part, "a", encoding="utf-8") as f:
         for batch in mine:
             answers = respond(batch)
-            new = [dict(line, **answer) for line, answer in zip(batch, answers) if line[key] not in done]
+            new = [dict(line, **answer) for line, answer in zip(batch, answers) if key(line) not in done]
             f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in new))
             f.flush()
             os.fsync(f.fileno())
@@ -657,11 +665,10 @@ def answer_lines(state, output_dir, name: str, lines: list[dict], ask: list[bool
     merged = None
     if state.is_main_process:
         found = saved_lines(output_dir, name, key)
-        merged = [found[line[key]] if a else line for line, a in zip(lines, ask)]
+        merged = [found[key(line)] if a else line for line, a in zip(lines, ask)]
         write_lines(os.path.join(str(output_dir), f"{name}.jsonl"), merged)
-        for p in os.listdir(str(output_dir)):
-            if p.startswith(f"{name}.rank") and p.endswith(".jsonl"):
-                os.remove(os.path.join(str(output_dir), p))
+        for path in part_files(output_dir, name):
+            os.remove(path)
     state.wait_for_everyone()
     return merged
 

@@ -41,6 +41,7 @@ import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from operator import itemgetter
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -641,7 +642,7 @@ def run_model_step(args: Args, step: str) -> Path:
     # record {"error": "missing_mcq"}).
     merged = runtime.answer_lines(state, out, OUTPUT[step], [dict(i["line"], **({} if i["text"] else {RESPONSE[step]: None}))
                                                              for i in items],
-                                  [i["text"] is not None for i in items], args.batch_size, respond, KEY,
+                                  [i["text"] is not None for i in items], args.batch_size, respond, itemgetter(KEY),
                                   show=state.is_main_process)
     if merged is not None:
         strip = step == "generate" and args.generator in ("glm", "glm_pmc")
