@@ -316,6 +316,22 @@ def as_int(value) -> int:
         return 0
 
 
+def rubric_problem(verification) -> str | None:
+    """Why a parsed verifier answer gives no score (anotate_rubric_score.py writes None and no pass),
+    or None: not an object holding a non-empty "rubric" list, or an answer with an "error" key. An
+    item that is not an object stops the official script; here the answer gives no score either."""
+    if verification is None:
+        return "the verifier's answer holds no JSON object"
+    if isinstance(verification, dict) and "error" in verification:
+        return f"the verifier answered an error ({str(verification['error'])[:60]})"
+    rubric = verification.get("rubric") if isinstance(verification, dict) else None
+    if not isinstance(rubric, list) or not rubric:
+        return "the verifier's JSON has no rubric list"
+    if not all(isinstance(item, dict) for item in rubric):
+        return "a rubric item is not an object (the official script stops there)"
+    return None
+
+
 def rubric_score(verification) -> tuple[float | None, bool]:
     """(verify_score, verify_pass) of a parsed verifier answer, as anotate_rubric_score.py writes
     them (--score_type normalized).
@@ -328,13 +344,9 @@ def rubric_score(verification) -> tuple[float | None, bool]:
     of "5" counts, one of "5.0" is 0. An item that is not an object stops the official script; here
     it is (None, False).
     """
-    if isinstance(verification, dict) and "error" in verification:
+    if rubric_problem(verification):
         return None, False
-    rubric = verification.get("rubric") if isinstance(verification, dict) else None
-    if not isinstance(rubric, list) or not rubric:
-        return None, False
-    if not all(isinstance(item, dict) for item in rubric):
-        return None, False
+    rubric = verification["rubric"]
     available = earned = penalty = 0
     for item in rubric:
         weight, score = as_int(item.get("weight", 0)), as_int(item.get("score", 0))
@@ -364,7 +376,7 @@ def relabelable(mcq, letters=LETTERS) -> bool:
     """rebalance_vqa.py's is_valid_gv: a string question, every letter's option a string, the answer one of them."""
     return (isinstance(mcq, dict) and isinstance(mcq.get("question"), str) and isinstance(mcq.get("options"), dict)
             and isinstance(mcq.get("answer"), str) and all(isinstance(mcq["options"].get(k), str) for k in letters)
-            and all(k in mcq["options"] for k in letters) and mcq["answer"] in letters)
+            and mcq["answer"] in letters)
 
 
 def balanced_counts(n: int, letters=LETTERS) -> dict:
@@ -436,9 +448,7 @@ def training_row(record: dict, images: list, dataset_name: str, letters=LETTERS)
     beyond the letters that is None (the PMC-style set's unused E) is left out, where the official
     file writes null, which the row check refuses."""
     mcq = record.get("generated_vqa")
-    if not (isinstance(mcq, dict) and isinstance(mcq.get("question"), str) and isinstance(mcq.get("options"), dict)
-            and isinstance(mcq.get("answer"), str) and mcq["answer"] in letters
-            and all(k in mcq["options"] for k in letters)):
+    if not drawable(mcq, letters):  # construct_trainset.py's check is the subset draw's
         return None
     options = {k: ("" if v is None else str(v)) if k in letters else v for k, v in mcq["options"].items()
                if k in letters or v is not None}
@@ -662,16 +672,7 @@ def why_not_verified(verification, score, passed, args: Args) -> str | None:
     """Why filter_by_score.py drops a scored question (None: kept), in its order: no score, no
     pass (with --require_pass), a score under --min_score."""
     if score is None:
-        if verification is None:
-            return "the verifier's answer holds no JSON object"
-        if isinstance(verification, dict) and "error" in verification:
-            return f"the verifier answered an error ({str(verification['error'])[:60]})"
-        rubric = verification.get("rubric") if isinstance(verification, dict) else None
-        if not isinstance(rubric, list) or not rubric:
-            return "the verifier's JSON has no rubric list"
-        if not all(isinstance(item, dict) for item in rubric):
-            return "a rubric item is not an object (the official script stops there)"
-        return "the rubric has no item of positive weight"
+        return rubric_problem(verification) or "the rubric has no item of positive weight"
     if args.require_pass and not passed:
         return "an essential rubric item is missing or not earned in full"
     if score < args.min_score:
