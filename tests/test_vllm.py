@@ -601,6 +601,18 @@ def two_processes(script, *args) -> list[str]:
             str(ROOT / "configs" / "cpu_2proc.yaml"), str(script), *map(str, args)]
 
 
+def one_and_two_processes(script, flags: list, tmp_path) -> str:
+    """`python SCRIPT FLAGS` into tmp_path/one, then the same under accelerate launch with 2
+    processes into tmp_path/two; both must succeed. Returns the launched run's stdout."""
+    single = subprocess.run([sys.executable, str(script), *map(str, flags), "--output_dir", str(tmp_path / "one")],
+                            env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launched = subprocess.run(two_processes(script, *flags, "--output_dir", tmp_path / "two"),
+                              env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-3000:]
+    return launched.stdout
+
+
 @pytest.mark.slow
 def test_grpo_vllm_two_processes_equal_one_and_resume(model_dir, toy_data_dir, tmp_path):
     """grpo.py --engine vllm under accelerate launch with 2 processes, an engine in each: every
@@ -658,14 +670,8 @@ def test_evaluate_vllm_two_processes_give_one_process_predictions(model_dir, toy
     process's byte for byte."""
     flags = ["--engine", "vllm", "--model", model_dir, "--data", toy_data_dir, "--split", "test",
              "--max_new_tokens", TOKENS, "--batch_size", 8]
-    single = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, flags), "--output_dir",
-                             str(tmp_path / "one")], env=run_env(), cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    launched = subprocess.run(two_processes(ROOT / "evaluate.py", *flags, "--output_dir", tmp_path / "two"),
-                              env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-3000:]
-    assert "rank 1: 8 rows" in launched.stdout  # 3 batches of 8: rank 0 answers two, rank 1 one
+    launched = one_and_two_processes(ROOT / "evaluate.py", flags, tmp_path)
+    assert "rank 1: 8 rows" in launched  # 3 batches of 8: rank 0 answers two, rank 1 one
     one, two = ((tmp_path / run / "predictions.jsonl").read_bytes() for run in ("one", "two"))
     assert one == two and len(one.splitlines()) == 24
 
@@ -680,13 +686,7 @@ def test_synth_generate_vllm_two_processes_write_what_one_does(base_dir, tmp_pat
     toy.build_figures(toy.FiguresArgs(output_dir=str(figures), n=9)).save_to_disk(str(figures))
     flags = ["generate", "--engine", "vllm", "--model", base_dir, "--data", figures, "--max_new_tokens", 12,
              "--batch_size", 3]
-    single = subprocess.run([sys.executable, str(ROOT / "synth.py"), *map(str, flags), "--output_dir",
-                             str(tmp_path / "one")], env=run_env(), cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    launched = subprocess.run(two_processes(ROOT / "synth.py", *flags, "--output_dir", tmp_path / "two"),
-                              env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-3000:]
-    assert "rank 1: 3 answers" in launched.stdout  # 3 batches: rank 0 answers two, rank 1 one
+    launched = one_and_two_processes(ROOT / "synth.py", flags, tmp_path)
+    assert "rank 1: 3 answers" in launched  # 3 batches: rank 0 answers two, rank 1 one
     one, two = ((tmp_path / run / "generated.jsonl").read_bytes() for run in ("one", "two"))
     assert one == two and len(one.splitlines()) == 9
