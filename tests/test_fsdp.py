@@ -131,10 +131,14 @@ def cpu_config(tmp_path, version: int = 2) -> str:
     return str(path)
 
 
-def launch(tmp_path, config: str, stage: str, *args, env=None, timeout=180) -> str:
-    (tmp_path / "launcher.py").write_text(LAUNCHER)
+def launch(tmp_path, config: str, stage: str, *args, env=None, timeout=180, launcher=None) -> str:
+    """`accelerate launch --config_file CONFIG LAUNCHER STAGE ARGS` (launcher: a file of LAUNCHER's
+    text with more set-up before it; default LAUNCHER itself); it must succeed. Returns its stdout."""
+    if launcher is None:
+        launcher = tmp_path / "launcher.py"
+        launcher.write_text(LAUNCHER)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
-               str(tmp_path / "launcher.py"), stage, *map(str, args)]
+               str(launcher), stage, *map(str, args)]
     done = subprocess.run(command, env=dict(run_env(), **(env or {})), cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

@@ -613,6 +613,16 @@ def one_and_two_processes(script, flags: list, tmp_path) -> str:
     return launched.stdout
 
 
+def grpo_vllm_flags(model_dir, data_dir) -> list[str]:
+    """3 steps of 4 prompts x 4 samples, 2 optimizer steps each, validation at steps 0 and 3, a
+    checkpoint at step 2 (the tests of 2 processes against one)."""
+    return ["--engine", "vllm", "--model", model_dir, "--data", data_dir, "--max_steps", "3",
+            "--eval_every", "3", "--eval_split", "train", "--eval_limit", "3", "--eval_batch_size", "2",
+            "--rollout_batch_size", "4", "--group_size", "4", "--mini_batch_size", "2",
+            "--generation_batch_size", "2", "--max_new_tokens", str(GRPO_TOKENS), "--max_prompt_length", "512",
+            "--learning_rate", "1e-3", "--gradient_checkpointing", "False", "--save_steps", "2"]
+
+
 @pytest.mark.slow
 def test_grpo_vllm_two_processes_equal_one_and_resume(model_dir, toy_data_dir, tmp_path):
     """grpo.py --engine vllm under accelerate launch with 2 processes, an engine in each: every
@@ -624,11 +634,7 @@ def test_grpo_vllm_two_processes_equal_one_and_resume(model_dir, toy_data_dir, t
     tests/test_grpo.py (1 process at --micro_batch_size 4, 2 at 8). Then the 2-process run killed
     after its step-2 checkpoint resumes (each engine given the checkpoint's weights) to the same
     weights."""
-    common = ["--engine", "vllm", "--model", model_dir, "--data", toy_data_dir, "--max_steps", "3",
-              "--eval_every", "3", "--eval_split", "train", "--eval_limit", "3", "--eval_batch_size", "2",
-              "--rollout_batch_size", "4", "--group_size", "4", "--mini_batch_size", "2",
-              "--generation_batch_size", "2", "--max_new_tokens", str(GRPO_TOKENS), "--max_prompt_length", "512",
-              "--learning_rate", "1e-3", "--gradient_checkpointing", "False", "--save_steps", "2"]
+    common = grpo_vllm_flags(model_dir, toy_data_dir)
     (tmp_path / "recorder.py").write_text(RECORDER)
     one, two = tmp_path / "one", tmp_path / "two"
     single = subprocess.run([sys.executable, str(tmp_path / "recorder.py"), str(tmp_path / "one_rollouts"),
@@ -661,6 +667,117 @@ def test_grpo_vllm_two_processes_equal_one_and_resume(model_dir, toy_data_dir, t
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     w3 = load_file(two / "final" / "model.safetensors")
     assert all(torch.equal(w1[k], w3[k]) for k in w1)
+
+
+# Counts what each VLLM.sync takes: the (name, tensor) pairs, and the DTensor all-gathers during the
+# sync; written to SYNCS.<RANK> after the run (prefixed to test_fsdp.LAUNCHER).
+SYNC_COUNTER = r"""
+import atexit, json, os
+from torch.distributed.tensor import DTensor
+import engine
+
+full_tensor, sync, syncs = DTensor.full_tensor, engine.VLLM.sync, []
+
+def counted_sync(self, weights):
+    counts = {"pairs": 0, "gathers": 0}
+    def gather(tensor, *args, **kwargs):
+        counts["gathers"] += 1
+        return full_tensor(tensor, *args, **kwargs)
+    def pairs():
+        for pair in weights:
+            counts["pairs"] += 1
+            yield pair
+    DTensor.full_tensor = gather
+    try:
+        sync(self, pairs())
+    finally:
+        DTensor.full_tensor = full_tensor
+    syncs.append(counts)
+
+engine.VLLM.sync = counted_sync
+atexit.register(lambda: json.dump(syncs, open(os.environ["SYNCS"] + "." + os.environ.get("RANK", "0"), "w")))
+"""
+
+
+@pytest.fixture(scope="module")
+def image_in_every_pair(toy_data_dir, tmp_path_factory) -> str:
+    """Three image questions and a text one: every mini-batch of 2 prompts holds an image, so every
+    optimizer step trains the vision tower on one process and on two (docs/real_path.md section 5:
+    under FSDP a step without any image steps the tower with the dummy image's zero gradient, where
+    one process has none)."""
+    out = str(tmp_path_factory.mktemp("image_in_every_pair"))
+    train = datasets.load_from_disk(toy_data_dir)["train"]
+    images = [i for i, row in enumerate(train) if row["images"]]
+    text = [i for i, row in enumerate(train) if not row["images"]]
+    datasets.DatasetDict({"train": train.select(images[:3] + text[:1])}).save_to_disk(out)
+    return out
+
+
+@pytest.mark.slow
+def test_grpo_vllm_under_fsdp2_equals_one_process_and_resumes(model_dir, image_in_every_pair, tmp_path):
+    """grpo.py --engine vllm under FSDP2 on 2 CPU processes (test_fsdp.py's launcher, configs/fsdp.yaml
+    in fp32), against one process, with the KL term on (--beta 0.01, the default):
+
+    - each sync all-gathers every tensor of the policy's state dict once (DTensor.full_tensor, one at
+      a time), never inside decoding (vLLM decodes from its own copy); the tied embedding is gathered
+      under both its names, which vLLM's loader reads;
+    - every rollout token for token, on both processes, every metric but the gradient norm (FSDP sums
+      the squares of its shards: 1e-7 apart), and the weights after every checkpoint, bit for bit;
+    - killed after its step-2 checkpoint (sharded), the resumed run ends on the same weights;
+    - FSDP v1 is refused in one line, before the output folder is claimed."""
+    import test_fsdp
+
+    common = grpo_vllm_flags(model_dir, image_in_every_pair)
+    (tmp_path / "recorder.py").write_text(SYNC_COUNTER + RECORDER)
+    (tmp_path / "launcher.py").write_text(SYNC_COUNTER + test_fsdp.LAUNCHER)
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run([sys.executable, str(tmp_path / "recorder.py"), str(tmp_path / "one_rollouts"),
+                             "--output_dir", one, *common, "--micro_batch_size", "4"],
+                            env=dict(run_env(), SYNCS=str(tmp_path / "one_syncs")), cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    config = test_fsdp.cpu_config(tmp_path)
+    test_fsdp.launch(tmp_path, config, "grpo", "--output_dir", two, *common, "--micro_batch_size", "8",
+                     env={"RECORD": str(tmp_path / "two_rollouts"), "SYNCS": str(tmp_path / "two_syncs")},
+                     timeout=300, launcher=tmp_path / "launcher.py")
+    # Syncs: versions 0 (validation, step 1), 1, 2, 3 (validation).
+    tensors = len(AutoModelForImageTextToText.from_pretrained(model_dir).state_dict())
+    with open(tmp_path / "one_syncs.0") as f:
+        assert json.load(f) == [{"pairs": tensors, "gathers": 0}] * 4
+    for rank in (0, 1):
+        with open(tmp_path / f"two_syncs.{rank}") as f:
+            assert json.load(f) == [{"pairs": tensors, "gathers": tensors}] * 4, rank
+    with open(tmp_path / "one_rollouts.0") as f:
+        rollouts = json.load(f)
+    assert len(rollouts) == 3 + 2 and len(rollouts[1]) == 16
+    for rank in (0, 1):
+        with open(tmp_path / f"two_rollouts.{rank}") as f:
+            assert json.load(f) == rollouts, rank
+    timing = ("time_", "tokens_per_s", "generate_tokens_per_s", "mfu", "peak_memory_gb", "grad_norm")
+    runs = [[json.loads(line) for line in open(run / "metrics.jsonl")] for run in (one, two)]
+    assert [m["step"] for m in runs[1]] == [0, 1, 2, 3] and runs[0][1]["kl"] > 0
+    assert any(0 < m.get("reward", 0) < 1 for m in runs[0])  # groups with a signal: the update is tested
+    for a, b in zip(*runs, strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith(timing)} == \
+               {k: v for k, v in b.items() if not k.startswith(timing)}
+        assert math.isclose(a.get("grad_norm", 0), b.get("grad_norm", 0), rel_tol=1e-6)
+    w0 = load_file(os.path.join(model_dir, "model.safetensors"))
+    for folder in ("checkpoint-2", "final"):
+        a, b = (load_file(run / folder / "model.safetensors") for run in (one, two))
+        assert all(torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(w0[k], a[k]) for k in a), folder
+    shutil.rmtree(two / "final")
+    test_fsdp.launch(tmp_path, config, "grpo", "--output_dir", two, *common, "--micro_batch_size", "8",
+                     "--resume", "latest", timeout=300)
+    a, b = (load_file(run / "final" / "model.safetensors") for run in (one, two))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # FSDP v1: its flat parameters carry wrapper names, and vLLM needs the model's own.
+    refused = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                              test_fsdp.cpu_config(tmp_path, 1), str(tmp_path / "launcher.py"), "grpo",
+                              "--output_dir", tmp_path / "v1", *common, "--micro_batch_size", "8"],
+                             env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and engines.FSDP1_REFUSED in refused.stderr and not (tmp_path / "v1").exists()
+    # accelerate's launcher prints its own traceback when a process fails; none comes from ours.
+    assert not any(f'File "{ROOT / name}"' in refused.stderr for name in ("grpo.py", "engine.py", "runtime.py"))
 
 
 @pytest.mark.slow
