@@ -338,14 +338,22 @@ def full_weights(model, accelerator):
     for vLLM's copy. Unsharded (one process, DDP): the unwrapped model's own tensors. FSDP2: each
     parameter all-gathered once (DTensor.full_tensor), one at a time, so a sync holds one full
     tensor beyond the shards; every process must take every pair (the gathers are collective).
-    FSDP (v1) is refused: its flat parameters carry wrapper names and summon_full_params gathers
-    everything at once."""
+    A tensor under several names (the tied embedding and output layer) is gathered once and given
+    under each name at once, as vLLM's loader reads both. FSDP (v1) is refused: its flat parameters
+    carry wrapper names and summon_full_params gathers everything at once."""
     if runtime.is_fsdp(accelerator) and not accelerator.is_fsdp2:
         raise SystemExit(FSDP1_REFUSED)
     from torch.distributed.tensor import DTensor
 
-    for name, tensor in accelerator.unwrap_model(model).state_dict().items():
-        yield name, (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
+    names = {}  # id of a parameter -> its names, in the state dict's order
+    state = accelerator.unwrap_model(model).state_dict(keep_vars=True)  # tied: one Parameter
+    for name, tensor in state.items():
+        names.setdefault(id(tensor), []).append(name)
+    for same in names.values():
+        tensor = state[same[0]]
+        full = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
+        for name in same:
+            yield name, full
 
 
 # ---------------------------------------------------------------------------------------------
