@@ -554,7 +554,7 @@ def run_image_pass(text, source, image_column: str | None, args: PrepareArgs, ba
     view = text
     if image_column is not None:
         view = datasets.concatenate_datasets([text, source.select_columns([image_column])], axis=1)
-    origin = runtime.file_fingerprint(args.pmc_csv) if args.pmc_csv else source._fingerprint
+    origin = runtime.file_fingerprint(args.pmc_csv, "--pmc_csv") if args.pmc_csv else source._fingerprint
     key = datasets.fingerprint.Hasher.hash([origin, settings_of("prepare", args), base_dir])
     scratch = os.path.join(args.output_dir, IMAGE_CACHE)
     os.makedirs(scratch, exist_ok=True)
@@ -583,7 +583,7 @@ def prepare(args: PrepareArgs) -> None:
     if args.pmc_csv:
         source = read_pmc_csv(args.pmc_csv)
         base_dir = args.image_dir or os.path.dirname(os.path.abspath(args.pmc_csv))
-        inputs = {"pmc_csv": runtime.file_fingerprint(args.pmc_csv), "image_dir": os.path.abspath(base_dir)}
+        inputs = {"pmc_csv": runtime.file_fingerprint(args.pmc_csv, "--pmc_csv"), "image_dir": os.path.abspath(base_dir)}
     else:
         # prepare's job is to convert, so it asks only for the mapped columns; runtime.load_split
         # still refuses an empty set, or a set without them, naming the data.
@@ -806,7 +806,7 @@ def filter_by_pass_count(args: FilterArgs) -> None:
     data = runtime.load_split(args.data, args.split)
     inputs = {"data": runtime.data_fingerprint(data)}
     if args.predictions:
-        inputs["predictions"] = runtime.file_fingerprint(args.predictions)
+        inputs["predictions"] = runtime.file_fingerprint(args.predictions, "--predictions")
     with claimed("filter", args, inputs) as finished:
         if finished:
             return
@@ -876,7 +876,7 @@ def traces(args: TracesArgs) -> None:
     (counted in the stats). Row order is kept.
     """
     data = runtime.load_split(args.data, args.split)
-    inputs = {"data": runtime.data_fingerprint(data), "predictions": runtime.file_fingerprint(args.predictions)}
+    inputs = {"data": runtime.data_fingerprint(data), "predictions": runtime.file_fingerprint(args.predictions, "--predictions")}
     with claimed("traces", args, inputs) as finished:
         if finished:
             return

@@ -329,9 +329,12 @@ def data_fingerprint(dataset) -> str:
     return dataset._fingerprint
 
 
-def file_fingerprint(path: str) -> str:
+def file_fingerprint(path: str, flag: str | None = None) -> str:
     """A file input (CSV, predictions) by its content: a changed file is another run, a file
-    rewritten with the same bytes (evaluate.py finishing again) is not. About 1 s a gigabyte."""
+    rewritten with the same bytes (evaluate.py finishing again) is not. About 1 s a gigabyte.
+    flag: the command-line flag that named the file, for the error when there is none."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag + ' ' if flag else ''}{path}: no such file")
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):

@@ -306,6 +306,23 @@ def test_prompts_beyond_the_context_are_skipped_counted_or_refused(short_context
         grpo.main(["--model", short_context_model, "--data", toy_data_dir, "--output_dir", str(tmp_path / "grpo")])
 
 
+def test_a_missing_input_file_is_named_with_its_flag(toy_data_dir, tmp_path):
+    """A file a flag names that is not there: the flag and the path in one line, before any output
+    folder is made (curate.py's --predictions, evaluate.py's --regrade)."""
+    import re
+
+    import curate
+
+    missing = str(tmp_path / "missing.jsonl")
+    for command in ("filter", "traces"):
+        with pytest.raises(FileNotFoundError, match=f"^--predictions {re.escape(missing)}: no such file$"):
+            curate.main([command, "--data", toy_data_dir, "--predictions", missing,
+                         "--output_dir", str(tmp_path / command)])
+    with pytest.raises(FileNotFoundError, match=f"^--regrade {re.escape(missing)}: no such file$"):
+        evaluate.main(["--regrade", missing, "--output_dir", str(tmp_path / "regrade")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_named_errors_are_one_line_and_the_traceback_is_one_variable_away(tiny_model_dir, toy_data_dir, tmp_path,
                                                                          monkeypatch):
     """As a user runs it (a process): one line, exit 1. With MEDVLT_TRACEBACK=1 (through run_main,
