@@ -76,9 +76,8 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-# The suite without its end-to-end runs of half a minute or more (7 min 56 s on 2 cores, 2026-12-07;
-# 9 min 24 s on a slower machine the same day); test-slow runs those (10 min 10 s more; 11 min 43 s
-# with the FSDP2 vLLM run, on the slower machine). CI runs both.
+# The suite without its end-to-end runs of half a minute or more (540 tests, 8 min 30 s on 2 cores,
+# 2026-12-07); test-slow runs those (15 runs, 11 min 43 s more). CI runs both.
 test: install
 	$(PY) -m pytest -q -m "not slow" tests
 

@@ -64,6 +64,7 @@ class EngineArgs:
                 "once at the start on a large matmul in the compute dtype."})
 
     def check(self, accelerator=None) -> None:
+        runtime.refuse_below_one(self, ("micro_batch_size", "eval_batch_size"))
         if self.logprob_chunk_tokens < 0:
             raise ValueError("--logprob_chunk_tokens must be 0 (no chunks) or more")
         if self.engine not in ("hf", "vllm"):

@@ -820,6 +820,8 @@ def main(argv=None):
         raise SystemExit("give --model and --data (or --regrade FILE)")
     if args.n < 1 or args.batch_size < 1:
         raise SystemExit("--n and --batch_size must be at least 1")
+    runtime.refuse_below_one(args, ("max_new_tokens",))
+    runtime.refuse_bad_sampling(args.temperature, args.top_p)
     if args.n > 1 and args.temperature <= 0:
         raise SystemExit("--n > 1 needs --temperature > 0: greedy samples would all be the same")
     if args.engine == "vllm":  # before any work

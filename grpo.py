@@ -107,6 +107,9 @@ class Args:
         return self.rollout_batch_size // self.mini_batch_size
 
     def check(self, world_size: int):
+        runtime.refuse_below_one(self, ("rollout_batch_size", "mini_batch_size", "generation_batch_size",
+                                        "max_prompt_length", "max_new_tokens", "eval_limit"))
+        runtime.refuse_bad_sampling(self.temperature, self.top_p)
         if self.temperature <= 0:
             raise ValueError("--temperature must be above 0: GRPO samples, and its log-probs divide by it")
         if self.group_size < 2:

@@ -224,6 +224,25 @@ def refuse_nonsense(args, not_negative: tuple[str, ...]) -> None:
         raise ValueError("--max_steps and --num_epochs are both 0 or less: nothing to train")
 
 
+def refuse_below_one(args, flags: tuple[str, ...]) -> None:
+    """A named error, before any work, for a count or size below 1 (no prompt in a batch, no token
+    to generate); otherwise a division by zero, range()'s or transformers' error comes later, after
+    the run folder is claimed. A flag left at None (no limit) passes."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} {value} must be 1 or more")
+
+
+def refuse_bad_sampling(temperature: float, top_p: float = 1.0) -> None:
+    """What both engines can sample with: --temperature 0 (greedy) or more, --top_p above 0 and at
+    most 1."""
+    if temperature < 0:
+        raise ValueError(f"--temperature {temperature} is negative; it must be 0 (greedy) or more")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top_p {top_p} must be above 0 and at most 1")
+
+
 def tracker(report_to: str) -> str | None:
     """accelerate's `log_with` for --report_to (none, tensorboard or wandb). accelerate silently
     drops a tracker whose package is not installed (the run then logs nothing there), so a missing

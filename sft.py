@@ -335,6 +335,7 @@ def main(argv=None):
     accelerator = runtime.accelerator_for(run)
     world, rank = accelerator.num_processes, accelerator.process_index
     runtime.refuse_nonsense(args, ("learning_rate", "max_grad_norm", "weight_decay", "warmup_ratio"))
+    runtime.refuse_below_one(args, ("global_batch_size", "micro_batch_size", "max_length"))
     if args.global_batch_size % (args.micro_batch_size * world):
         raise ValueError(f"--global_batch_size {args.global_batch_size} is not a multiple of "
                          f"--micro_batch_size {args.micro_batch_size} x {world} processes")
