@@ -803,6 +803,9 @@ def filter_by_pass_count(args: FilterArgs) -> None:
     Deviation: the official join keyed on dataset_index alone, ours on (dataset_name,
     dataset_index); they agree whenever dataset_index alone is unique in the set.
     """
+    if args.min_pass > args.max_pass:
+        raise ValueError(f"--min_pass {args.min_pass} is above --max_pass {args.max_pass}: no pass count "
+                         "would be kept")
     data = runtime.load_split(args.data, args.split)
     inputs = {"data": runtime.data_fingerprint(data)}
     if args.predictions:
@@ -846,6 +849,10 @@ def filter_by_pass_count(args: FilterArgs) -> None:
         lines += histogram(hist, args.min_pass, args.max_pass)
         if stats.get("predictions_without_row"):
             lines.append(f"  {stats['predictions_without_row']} prediction lines match no row of {args.data}")
+        if not len(kept):  # an empty set must not look like a success (GRPO would find no row)
+            print("\n".join(lines))
+            raise ValueError(f"{args.data}: no good row has a pass count in [{args.min_pass}, {args.max_pass}] "
+                             f"(the histogram above): the filtered set would be empty")
         finish(kept, args.output_dir, stats, lines)
 
 

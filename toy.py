@@ -579,11 +579,13 @@ def main(argv=None):
               f"to {args.output_dir}")
     elif argv[0] == "figures":
         args = runtime.parse_args(FiguresArgs, argv=argv[1:])
+        runtime.refuse_below_one(args, ("n",))
         figures = build_figures(args)
         figures.save_to_disk(args.output_dir)
         print(f"saved {len(figures)} toy figures to {args.output_dir}")
     else:
         args = runtime.parse_args(DataArgs, argv=argv[1:])
+        runtime.refuse_below_one(args, ("n_sft", "n_train", "n_validation", "n_test"))
         data = build_data(args)
         data.save_to_disk(args.output_dir)
         print(f"saved toy data to {args.output_dir}: " + ", ".join(f"{k} {len(v)}" for k, v in data.items()))

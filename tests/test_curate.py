@@ -540,6 +540,21 @@ def test_filter_rejects_a_bad_predictions_file(toy_data_dir, toy_train, tmp_path
     assert not (tmp_path / "out").exists()   # a failed step leaves no claimed folder behind
 
 
+def test_filter_refuses_an_empty_band_and_an_empty_result(toy_data_dir, toy_train, tmp_path, capsys):
+    """--min_pass above --max_pass, before any work; a band no row falls in, after the histogram is
+    printed: one line each, and no folder left (an empty set must not look like a success: GRPO
+    would find no row to train on)."""
+    write_predictions(tmp_path / "p.jsonl", toy_train)
+    flags = ["filter", "--data", toy_data_dir, "--split", "train", "--predictions", str(tmp_path / "p.jsonl"),
+             "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="^--min_pass 5 is above --max_pass 2: no pass count would be kept$"):
+        curate.main(flags + ["--min_pass", "5", "--max_pass", "2"])
+    with pytest.raises(ValueError, match=f"no good row has a pass count in \\[{K + 1}, {K + 1}\\]"):
+        curate.main(flags + ["--min_pass", str(K + 1), "--max_pass", str(K + 1)])  # K samples a row
+    assert "pass_count histogram" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
 def test_filter_defaults_are_the_official_ones():
     args = curate.FilterArgs(data="d", output_dir="o")
     assert (args.min_pass, args.max_pass, args.shuffle, args.seed) == (1, 7, True, 42)

@@ -180,3 +180,14 @@ def test_lesion_radii_keep_clear_of_the_limit():
     assert radii.min() >= 2.0 and radii.max() <= 15.0
     assert (np.abs(radii - limit) >= toy.LESION_MARGIN).all()
     assert 0.45 < (radii < limit).mean() < 0.55  # both findings about equally often
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["data", "--n_train", "-3"], "--n_train -3 must be 1 or more"),  # was numpy's "negative dimensions"
+    (["data", "--n_test", "0"], "--n_test 0 must be 1 or more"),
+    (["figures", "--n", "0"], "--n 0 must be 1 or more"),
+])
+def test_a_split_or_figure_count_below_one_is_refused(argv, message, tmp_path):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        toy.main([argv[0], "--output_dir", str(tmp_path / "out"), *argv[1:]])
+    assert not (tmp_path / "out").exists()
