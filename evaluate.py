@@ -601,15 +601,13 @@ def regrade_line(line: dict, where: str) -> dict:
 def regrade(args: Args):
     """Grade saved responses again, with no model: a change of grading rule, or another tool's file."""
     started, out = time.time(), Path(args.output_dir)
-    if not os.path.isfile(args.regrade):
-        raise FileNotFoundError(f"--regrade {args.regrade}: no such file")
+    fingerprint = {"stage": "evaluate --regrade", "settings": {"regrade": os.path.abspath(args.regrade)},
+                   "data": runtime.file_fingerprint(args.regrade, "--regrade")}  # names a missing file
     try:
         lines = [regrade_line(line, f"{args.regrade} line {number}")
                  for number, line in runtime.read_jsonl(args.regrade, complete_only=False)]
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    fingerprint = {"stage": "evaluate --regrade", "settings": {"regrade": os.path.abspath(args.regrade)},
-                   "data": runtime.file_fingerprint(args.regrade, "--regrade")}
     # Regrading is deterministic, so the same run may write its files again; any other folder (a
     # generation run's, say) is refused rather than overwritten.
     runtime.claim_output_dir(str(out), fingerprint, resume=True)

@@ -796,8 +796,7 @@ def main(argv=None):
         return select(args)
     if not args.model:
         raise SystemExit(f"synth.py {step}: give --model")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise SystemExit("--batch_size and --max_new_tokens must be at least 1")
+    runtime.refuse_below_one(args, ("batch_size", "max_new_tokens"))
     runtime.refuse_bad_sampling(args.temperature)
     if args.tensor_parallel < 1 or (args.tensor_parallel > 1 and args.engine != "vllm"):
         raise SystemExit("--tensor_parallel N > 1 splits a vLLM engine over N GPUs: it needs --engine vllm")
