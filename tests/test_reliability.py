@@ -324,20 +324,20 @@ def test_a_missing_input_file_is_named_with_its_flag(toy_data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("stage,flag,message", [
-    ("grpo", "--rollout_batch_size 0", "--rollout_batch_size 0 must be 1 or more"),  # was ZeroDivisionError
-    ("grpo", "--mini_batch_size 0", "--mini_batch_size 0 must be 1 or more"),  # was ZeroDivisionError
-    ("grpo", "--generation_batch_size 0", "--generation_batch_size 0 must be 1 or more"),  # was range()'s
+    ("grpo", "--rollout_batch_size 0", "--rollout_batch_size 0 must be 1 or more"),  # unchecked: a ZeroDivisionError
+    ("grpo", "--mini_batch_size 0", "--mini_batch_size 0 must be 1 or more"),  # unchecked: a ZeroDivisionError
+    ("grpo", "--generation_batch_size 0", "--generation_batch_size 0 must be 1 or more"),  # unchecked: range()'s error
     ("grpo", "--micro_batch_size 0", "--micro_batch_size 0 must be 1 or more"),
-    ("grpo", "--max_new_tokens 0", "--max_new_tokens 0 must be 1 or more"),  # was transformers', mid-run
-    ("grpo", "--top_p 1.5", "--top_p 1.5 must be above 0 and at most 1"),  # was accepted
-    ("sft", "--micro_batch_size 0", "--micro_batch_size 0 must be 1 or more"),  # was ZeroDivisionError
-    ("evaluate", "--max_new_tokens 0", "--max_new_tokens 0 must be 1 or more"),  # folder claimed first
+    ("grpo", "--max_new_tokens 0", "--max_new_tokens 0 must be 1 or more"),  # unchecked: transformers' error, mid-run
+    ("grpo", "--top_p 1.5", "--top_p 1.5 must be above 0 and at most 1"),  # unchecked: a run
+    ("sft", "--micro_batch_size 0", "--micro_batch_size 0 must be 1 or more"),  # unchecked: a ZeroDivisionError
+    ("evaluate", "--max_new_tokens 0", "--max_new_tokens 0 must be 1 or more"),  # unchecked: an error after the folder is claimed
     ("evaluate", "--temperature -1", "--temperature -1.0 is negative; it must be 0 \\(greedy\\) or more"),
-    ("evaluate", "--top_p 0", "--top_p 0.0 must be above 0 and at most 1"),  # was accepted
+    ("evaluate", "--top_p 0", "--top_p 0.0 must be above 0 and at most 1"),  # unchecked: a run
 ])
 def test_a_size_below_one_or_a_bad_sampling_setting_is_one_line_before_any_work(stage, flag, message,
                                                                                  toy_data_dir, tmp_path):
-    """Each was a traceback, another library's error after the run folder was claimed, or a run."""
+    """Unchecked, each would be a traceback, another library's error after the run folder is claimed, or a run."""
     main = {"grpo": grpo.main, "sft": sft.main, "evaluate": evaluate.main}[stage]
     with pytest.raises(ValueError, match=f"^{message}$"):
         main(["--model", str(tmp_path / "never_loaded"), "--data", toy_data_dir,

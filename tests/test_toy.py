@@ -183,7 +183,7 @@ def test_lesion_radii_keep_clear_of_the_limit():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["data", "--n_train", "-3"], "--n_train -3 must be 1 or more"),  # was numpy's "negative dimensions"
+    (["data", "--n_train", "-3"], "--n_train -3 must be 1 or more"),  # unchecked: numpy's "negative dimensions"
     (["data", "--n_test", "0"], "--n_test 0 must be 1 or more"),
     (["figures", "--n", "0"], "--n 0 must be 1 or more"),
 ])
